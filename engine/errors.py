@@ -1,0 +1,248 @@
+"""Every error Lifecycle raises on purpose, drawn once.
+
+Each error keeps its fields and builds its message from them, so a caller can both show
+the text to a person and act on the parts.
+
+    LifecycleError
+    ├── SourceProblem              (not raised: one located mistake, ``path:line:col: message``)
+    ├── RulesInvalid               rule files or the fact catalog have mistakes (all of them)
+    ├── ConditionError             a condition expression cannot be parsed or type-checked
+    ├── DurationError              "2x" is not a duration
+    ├── RuleEngineError            durable_rules refused a ruleset or a fact (code translated)
+    ├── EvaluationWorkerCrashed    a worker process died while evaluating a batch
+    ├── TemplateError              a message template is missing or does not render
+    ├── ImportRowError             one row of an import file is bad (row number and reason)
+    ├── NotFound                   a customer, case or message id that does not exist
+    ├── IllegalTransition          an escalation or message cannot move to that state
+    ├── InvalidChoice              a value that is not one of the allowed ones
+    ├── ChannelError               a channel could not send
+    │   ├── TransientChannelError  worth retrying (429, 5xx, timeout, connection refused)
+    │   └── PermanentChannelError  never worth retrying (400, invalid number, unsubscribed)
+    ├── WebhookSignatureError      a webhook whose signature does not verify
+    ├── WebhookPayloadError        a signed webhook whose body is not what the provider sends
+    └── ConfigurationError         a setting is missing or contradictory
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LifecycleError(Exception):
+    """Base class of every error Lifecycle raises on purpose."""
+
+
+@dataclass(frozen=True, order=True)
+class SourceProblem:
+    """One mistake at a place in a file, printed the way compilers do (1-based line and column)."""
+
+    path: str
+    line: int
+    column: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}:{self.column}: {self.message}"
+
+
+class RulesInvalid(LifecycleError):
+    """Raised by the playbook loader with every problem it found, never only the first."""
+
+    def __init__(self, problems: list[SourceProblem]) -> None:
+        self.problems = sorted(problems)
+        count = len(self.problems)
+        lines = "\n".join(str(p) for p in self.problems)
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in the rules:\n{lines}")
+
+
+class ConditionError(LifecycleError):
+    """A mistake in one condition expression; ``offset`` is 0-based within the expression."""
+
+    def __init__(self, message: str, offset: int, source: str) -> None:
+        self.message = message
+        self.offset = offset
+        self.source = source
+        super().__init__(f"{message} (at column {offset + 1} of {source!r})")
+
+
+class DurationError(LifecycleError):
+    """A duration that is not one of the accepted spellings (``90m``, ``36h``, ``2d``, ``1w``)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        super().__init__(
+            f"bad duration {text!r}: write a whole number and a unit, like 90m, 36h, 2d or 1w"
+        )
+
+
+class RuleEngineError(LifecycleError):
+    """durable_rules answered with a bare error code; this names what the code means."""
+
+    # The codes and their names come from durable_rules' C header (rules.h); the wording is ours.
+    CODES = {
+        1: "the engine ran out of memory (ERR_OUT_OF_MEMORY)",
+        2: "a value has a type the engine does not accept (ERR_UNEXPECTED_TYPE)",
+        3: "a name is too long (ERR_IDENTIFIER_LENGTH)",
+        4: "a value the engine does not accept (ERR_UNEXPECTED_VALUE)",
+        5: "an operator or key the engine does not know (ERR_UNEXPECTED_NAME)",
+        6: "too many rules (ERR_RULE_LIMIT_EXCEEDED)",
+        9: "a rule without a condition (ERR_RULE_WITHOUT_QUALIFIER)",
+        11: "an invalid ruleset handle (ERR_INVALID_HANDLE)",
+        12: "too many rulesets in one process (ERR_HANDLE_LIMIT_EXCEEDED)",
+        101: "a value could not be parsed (ERR_PARSE_VALUE)",
+        102: "a string could not be parsed (ERR_PARSE_STRING)",
+        103: "a number could not be parsed, e.g. a float with an exponent (ERR_PARSE_NUMBER)",
+        104: "an object could not be parsed (ERR_PARSE_OBJECT)",
+        105: "a list could not be parsed (ERR_PARSE_ARRAY)",
+        201: "no rule handled the message (ERR_EVENT_NOT_HANDLED)",
+        202: "too many properties, or a condition of an unexpected shape (ERR_EVENT_MAX_PROPERTIES)",
+        203: "the condition nests too deeply (ERR_MAX_STACK_SIZE)",
+        204: "the fact has no id (ERR_NO_ID_DEFINED)",
+        205: "the fact has an invalid id (ERR_INVALID_ID)",
+        209: "the condition is too complex (ERR_MAX_COMMAND_COUNT)",
+        212: "the same fact was already asserted (ERR_EVENT_OBSERVED)",
+        401: "too many live sessions: the state cache is full (ERR_STATE_CACHE_FULL)",
+        405: "a property was not found (ERR_PROPERTY_NOT_FOUND)",
+        406: "a property name is too long (ERR_MAX_PROPERTY_NAME_LENGTH)",
+    }
+
+    def __init__(self, operation: str, code: int | None, detail: str) -> None:
+        self.operation = operation
+        self.code = code
+        meaning = self.CODES.get(code, "an undocumented engine error") if code else detail
+        super().__init__(f"durable_rules failed to {operation}: {meaning} (error code {code})")
+
+
+class EvaluationWorkerCrashed(LifecycleError):
+    """A worker process died (the C core aborted) while evaluating a batch."""
+
+    def __init__(self, batch_start: str, batch_size: int, attempts: int, cause: str) -> None:
+        self.batch_start = batch_start
+        self.batch_size = batch_size
+        self.attempts = attempts
+        super().__init__(
+            f"evaluation worker died {attempts} time(s) on the batch of {batch_size} customers "
+            f"starting at {batch_start!r}: {cause}"
+        )
+
+
+class TemplateError(LifecycleError):
+    """A template is missing, has a syntax error, or refers to something the facts lack."""
+
+    def __init__(self, template: str, message: str, line: int | None = None) -> None:
+        self.template = template
+        self.line = line
+        self.message = message
+        where = f"{template}:{line}" if line else template
+        super().__init__(f"template {where}: {message}")
+
+
+class ImportRowError(LifecycleError):
+    """One bad row of an import file; the good rows are kept."""
+
+    def __init__(self, path: str, row: int, reason: str) -> None:
+        self.path = path
+        self.row = row
+        self.reason = reason
+        super().__init__(f"{path}: row {row}: {reason}")
+
+
+class NotFound(LifecycleError):
+    """Something was asked for by id and does not exist."""
+
+    def __init__(self, kind: str, key: object) -> None:
+        self.kind = kind
+        self.key = key
+        super().__init__(f"no {kind} with id {key!r}")
+
+
+class IllegalTransition(LifecycleError):
+    """A state machine (escalation case, outbox message) refused a move."""
+
+    def __init__(self, kind: str, key: object, current: str, action: str) -> None:
+        self.kind = kind
+        self.key = key
+        self.current = current
+        self.action = action
+        super().__init__(f"cannot {action} {kind} {key}: it is {current}")
+
+
+class InvalidChoice(LifecycleError):
+    """A value (a status filter, a channel name...) that is not one of the allowed ones."""
+
+    def __init__(self, what: str, value: object, choices: list[str]) -> None:
+        self.what = what
+        self.value = value
+        self.choices = choices
+        super().__init__(f"unknown {what} {value!r}; use one of: {', '.join(choices)}")
+
+
+class ChannelError(LifecycleError):
+    """A channel failed to send; subclasses say whether trying again can help."""
+
+    transient = False
+
+    def __init__(
+        self,
+        channel: str,
+        reason: str,
+        *,
+        status: int | None = None,
+        code: str | None = None,
+        retry_after: float | None = None,
+        suppress: bool = False,
+    ) -> None:
+        self.channel = channel
+        self.reason = reason
+        self.status = status
+        self.code = code
+        self.retry_after = retry_after
+        self.suppress = suppress
+        parts = [f"{channel}: {reason}"]
+        if status is not None:
+            parts.append(f"HTTP {status}")
+        if code:
+            parts.append(f"code {code}")
+        super().__init__(" · ".join(parts))
+
+
+class TransientChannelError(ChannelError):
+    """Worth retrying with backoff: rate limits, provider 5xx, timeouts, refused connections."""
+
+    transient = True
+
+
+class PermanentChannelError(ChannelError):
+    """Never worth retrying; ``suppress`` says the address or number must get nothing more."""
+
+
+class WebhookSignatureError(LifecycleError):
+    """A webhook request whose signature is missing, forged, or too old."""
+
+    def __init__(self, provider: str, reason: str) -> None:
+        self.provider = provider
+        self.reason = reason
+        super().__init__(f"{provider} webhook refused: {reason}")
+
+
+class ConfigurationError(LifecycleError):
+    """A setting is missing or contradictory (for example a channel with no credentials)."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        self.setting = setting
+        self.reason = reason
+        super().__init__(f"setting {setting}: {reason}")
+
+
+class WebhookPayloadError(LifecycleError):
+    """A webhook body that does not parse; names every bad element by its 0-based index."""
+
+    def __init__(self, provider: str, problems: list[str]) -> None:
+        self.provider = provider
+        self.problems = problems
+        count = len(problems)
+        listed = "; ".join(problems)
+        super().__init__(
+            f"{provider} webhook payload refused ({count} problem{'s' if count != 1 else ''}): "
+            f"{listed}"
+        )

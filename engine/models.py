@@ -1,0 +1,244 @@
+"""The SQL data model: customers, events, journeys, the outbox, escalations and the audit log.
+
+Times are aware UTC datetimes everywhere in the engine; SQLModel's UTCDateTime column type
+refuses naive ones and hands back UTC (SQLite stores them without an offset). A customer's
+own time zone is applied only where local time matters (quiet hours, display).
+
+Journey state lives here, never in the rules engine. The customer row also carries
+roll-ups of the events it has seen (orders, spend, last activity, latest NPS), updated in
+the same transaction as each event is ingested, so the facts for a batch of customers come
+from one indexed query instead of an aggregate over the whole events table.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+class EnrollmentStatus(StrEnum):
+    ACTIVE = "active"  # waiting for its next step
+    COMPLETED = "completed"  # every step done
+    EXITED = "exited"  # goal reached: pending steps cancelled
+    CANCELLED = "cancelled"  # consent withdrawn or the playbook was removed
+
+
+class MessageStatus(StrEnum):
+    QUEUED = "queued"  # due at due_at, waiting for a dispatcher
+    SENDING = "sending"  # claimed by a dispatcher; see engine.dispatch for the recovery rule
+    SENT = "sent"  # the provider accepted it
+    DELIVERED = "delivered"
+    FAILED = "failed"  # permanent error, or retries used up
+    BOUNCED = "bounced"
+    CANCELLED = "cancelled"  # journey exited, consent withdrawn before sending
+    AMBIGUOUS = "ambiguous"  # a dispatcher died after the provider may have accepted it
+
+
+class EscalationStatus(StrEnum):
+    OPEN = "open"
+    ACKNOWLEDGED = "acknowledged"
+    RESOLVED = "resolved"
+    REOPENED = "reopened"
+
+
+class Customer(SQLModel, table=True):
+    __tablename__ = "customers"
+
+    id: str = Field(primary_key=True, max_length=64)
+    email: str | None = Field(default=None, max_length=320, index=True)
+    phone: str | None = Field(default=None, max_length=16, index=True)  # E.164
+    first_name: str | None = Field(default=None, max_length=100)
+    timezone: str = Field(default="UTC", max_length=64)  # IANA
+    locale: str = Field(default="en-GB", max_length=16)
+    email_opt_in: bool = False
+    email_opt_in_at: datetime | None = None
+    email_opt_out_at: datetime | None = None
+    sms_opt_in: bool = False
+    sms_opt_in_at: datetime | None = None
+    sms_opt_out_at: datetime | None = None  # STOP received
+    attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    signed_up_at: datetime
+    # Roll-ups of ingested events, maintained by engine.ingest in the event's transaction.
+    orders_count: int = 0
+    total_spend_cents: int = 0
+    last_order_at: datetime | None = None
+    last_activity_at: datetime | None = None
+    nps_score: int | None = None
+    # Bumped on every change that can change the customer's facts, so an incremental tick
+    # re-evaluates exactly the customers whose facts may have moved.
+    changed_at: datetime = Field(index=True)
+    created_at: datetime
+    updated_at: datetime
+
+
+class Event(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_customer_occurred", "customer_id", "occurred_at"),)
+
+    id: str = Field(primary_key=True, max_length=128)  # the sender's id: ingestion is idempotent
+    customer_id: str = Field(foreign_key="customers.id", max_length=64)
+    type: str = Field(max_length=64, index=True)
+    properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    occurred_at: datetime
+    received_at: datetime
+    evaluated_at: datetime | None = Field(default=None, index=True)  # None: not yet evaluated
+
+
+class Enrollment(SQLModel, table=True):
+    __tablename__ = "enrollments"
+    __table_args__ = (
+        # One live enrollment per customer and playbook: active_key is "customer|playbook"
+        # while active and NULL afterwards (NULLs never collide, on SQLite and PostgreSQL).
+        UniqueConstraint("active_key", name="uq_enrollments_active_key"),
+        Index("ix_enrollments_customer_playbook", "customer_id", "playbook"),
+        Index("ix_enrollments_status_due", "status", "next_due_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(foreign_key="customers.id", max_length=64)
+    playbook: str = Field(max_length=64)
+    status: EnrollmentStatus = Field(default=EnrollmentStatus.ACTIVE, max_length=16)
+    active_key: str | None = Field(default=None, max_length=140)
+    next_step: int = 0  # index into the playbook's steps
+    next_due_at: datetime | None = None
+    rules_version: str = Field(max_length=64)
+    trigger_event_id: str | None = Field(default=None, max_length=128)
+    # Why the next step is being held back (complaint pause, frequency cap...), so a
+    # decision row is written when the reason changes, not on every tick.
+    hold_reason: str | None = Field(default=None, max_length=200)
+    entered_at: datetime
+    ended_at: datetime | None = None
+    end_reason: str | None = Field(default=None, max_length=200)
+
+
+class Message(SQLModel, table=True):
+    """The outbox: written in the same transaction as the enrollment step that queues it."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        # A step is sent at most once per enrollment, even when two evaluators race.
+        UniqueConstraint("dedupe_key", name="uq_messages_dedupe_key"),
+        Index("ix_messages_status_due", "status", "due_at"),
+        Index("ix_messages_customer", "customer_id", "created_at"),
+    )
+
+    id: str = Field(primary_key=True, max_length=36)
+    dedupe_key: str = Field(max_length=200)  # "enrollment:<id>:<step>" or "case:<id>:<what>"
+    customer_id: str | None = Field(default=None, max_length=64)
+    enrollment_id: int | None = Field(default=None, foreign_key="enrollments.id")
+    escalation_id: int | None = Field(default=None)
+    playbook: str | None = Field(default=None, max_length=64)
+    step_id: str | None = Field(default=None, max_length=64)
+    kind: str = Field(default="marketing", max_length=16)  # marketing | transactional | staff
+    channel: str = Field(max_length=8)  # email | sms
+    template: str = Field(max_length=100)
+    to_address: str = Field(max_length=320)
+    context: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    priority: int = 100
+    status: MessageStatus = Field(default=MessageStatus.QUEUED, max_length=16)
+    due_at: datetime
+    attempts: int = 0
+    claimed_by: str | None = Field(default=None, max_length=100)
+    claimed_at: datetime | None = None
+    # Stamped and committed just before the provider is called: a dispatcher that dies with
+    # this unset never reached the provider (safe to retry); with it set, it may have.
+    attempted_at: datetime | None = None
+    provider: str | None = Field(default=None, max_length=16)
+    provider_id: str | None = Field(default=None, max_length=100, index=True)
+    last_error: str | None = Field(default=None, max_length=1000)
+    created_at: datetime
+    sent_at: datetime | None = None
+    updated_at: datetime
+
+
+class Escalation(SQLModel, table=True):
+    __tablename__ = "escalations"
+    __table_args__ = (Index("ix_escalations_status_sla", "status", "sla_due_at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(foreign_key="customers.id", max_length=64, index=True)
+    reason: str = Field(max_length=500)
+    trigger_event_id: str | None = Field(default=None, max_length=128)
+    priority: str = Field(default="normal", max_length=16)  # urgent | high | normal | low
+    queue: str = Field(default="support", max_length=64)
+    status: EscalationStatus = Field(default=EscalationStatus.OPEN, max_length=16)
+    owner: str | None = Field(default=None, max_length=100)
+    sla_due_at: datetime
+    notified_tier: int = 0  # the highest roster tier notified so far
+    opened_at: datetime
+    acknowledged_at: datetime | None = None
+    resolved_at: datetime | None = None
+    updated_at: datetime
+
+
+class EscalationNote(SQLModel, table=True):
+    """The history of a case: every change, who made it and why."""
+
+    __tablename__ = "escalation_history"
+
+    id: int | None = Field(default=None, primary_key=True)
+    escalation_id: int = Field(foreign_key="escalations.id", index=True)
+    at: datetime
+    actor: str = Field(max_length=100)
+    action: str = Field(max_length=32)
+    note: str = Field(default="", max_length=2000)
+
+
+class Suppression(SQLModel, table=True):
+    """An address or number that must get nothing more (bounce, spam report, STOP...)."""
+
+    __tablename__ = "suppressions"
+    __table_args__ = (UniqueConstraint("channel", "address", name="uq_suppressions_address"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    channel: str = Field(max_length=8)
+    address: str = Field(max_length=320)
+    reason: str = Field(max_length=200)
+    source: str = Field(max_length=100)
+    created_at: datetime
+
+
+class Decision(SQLModel, table=True):
+    """The audit log: every outcome, with the facts it saw, so 'why' has one answer."""
+
+    __tablename__ = "decisions"
+    __table_args__ = (Index("ix_decisions_customer_at", "customer_id", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    at: datetime
+    customer_id: str = Field(max_length=64)
+    playbook: str = Field(max_length=64, index=True)
+    step_id: str | None = Field(default=None, max_length=64)
+    outcome: str = Field(max_length=16)  # enrolled queued deferred skipped exited completed ...
+    reason: str = Field(default="", max_length=500)
+    until: datetime | None = None
+    enrollment_id: int | None = None
+    message_id: str | None = Field(default=None, max_length=36)
+    rules_version: str = Field(default="", max_length=64)
+    facts: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+
+
+class WebhookReceipt(SQLModel, table=True):
+    """Provider event ids already processed: a webhook delivered twice has the effect of one."""
+
+    __tablename__ = "webhook_receipts"
+    __table_args__ = (UniqueConstraint("provider", "event_key", name="uq_webhook_receipts"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider: str = Field(max_length=16)
+    event_key: str = Field(max_length=200)
+    received_at: datetime
+
+
+class EngineState(SQLModel, table=True):
+    """Small named values the scheduler keeps between ticks (watermarks, last sweep)."""
+
+    __tablename__ = "engine_state"
+
+    name: str = Field(primary_key=True, max_length=64)
+    value: str = Field(max_length=200)
+    updated_at: datetime

@@ -1,0 +1,54 @@
+"""Settings, read once at the edge (the composition root) and handed in everywhere else.
+
+Every setting has an environment variable ``LIFECYCLE_<NAME>``; a ``.env`` file in the
+working directory is read too. Secrets are ``SecretStr`` so they never print.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LIFECYCLE_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite:///lifecycle.db"
+    rules_dir: Path = Path("rules")
+    templates_dir: Path = Path("templates/messages")
+    outbox_dir: Path = Path("outbox")
+
+    # Evaluation
+    workers: int = Field(default=0, description="evaluation worker processes; 0 = one per core")
+    batch_size: int = 2000
+    engine: str = Field(default="durable", pattern="^(durable|reference)$")
+
+    # Channels: console (the default, no credentials), sendgrid, twilio
+    email_channel: str = Field(default="console", pattern="^(console|sendgrid)$")
+    sms_channel: str = Field(default="console", pattern="^(console|twilio)$")
+    from_email: str = "hello@lifecycle.example"
+    from_name: str = "Lifecycle"
+    sendgrid_api_key: SecretStr | None = None
+    sendgrid_host: str = "https://api.sendgrid.com"
+    sendgrid_webhook_public_key: str | None = None
+    twilio_account_sid: str | None = None
+    twilio_auth_token: SecretStr | None = None
+    twilio_from_number: str | None = None
+    twilio_base_url: str | None = None
+
+    # Web
+    public_base_url: str = "http://127.0.0.1:8000"
+    secret_key: SecretStr = SecretStr("dev-only-change-me")  # signs unsubscribe tokens, sessions
+    api_key: SecretStr | None = None
+    unsubscribe_mailto: str = "unsubscribe@lifecycle.example"
+
+    # Escalations roster: a YAML file of support leads (name, email, phone, tier)
+    roster_file: Path = Path("rules/support_roster.yaml")
+
+    # Web console staff accounts (engine.web.auth): comma-separated
+    # "name:pbkdf2_sha256$iterations$salt$hash" entries, hashes made with
+    # `python -m engine.web.auth`. Unset: nobody can sign in to the console.
+    staff_passwords: SecretStr | None = None
+    session_hours: int = Field(default=12, ge=1, le=24 * 30, description="console sign-in lifetime")
