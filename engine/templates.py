@@ -1,0 +1,136 @@
+"""Message templates: a sandboxed Jinja2 environment where an undefined name is an error.
+
+Layout of ``templates/messages/`` (what a marketer edits):
+
+    email/<name>.subject    one line, the subject
+    email/<name>.html       HTML body; usually ``{% extends "layouts/email.html" %}``
+    email/<name>.txt        plain-text body; usually ``{% extends "layouts/email.txt" %}``
+    sms/<name>.txt          the SMS body
+    layouts/                shared layouts with the unsubscribe footer
+
+Every template sees: ``customer`` (first_name, email, phone, locale, timezone, id),
+``facts`` (every catalog fact), ``event`` (the triggering event's properties, may be empty),
+``unsubscribe_url``, ``brand`` and ``message_id``; filters ``money`` (cents to "$12.34")
+and ``days``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from engine.errors import TemplateError
+
+CHANNEL_FILES = {"email": ("subject", "html", "txt"), "sms": ("txt",)}
+
+
+@dataclass(frozen=True)
+class RenderedEmail:
+    subject: str
+    html: str
+    text: str
+
+
+@dataclass(frozen=True)
+class RenderedSms:
+    body: str
+
+
+def _money(cents: object, currency: str = "$") -> str:
+    if not isinstance(cents, int) or isinstance(cents, bool):
+        raise TypeError(f"money expects integer cents, got {cents!r}")
+    sign = "-" if cents < 0 else ""
+    whole, part = divmod(abs(cents), 100)
+    return f"{sign}{currency}{whole:,}.{part:02d}"
+
+
+def _days(count: object) -> str:
+    return "1 day" if count == 1 else f"{count} days"
+
+
+class TemplateStore:
+    """Finds and renders the message templates of one directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.env = SandboxedEnvironment(
+            loader=jinja2.FileSystemLoader(str(self.directory)),
+            undefined=jinja2.StrictUndefined,
+            autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=False,
+        )
+        self.env.filters["money"] = _money
+        self.env.filters["days"] = _days
+
+    def path(self, channel: str, name: str, part: str) -> str:
+        return f"{channel}/{name}.{part}"
+
+    def names(self, channel: str) -> list[str]:
+        folder = self.directory / channel
+        if not folder.is_dir():
+            return []
+        return sorted({p.name.split(".", 1)[0] for p in folder.iterdir() if p.is_file()})
+
+    def missing_parts(self, channel: str, name: str) -> list[str]:
+        return [
+            self.path(channel, name, part)
+            for part in CHANNEL_FILES[channel]
+            if not (self.directory / self.path(channel, name, part)).is_file()
+        ]
+
+    def _render(self, template_path: str, context: dict[str, Any]) -> str:
+        try:
+            return self.env.get_template(template_path).render(context).strip()
+        except jinja2.TemplateSyntaxError as exc:
+            raise TemplateError(exc.filename or template_path, exc.message or str(exc), exc.lineno) from exc
+        except jinja2.TemplateNotFound as exc:
+            raise TemplateError(template_path, f"template not found: {exc.name}") from exc
+        except jinja2.UndefinedError as exc:
+            raise TemplateError(template_path, f"{exc.message} (check the name)") from exc
+        except jinja2.exceptions.SecurityError as exc:
+            raise TemplateError(template_path, f"not allowed in a template: {exc}") from exc
+        except (TypeError, ValueError, ArithmeticError) as exc:
+            raise TemplateError(template_path, str(exc)) from exc
+
+    def render_email(self, name: str, context: dict[str, Any]) -> RenderedEmail:
+        subject = self._render(self.path("email", name, "subject"), context)
+        if "\n" in subject:
+            raise TemplateError(self.path("email", name, "subject"), "the subject must be one line")
+        return RenderedEmail(
+            subject=subject,
+            html=self._render(self.path("email", name, "html"), context),
+            text=self._render(self.path("email", name, "txt"), context),
+        )
+
+    def render_sms(self, name: str, context: dict[str, Any]) -> RenderedSms:
+        return RenderedSms(body=self._render(self.path("sms", name, "txt"), context))
+
+    def render(self, channel: str, name: str, context: dict[str, Any]) -> RenderedEmail | RenderedSms:
+        if channel == "email":
+            return self.render_email(name, context)
+        return self.render_sms(name, context)
+
+
+def sample_context(facts: dict[str, Any]) -> dict[str, Any]:
+    """What a template sees during ``rules check``: a sample customer and sample facts."""
+    return {
+        "customer": {
+            "id": "sample-customer",
+            "first_name": "Sam",
+            "email": "sam@example.com",
+            "phone": "+447700900123",
+            "locale": "en-GB",
+            "timezone": "Europe/London",
+        },
+        "facts": facts,
+        "event": {},
+        "unsubscribe_url": "https://example.com/u/sample-token",
+        "brand": {"name": "Lifecycle Shop", "address": "1 Example Street, London"},
+        "message_id": "00000000-0000-0000-0000-000000000000",
+    }
