@@ -1,0 +1,518 @@
+"""Importing customers and events from CSV or JSON Lines files.
+
+The format is chosen by the extension:
+
+``.csv``    a header line, then one row per customer or event. Customers have the columns
+            ``id,email,phone,first_name,timezone,locale,email_opt_in,sms_opt_in,signed_up_at``
+            plus ``attr.<name>`` for attributes; events have ``id,customer_id,type,occurred_at``
+            plus ``prop.<name>`` for properties. Only ``id`` (and for events ``customer_id``,
+            ``type`` and ``occurred_at``) must be there. Attribute and property cells are typed
+            by rules/catalog.yaml: bool is true/false, yes/no or 1/0; int a whole number; money
+            whole cents (4999); date YYYY-MM-DD; string as written. An empty cell is absent.
+``.jsonl``  one JSON object per line, shaped like the API's CustomerIn or EventIn.
+
+Every row goes through the same validation as the API (engine.ingest). A bad row is
+reported with its number (the 1-based data row; for CSV also its line in the file, the
+header being line 1) and a reason naming the field, and the good rows are kept: they are
+committed in batches, and a batch the database refuses is retried row by row, so that only
+the offending row is reported. Importing the same file again changes nothing: events are
+known by id (counted as duplicates), and a customer whose row says nothing new is left
+untouched (counted as unchanged). A column or key the file does not have never erases
+what is stored: attributes merge key by key, and a missing ``email_opt_in`` keeps consent.
+
+Imported events are stored exactly as ingested ones: not yet evaluated.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Generic, TextIO, TypeVar
+
+from pydantic import ValidationError
+from sqlalchemy import Engine, insert, select
+from sqlalchemy.exc import DataError, IntegrityError, StatementError
+from sqlmodel import Session, col
+
+from engine.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
+from engine.clock import as_utc
+from engine.db import session_scope
+from engine.errors import ImportRowError, LifecycleError
+from engine.ingest import (
+    CustomerIn,
+    EventIn,
+    Recorded,
+    apply_customer,
+    check_attributes,
+    check_event_properties,
+    customer_draft,
+    record_events,
+    validation_reason,
+)
+from engine.models import Customer
+
+BATCH_SIZE = 1000
+CUSTOMER_COLUMNS = (
+    "id",
+    "email",
+    "phone",
+    "first_name",
+    "timezone",
+    "locale",
+    "email_opt_in",
+    "sms_opt_in",
+    "signed_up_at",
+)
+EVENT_COLUMNS = ("id", "customer_id", "type", "occurred_at")
+ATTRIBUTE_PREFIX = "attr."
+PROPERTY_PREFIX = "prop."
+FORMATS = (".csv", ".jsonl")
+
+Progress = Callable[[int, int], None]
+Model = TypeVar("Model", CustomerIn, EventIn)
+
+
+class ImportFileError(LifecycleError):
+    """A whole import file is unusable (unknown format, bad header, not UTF-8 text); raised
+    by the importer before it stores any row."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class ImportReport:
+    """What an import did: rows read, what became of them, and every bad row."""
+
+    path: str
+    kind: str  # "customers" or "events"
+    rows: int = 0
+    created: int = 0  # customers created, or events stored
+    updated: int = 0
+    unchanged: int = 0
+    duplicates: int = 0  # events whose id was already stored
+    errors: list[ImportRowError] = field(default_factory=list)
+
+    def summary(self) -> str:
+        if self.kind == "events":
+            done = f"{self.created:,} events stored, {self.duplicates:,} duplicates"
+        else:
+            done = (
+                f"{self.created:,} customers created, {self.updated:,} updated, "
+                f"{self.unchanged:,} unchanged"
+            )
+        bad = len(self.errors)
+        return f"{self.path}: {self.rows:,} rows: {done}, {bad:,} bad row{'' if bad == 1 else 's'}"
+
+
+def import_customers(
+    engine: Engine,
+    path: Path,
+    catalog: FactCatalog,
+    now: datetime,
+    progress: Progress | None = None,
+    *,
+    batch_size: int = BATCH_SIZE,
+) -> ImportReport:
+    """Create or update the customers in ``path``; see the module docstring."""
+    return _Import(engine, Path(path), catalog, as_utc(now), progress, batch_size, _CUSTOMERS).run()
+
+
+def import_events(
+    engine: Engine,
+    path: Path,
+    catalog: FactCatalog,
+    now: datetime,
+    progress: Progress | None = None,
+    *,
+    batch_size: int = BATCH_SIZE,
+) -> ImportReport:
+    """Store the events in ``path`` (their customers must exist) and fold their roll-ups."""
+    return _Import(engine, Path(path), catalog, as_utc(now), progress, batch_size, _EVENTS).run()
+
+
+def count_rows(path: Path) -> int:
+    """Data rows in ``path``, counted from its non-blank lines (for a progress bar).
+
+    This pass reads the whole file anyway, so it also refuses one that is not UTF-8 text,
+    naming the line, before anything is imported.
+    """
+    lines = 0
+    with path.open("rb") as stream:
+        for number, line in enumerate(stream, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ImportFileError(
+                    str(path),
+                    f"line {number} is not UTF-8 text ({exc.reason} at byte {exc.start + 1}); "
+                    "save the file as UTF-8",
+                ) from None
+            if line.strip():
+                lines += 1
+    return max(lines - 1, 0) if path.suffix.lower() == ".csv" else lines
+
+
+# ---------------------------------------------------------------- reading rows
+
+
+@dataclass(frozen=True)
+class _Row:
+    number: int  # 1-based data row
+    line: int | None  # 1-based line in a CSV file (the header is line 1)
+    data: dict[str, Any] | None
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Column:
+    name: str  # as written in the header
+    target: str  # "field", "attribute" or "property"
+    key: str  # the field, attribute or property name
+    type: FactType | None = None  # for attributes and properties the catalog declares
+
+
+def _json_rows(path: Path) -> Iterator[_Row]:
+    """One row per non-blank line; the row number is the line number."""
+    with path.open(encoding="utf-8-sig") as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line.rstrip("\r\n"), parse_constant=_refuse_constant)
+            except json.JSONDecodeError as exc:
+                problem = f"malformed JSON: {exc.msg} at column {exc.pos + 1}"
+                yield _Row(number, None, None, (problem,))
+                continue
+            except ValueError as exc:
+                yield _Row(number, None, None, (f"malformed JSON: {exc}",))
+                continue
+            if not isinstance(data, dict):
+                what = _JSON_KINDS.get(type(data), "null")
+                problem = f"expected a JSON object {{...}}, got {what}"
+                yield _Row(number, None, None, (problem,))
+                continue
+            yield _Row(number, None, data)
+
+
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a bool",
+}
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _csv_layout(
+    header: list[str], kind: _Kind[Any], catalog: FactCatalog, path: str
+) -> list[_Column]:
+    names = [name.strip() for name in header]
+    if kind.name == "customers":
+        prefix, target = ATTRIBUTE_PREFIX, "attribute"
+        declared = [s.name for s in catalog.attributes()]
+    else:
+        prefix, target = PROPERTY_PREFIX, "property"
+        declared = [s.name.removeprefix(EVENT_PROPERTY_PREFIX) for s in catalog.event_properties()]
+    columns: list[_Column] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    for name in names:
+        if not name:
+            problems.append("a column has no name")
+        elif name in seen:
+            problems.append(f"column {name!r} appears more than once")
+        elif name in kind.columns:
+            columns.append(_Column(name, "field", name))
+        elif name.startswith(prefix):
+            key = name.removeprefix(prefix)
+            spec = catalog.get(key if target == "attribute" else EVENT_PROPERTY_PREFIX + key)
+            columns.append(_Column(name, target, key, spec.type if spec else None))
+        else:
+            known = [*kind.columns, *(prefix + d for d in declared)]
+            hint = difflib.get_close_matches(name, known, n=1)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            problems.append(
+                f"unknown column {name!r}{suggestion}; {kind.name} files have the columns "
+                f"{', '.join(kind.columns)} and {prefix}<name>"
+            )
+        seen.add(name)
+    missing = [name for name in kind.required if name not in seen]
+    if missing:
+        problems.append(f"missing column{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+    if problems:
+        raise ImportFileError(path, "header (line 1): " + "; ".join(problems))
+    return columns
+
+
+def _csv_rows(path: Path, kind: _Kind[Any], catalog: FactCatalog) -> Iterator[_Row]:
+    """Reads and checks the header now (a bad one fails before any row); the rows lazily."""
+    stream = path.open(encoding="utf-8-sig", newline="")
+    try:
+        reader = csv.reader(stream)
+        header = next(reader, None)
+        if header is None:
+            raise ImportFileError(str(path), "the file is empty: it needs a header line")
+        layout = _csv_layout(header, kind, catalog, str(path))
+    except BaseException:
+        stream.close()
+        raise
+    return _csv_body(stream, reader, layout)
+
+
+def _csv_body(stream: TextIO, reader: Any, layout: list[_Column]) -> Iterator[_Row]:
+    with stream:
+        number, consumed = 0, reader.line_num
+        while True:
+            line = consumed + 1
+            try:
+                cells = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                number, consumed = number + 1, reader.line_num
+                yield _Row(number, line, None, (f"unreadable CSV: {exc}",))
+                continue
+            consumed = reader.line_num
+            if not any(cell.strip() for cell in cells):
+                continue  # a blank line is not a row
+            number += 1
+            if len(cells) != len(layout):
+                problem = f"expected {len(layout)} columns as in the header, found {len(cells)}"
+                yield _Row(number, line, None, (problem,))
+                continue
+            data, problems = _csv_record(layout, cells)
+            yield _Row(number, line, data, tuple(problems))
+
+
+def _csv_record(layout: list[_Column], cells: list[str]) -> tuple[dict[str, Any], list[str]]:
+    data: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {"attribute": {}, "property": {}}
+    problems: list[str] = []
+    for column, cell in zip(layout, cells, strict=True):
+        text = cell.strip()
+        if not text:
+            continue  # an empty cell is absent
+        if column.target == "field":
+            data[column.key] = text
+            continue
+        try:
+            nested[column.target][column.key] = _typed_cell(text, column.type)
+        except ValueError as exc:
+            where = "attributes" if column.target == "attribute" else "properties"
+            problems.append(f"{where}.{column.key}: {exc}")
+    if nested["attribute"]:
+        data["attributes"] = nested["attribute"]
+    if nested["property"]:
+        data["properties"] = nested["property"]
+    return data, problems
+
+
+_BOOLS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_WHOLE = re.compile(r"^[+-]?\d+$")
+
+
+def _typed_cell(text: str, kind: FactType | None) -> Any:
+    """A CSV cell as the catalog type says (undeclared names stay text, refused later)."""
+    if kind is FactType.BOOL:
+        if text.lower() not in _BOOLS:
+            raise ValueError(f"expected bool (true/false, yes/no or 1/0), got {text!r}")
+        return _BOOLS[text.lower()]
+    if kind is FactType.INT:
+        if not _WHOLE.match(text):
+            raise ValueError(f"expected int (a whole number), got {text!r}")
+        return int(text)
+    if kind is FactType.MONEY:
+        if not _WHOLE.match(text):
+            raise ValueError(f"expected money in whole cents (4999 for $49.99), got {text!r}")
+        return int(text)
+    if kind is FactType.DATE:
+        try:
+            datetime.strptime(text, "%Y-%m-%d")
+        except ValueError:
+            raise ValueError(f"expected date as YYYY-MM-DD, got {text!r}") from None
+        return text
+    return text
+
+
+# ---------------------------------------------------------------- validating and storing
+
+
+@dataclass(frozen=True)
+class _Kind(Generic[Model]):
+    name: str
+    model: type[Model]
+    columns: tuple[str, ...]
+    required: tuple[str, ...]
+    check: Callable[[Model, FactCatalog], list[str]]
+    store: Callable[[Session, list[Model], datetime, ImportReport], list[tuple[int, str]]]
+
+
+def _check_customer(customer: CustomerIn, catalog: FactCatalog) -> list[str]:
+    return check_attributes(customer.attributes, catalog)
+
+
+def _store_customers(
+    session: Session, batch: list[CustomerIn], now: datetime, report: ImportReport
+) -> list[tuple[int, str]]:
+    ids = sorted({item.id for item in batch})
+    statement = select(Customer).where(col(Customer.id).in_(ids))
+    known: dict[str, Customer] = {c.id: c for c in session.scalars(statement)}
+    drafts: dict[str, Any] = {}  # new customers, inserted with one executemany
+    for item in batch:
+        existing = known.get(item.id)
+        customer, changed = apply_customer(existing, item, now, new=customer_draft)
+        if existing is None:
+            drafts[item.id] = known[item.id] = customer
+            report.created += 1
+        elif changed:
+            report.updated += 1
+        else:
+            report.unchanged += 1
+    if drafts:
+        table = Customer.__table__  # type: ignore[attr-defined]
+        session.execute(insert(table), [vars(draft) for draft in drafts.values()])
+    return []
+
+
+def _store_events(
+    session: Session, batch: list[EventIn], now: datetime, report: ImportReport
+) -> list[tuple[int, str]]:
+    bad: list[tuple[int, str]] = []
+    outcomes = record_events(session, batch, now)
+    for index, (item, outcome) in enumerate(zip(batch, outcomes, strict=True)):
+        if outcome is Recorded.STORED:
+            report.created += 1
+        elif outcome is Recorded.DUPLICATE:
+            report.duplicates += 1
+        else:
+            bad.append((index, f"customer_id: no customer with id {item.customer_id!r}"))
+    return bad
+
+
+_CUSTOMERS: _Kind[CustomerIn] = _Kind(
+    "customers", CustomerIn, CUSTOMER_COLUMNS, ("id",), _check_customer, _store_customers
+)
+_EVENTS: _Kind[EventIn] = _Kind(
+    "events", EventIn, EVENT_COLUMNS, EVENT_COLUMNS, check_event_properties, _store_events
+)
+
+# Errors that belong to a row (a constraint, a value the column refuses); anything else,
+# such as a lost connection, stops the import instead of blaming every row in turn.
+_ROW_ERRORS = (IntegrityError, DataError, StatementError)
+
+
+class _Import(Generic[Model]):
+    def __init__(
+        self,
+        engine: Engine,
+        path: Path,
+        catalog: FactCatalog,
+        now: datetime,
+        progress: Progress | None,
+        batch_size: int,
+        kind: _Kind[Model],
+    ) -> None:
+        self.engine = engine
+        self.path = path
+        self.catalog = catalog
+        self.now = now
+        self.progress = progress
+        self.batch_size = max(1, batch_size)
+        self.kind: _Kind[Model] = kind
+        self.report = ImportReport(str(path), kind.name)
+
+    def run(self) -> ImportReport:
+        suffix = self.path.suffix.lower()
+        if suffix not in FORMATS:
+            raise ImportFileError(
+                str(self.path), f"unknown format {suffix or '(no extension)'!r}: use .csv or .jsonl"
+            )
+        if not self.path.is_file():
+            raise ImportFileError(str(self.path), "no such file")
+        total = count_rows(self.path)
+        if suffix == ".csv":
+            rows = _csv_rows(self.path, self.kind, self.catalog)
+        else:
+            rows = _json_rows(self.path)
+        if self.progress is not None:
+            self.progress(0, total)
+        pending: list[tuple[_Row, Model]] = []
+        for row in rows:
+            self.report.rows += 1
+            model = self._validate(row)
+            if model is not None:
+                pending.append((row, model))
+            if self.report.rows % self.batch_size == 0:
+                self._store(pending)
+                pending = []
+                if self.progress is not None:
+                    self.progress(self.report.rows, max(total, self.report.rows))
+        self._store(pending)
+        if self.progress is not None:
+            self.progress(self.report.rows, self.report.rows)
+        self.report.errors.sort(key=lambda error: error.row)
+        return self.report
+
+    def _validate(self, row: _Row) -> Model | None:
+        problems = list(row.problems)
+        model: Model | None = None
+        if row.data is not None:
+            try:
+                model = self.kind.model.model_validate(row.data)
+            except ValidationError as exc:
+                problems.append(validation_reason(exc))
+            else:
+                problems.extend(self.kind.check(model, self.catalog))
+        if problems:
+            self._bad(row, "; ".join(problems))
+            return None
+        return model
+
+    def _bad(self, row: _Row, reason: str) -> None:
+        where = f"line {row.line}: " if row.line is not None else ""
+        self.report.errors.append(ImportRowError(str(self.path), row.number, where + reason))
+
+    def _store(self, batch: list[tuple[_Row, Model]]) -> None:
+        """Commit a batch; if the database refuses it, commit row by row to find the culprit."""
+        if not batch:
+            return
+        counts = _counts(self.report)
+        try:
+            with session_scope(self.engine) as session:
+                bad = self.kind.store(session, [model for _, model in batch], self.now, self.report)
+        except _ROW_ERRORS as exc:
+            _restore(self.report, counts)
+            if len(batch) == 1:
+                self._bad(batch[0][0], f"the database refused the row: {_first_line(exc)}")
+                return
+            for item in batch:
+                self._store([item])
+            return
+        for index, reason in bad:
+            self._bad(batch[index][0], reason)
+
+
+def _counts(report: ImportReport) -> tuple[int, int, int, int]:
+    return report.created, report.updated, report.unchanged, report.duplicates
+
+
+def _restore(report: ImportReport, counts: tuple[int, int, int, int]) -> None:
+    report.created, report.updated, report.unchanged, report.duplicates = counts
+
+
+def _first_line(exc: Exception) -> str:
+    cause = getattr(exc, "orig", None) or exc
+    return str(cause).strip().splitlines()[0][:300] if str(cause).strip() else type(cause).__name__

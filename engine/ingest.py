@@ -1,0 +1,411 @@
+"""Ingesting customers and events: validation, idempotency and the customer roll-ups.
+
+The one path by which customers and events enter the database, used by the importer, the
+HTTP API and the seeder. Input is validated by pydantic models, so a bad row is refused as
+a whole with a reason naming the field; an event id seen before changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from types import SimpleNamespace
+from typing import Any, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import bindparam, insert, select, update
+from sqlmodel import Session, col
+
+from engine.catalog import FactCatalog, FactSource, FactType
+from engine.clock import as_utc
+from engine.models import Customer, Event
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+
+class CustomerIn(BaseModel):
+    """A customer as sent to the API or written in an import file."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: str = Field(min_length=1, max_length=64)
+    email: str | None = Field(default=None, max_length=320)
+    phone: str | None = None
+    first_name: str | None = Field(default=None, max_length=100)
+    timezone: str = "UTC"
+    locale: str = Field(default="en-GB", pattern=r"^[a-z]{2}(-[A-Z]{2})?$")
+    email_opt_in: bool = False
+    sms_opt_in: bool = False
+    signed_up_at: datetime | None = None
+    attributes: dict[str, Any] = {}
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not EMAIL.match(value):
+            raise ValueError(f"{value!r} is not an email address")
+        return value.lower()
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        compact = re.sub(r"[\s().-]", "", value)
+        if not E164.match(compact):
+            raise ValueError(f"{value!r} is not an E.164 phone number like +447700900123")
+        return compact
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        if value not in _zones():
+            raise ValueError(f"{value!r} is not an IANA time zone like Europe/London")
+        try:
+            ZoneInfo(value)
+        except ZoneInfoNotFoundError as exc:
+            raise ValueError(f"{value!r} is not an IANA time zone like Europe/London") from exc
+        return value
+
+    @field_validator("signed_up_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        return as_utc(value) if value is not None else None
+
+
+class EventIn(BaseModel):
+    """An event as sent to the API or written in an import file."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    customer_id: str = Field(min_length=1, max_length=64)
+    type: str = Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")
+    occurred_at: datetime
+    properties: dict[str, Any] = {}
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        return as_utc(value)
+
+
+_ZONES: set[str] | None = None
+
+
+def _zones() -> set[str]:
+    global _ZONES
+    if _ZONES is None:
+        _ZONES = available_timezones()
+    return _ZONES
+
+
+def validation_reason(exc: ValidationError) -> str:
+    """One line naming each bad field and why, for import reports and 422 answers."""
+    parts = []
+    for error in exc.errors():
+        field = ".".join(str(p) for p in error["loc"]) or "row"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{field}: {message}")
+    return "; ".join(parts)
+
+
+def check_attributes(attributes: dict[str, Any], catalog: FactCatalog) -> list[str]:
+    """Declared attributes must have their declared type; undeclared ones are refused."""
+    problems = []
+    for name, value in attributes.items():
+        spec = catalog.get(name)
+        if spec is None or spec.source is not FactSource.ATTRIBUTE:
+            problems.append(f"attributes.{name}: not declared in rules/catalog.yaml")
+            continue
+        if value is None:
+            continue
+        if not _has_type(value, spec.type):
+            problems.append(f"attributes.{name}: expected {spec.type}, got {value!r}")
+    return problems
+
+
+def check_event_properties(event: EventIn, catalog: FactCatalog) -> list[str]:
+    if event.type not in catalog.event_types:
+        return [f"type: unknown event type {event.type!r}; declare it in rules/catalog.yaml"]
+    problems = []
+    for name, value in event.properties.items():
+        spec = catalog.get(f"event.{name}")
+        if spec is not None and value is not None and not _has_type(value, spec.type):
+            problems.append(f"properties.{name}: expected {spec.type}, got {value!r}")
+    return problems
+
+
+def _has_type(value: Any, kind: FactType) -> bool:
+    if kind is FactType.BOOL:
+        return isinstance(value, bool)
+    if kind in (FactType.INT, FactType.MONEY):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is FactType.DATE:
+        if not isinstance(value, str):
+            return False
+        try:
+            datetime.strptime(value, "%Y-%m-%d")
+        except ValueError:
+            return False
+        return True
+    return isinstance(value, str)
+
+
+# Fields a customer row can carry besides its id, attributes and consent (handled apart).
+_PLAIN_FIELDS = ("email", "phone", "first_name", "timezone", "locale")
+
+
+def apply_customer(
+    customer: Customer | None,
+    data: CustomerIn,
+    now: datetime,
+    *,
+    new: Callable[..., Customer] = Customer,
+) -> tuple[Customer, bool]:
+    """Fold ``data`` into ``customer`` (a new one when None); says whether anything changed.
+
+    Only the fields ``data`` was given are written, so a column or key missing from an
+    import file never erases what is stored (consent above all), and attributes are merged
+    key by key. When nothing differs, the row is left untouched: no stamp moves, so
+    importing the same file twice changes nothing. ``new`` makes the new customer: the
+    importer passes ``customer_draft`` to insert new customers in bulk.
+    """
+    given = data.model_fields_set
+    if customer is None:
+        customer = new(
+            id=data.id,
+            signed_up_at=data.signed_up_at or now,
+            changed_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+        given = given | set(_PLAIN_FIELDS)  # a new customer takes the defaults too
+        changed = True
+    else:
+        changed = False
+    for name in _PLAIN_FIELDS:
+        if name in given and getattr(customer, name) != getattr(data, name):
+            setattr(customer, name, getattr(data, name))
+            changed = True
+    if data.signed_up_at is not None and customer.signed_up_at != data.signed_up_at:
+        customer.signed_up_at = data.signed_up_at
+        changed = True
+    if "email_opt_in" in given:
+        changed = set_email_consent(customer, data.email_opt_in, now) or changed
+    if "sms_opt_in" in given:
+        changed = set_sms_consent(customer, data.sms_opt_in, now) or changed
+    merged = {**(customer.attributes or {}), **data.attributes}
+    if merged != customer.attributes:
+        customer.attributes = merged
+        changed = True
+    if changed:
+        customer.changed_at = now
+        customer.updated_at = now
+    return customer, changed
+
+
+def customer_draft(**values: Any) -> Any:
+    """A customer as a plain object, every column at its model default unless given.
+
+    Building a SQLModel row costs about as much as inserting it; a draft is cheap, and
+    ``vars(draft)`` is a row for a Core ``insert``.
+    """
+    row = {
+        name: field.get_default(call_default_factory=True)
+        for name, field in Customer.model_fields.items()
+        if name not in values
+    }
+    return SimpleNamespace(**row, **values)
+
+
+def upsert_customer(session: Session, data: CustomerIn, now: datetime) -> tuple[Customer, bool]:
+    """Create or update a customer; returns it and whether anything changed (see apply_customer)."""
+    existing = session.get(Customer, data.id)
+    customer, changed = apply_customer(existing, data, now)
+    if existing is None:
+        session.add(customer)
+    return customer, changed
+
+
+def set_email_consent(customer: Customer, opted_in: bool, now: datetime) -> bool:
+    """Record an email opt-in or opt-out stamped with ``now``; False when it was already so."""
+    if opted_in and not customer.email_opt_in:
+        customer.email_opt_in, customer.email_opt_in_at, customer.email_opt_out_at = True, now, None
+    elif not opted_in and customer.email_opt_in:
+        customer.email_opt_in, customer.email_opt_out_at = False, now
+    else:
+        return False
+    customer.changed_at = now
+    return True
+
+
+def set_sms_consent(customer: Customer, opted_in: bool, now: datetime) -> bool:
+    """Record an SMS opt-in or opt-out (STOP) stamped with ``now``; False when it was already so."""
+    if opted_in and not customer.sms_opt_in:
+        customer.sms_opt_in, customer.sms_opt_in_at, customer.sms_opt_out_at = True, now, None
+    elif not opted_in and customer.sms_opt_in:
+        customer.sms_opt_in, customer.sms_opt_out_at = False, now
+    else:
+        return False
+    customer.changed_at = now
+    return True
+
+
+class HasRollups(Protocol):
+    """What apply_rollups folds into: a Customer row, or a plain Rollups while seeding."""
+
+    orders_count: int
+    total_spend_cents: int
+    last_order_at: datetime | None
+    last_activity_at: datetime | None
+    nps_score: int | None
+
+
+@dataclass
+class Rollups:
+    """The customer roll-ups on their own, for folding events outside a session (the seeder)."""
+
+    orders_count: int = 0
+    total_spend_cents: int = 0
+    last_order_at: datetime | None = None
+    last_activity_at: datetime | None = None
+    nps_score: int | None = None
+
+
+def apply_rollups(
+    customer: HasRollups, event_type: str, properties: dict[str, Any], occurred_at: datetime
+) -> None:
+    """Fold one event into the customer's roll-ups (see engine.models.Customer).
+
+    The one implementation of the roll-ups: ingestion, the importer and the seeder all call it.
+    The NPS score is the last one folded, so events are folded in the order they happened.
+    """
+    if customer.last_activity_at is None or occurred_at > customer.last_activity_at:
+        customer.last_activity_at = occurred_at
+    if event_type == "order_placed":
+        customer.orders_count += 1
+        amount = properties.get("amount_cents")
+        if isinstance(amount, int) and not isinstance(amount, bool):
+            customer.total_spend_cents += amount
+        if customer.last_order_at is None or occurred_at > customer.last_order_at:
+            customer.last_order_at = occurred_at
+    elif event_type == "nps_submitted":
+        score = properties.get("score")
+        if isinstance(score, int) and not isinstance(score, bool) and 0 <= score <= 10:
+            customer.nps_score = score
+
+
+def _new_event(data: EventIn, now: datetime) -> Event:
+    return Event(
+        id=data.id,
+        customer_id=data.customer_id,
+        type=data.type,
+        properties=data.properties,
+        occurred_at=data.occurred_at,
+        received_at=now,
+    )
+
+
+def _fold(customer: Customer, data: EventIn, now: datetime) -> None:
+    apply_rollups(customer, data.type, data.properties, data.occurred_at)
+    customer.changed_at = now
+    customer.updated_at = now
+
+
+def record_event(session: Session, data: EventIn, now: datetime) -> Event | None:
+    """Store an event once; returns None when its id was seen before (nothing changes).
+
+    The caller has checked that the customer exists; the roll-ups move in this transaction.
+    """
+    if session.get(Event, data.id) is not None:
+        return None
+    customer = session.get(Customer, data.customer_id, with_for_update=True)
+    if customer is None:
+        raise LookupError(data.customer_id)
+    event = _new_event(data, now)
+    session.add(event)
+    _fold(customer, data, now)
+    return event
+
+
+class Recorded(StrEnum):
+    """What record_events did with one event."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # its id was seen before, in the database or earlier in the batch
+    UNKNOWN_CUSTOMER = "unknown customer"
+
+
+ROLLUP_FIELDS = (
+    "orders_count",
+    "total_spend_cents",
+    "last_order_at",
+    "last_activity_at",
+    "nps_score",
+)
+
+
+def record_events(session: Session, batch: Sequence[EventIn], now: datetime) -> list[Recorded]:
+    """record_event for a batch, in four statements whatever its size (for the importer).
+
+    One query finds the ids already stored, one reads (and locks) the customers' roll-ups;
+    the events are folded in the order given, then inserted and the roll-ups written back
+    with one executemany each. The writes go through SQLAlchemy Core, so Customer objects
+    already loaded in ``session`` do not see them. The caller commits or rolls back.
+    """
+    customers = Customer.__table__  # type: ignore[attr-defined]
+    seen = existing_event_ids(session, [data.id for data in batch])
+    wanted = sorted({data.customer_id for data in batch})  # lock in id order: no deadlocks
+    rollups: dict[str, Rollups] = {}
+    if wanted:
+        columns = [customers.c.id, *(customers.c[name] for name in ROLLUP_FIELDS)]
+        statement = select(*columns).where(customers.c.id.in_(wanted)).with_for_update()
+        for row in session.execute(statement):
+            rollups[row.id] = Rollups(**{name: getattr(row, name) for name in ROLLUP_FIELDS})
+    outcomes: list[Recorded] = []
+    events: list[dict[str, Any]] = []
+    touched: set[str] = set()
+    for data in batch:
+        folded = rollups.get(data.customer_id)
+        if data.id in seen:
+            outcomes.append(Recorded.DUPLICATE)
+        elif folded is None:
+            outcomes.append(Recorded.UNKNOWN_CUSTOMER)
+        else:
+            seen.add(data.id)
+            events.append(
+                {
+                    "id": data.id,
+                    "customer_id": data.customer_id,
+                    "type": data.type,
+                    "properties": data.properties,
+                    "occurred_at": data.occurred_at,
+                    "received_at": now,
+                    "evaluated_at": None,
+                }
+            )
+            apply_rollups(folded, data.type, data.properties, data.occurred_at)
+            touched.add(data.customer_id)
+            outcomes.append(Recorded.STORED)
+    if events:
+        session.execute(insert(Event.__table__), events)  # type: ignore[attr-defined]
+        changes = [
+            {"_id": key, **vars(rollups[key]), "changed_at": now, "updated_at": now}
+            for key in sorted(touched)
+        ]
+        session.execute(update(customers).where(customers.c.id == bindparam("_id")), changes)
+    return outcomes
+
+
+def existing_event_ids(session: Session, ids: list[str]) -> set[str]:
+    if not ids:
+        return set()
+    return set(session.scalars(select(col(Event.id)).where(col(Event.id).in_(ids))))
