@@ -16,8 +16,12 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, UniqueConstraint
+from sqlalchemy import JSON, Column, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
+
+
+# Statuses are stored as their plain text values (VARCHAR, not a database enum), so raw SQL,
+# reports and later additions need no type migration.
 
 
 class EnrollmentStatus(StrEnum):
@@ -94,6 +98,9 @@ class Enrollment(SQLModel, table=True):
         # One live enrollment per customer and playbook: active_key is "customer|playbook"
         # while active and NULL afterwards (NULLs never collide, on SQLite and PostgreSQL).
         UniqueConstraint("active_key", name="uq_enrollments_active_key"),
+        # The n-th entry of a customer into a playbook can exist once: two evaluators that
+        # both saw n-1 earlier entries cannot both enter, even if one already finished.
+        UniqueConstraint("customer_id", "playbook", "entry_number", name="uq_enrollments_entry"),
         Index("ix_enrollments_customer_playbook", "customer_id", "playbook"),
         Index("ix_enrollments_status_due", "status", "next_due_at"),
     )
@@ -101,8 +108,9 @@ class Enrollment(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     customer_id: str = Field(foreign_key="customers.id", max_length=64)
     playbook: str = Field(max_length=64)
-    status: EnrollmentStatus = Field(default=EnrollmentStatus.ACTIVE, max_length=16)
+    status: EnrollmentStatus = Field(default=EnrollmentStatus.ACTIVE, sa_type=String(16))
     active_key: str | None = Field(default=None, max_length=140)
+    entry_number: int = 1
     next_step: int = 0  # index into the playbook's steps
     next_due_at: datetime | None = None
     rules_version: str = Field(max_length=64)
@@ -139,7 +147,7 @@ class Message(SQLModel, table=True):
     to_address: str = Field(max_length=320)
     context: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     priority: int = 100
-    status: MessageStatus = Field(default=MessageStatus.QUEUED, max_length=16)
+    status: MessageStatus = Field(default=MessageStatus.QUEUED, sa_type=String(16))
     due_at: datetime
     attempts: int = 0
     claimed_by: str | None = Field(default=None, max_length=100)
@@ -165,7 +173,7 @@ class Escalation(SQLModel, table=True):
     trigger_event_id: str | None = Field(default=None, max_length=128)
     priority: str = Field(default="normal", max_length=16)  # urgent | high | normal | low
     queue: str = Field(default="support", max_length=64)
-    status: EscalationStatus = Field(default=EscalationStatus.OPEN, max_length=16)
+    status: EscalationStatus = Field(default=EscalationStatus.OPEN, sa_type=String(16))
     owner: str | None = Field(default=None, max_length=100)
     sla_due_at: datetime
     notified_tier: int = 0  # the highest roster tier notified so far

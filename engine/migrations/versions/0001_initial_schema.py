@@ -96,8 +96,9 @@ def upgrade() -> None:
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('customer_id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('playbook', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-    sa.Column('status', sa.Enum('ACTIVE', 'COMPLETED', 'EXITED', 'CANCELLED', name='enrollmentstatus'), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('active_key', sqlmodel.sql.sqltypes.AutoString(length=140), nullable=True),
+    sa.Column('entry_number', sa.Integer(), nullable=False),
     sa.Column('next_step', sa.Integer(), nullable=False),
     sa.Column('next_due_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.Column('rules_version', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
@@ -108,7 +109,8 @@ def upgrade() -> None:
     sa.Column('end_reason', sqlmodel.sql.sqltypes.AutoString(length=200), nullable=True),
     sa.ForeignKeyConstraint(['customer_id'], ['customers.id'], ),
     sa.PrimaryKeyConstraint('id'),
-    sa.UniqueConstraint('active_key', name='uq_enrollments_active_key')
+    sa.UniqueConstraint('active_key', name='uq_enrollments_active_key'),
+    sa.UniqueConstraint('customer_id', 'playbook', 'entry_number', name='uq_enrollments_entry')
     )
     with op.batch_alter_table('enrollments', schema=None) as batch_op:
         batch_op.create_index('ix_enrollments_customer_playbook', ['customer_id', 'playbook'], unique=False)
@@ -121,7 +123,7 @@ def upgrade() -> None:
     sa.Column('trigger_event_id', sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True),
     sa.Column('priority', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
     sa.Column('queue', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
-    sa.Column('status', sa.Enum('OPEN', 'ACKNOWLEDGED', 'RESOLVED', 'REOPENED', name='escalationstatus'), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('owner', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True),
     sa.Column('sla_due_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.Column('notified_tier', sa.Integer(), nullable=False),
@@ -179,11 +181,12 @@ def upgrade() -> None:
     sa.Column('to_address', sqlmodel.sql.sqltypes.AutoString(length=320), nullable=False),
     sa.Column('context', sa.JSON(), nullable=False),
     sa.Column('priority', sa.Integer(), nullable=False),
-    sa.Column('status', sa.Enum('QUEUED', 'SENDING', 'SENT', 'DELIVERED', 'FAILED', 'BOUNCED', 'CANCELLED', 'AMBIGUOUS', name='messagestatus'), nullable=False),
+    sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('due_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
     sa.Column('claimed_by', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True),
     sa.Column('claimed_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
+    sa.Column('attempted_at', sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
     sa.Column('provider', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=True),
     sa.Column('provider_id', sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True),
     sa.Column('last_error', sqlmodel.sql.sqltypes.AutoString(length=1000), nullable=True),

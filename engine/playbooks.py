@@ -1,0 +1,740 @@
+"""Rule files: load, validate (every mistake at once, with ``path:line:col``) and compile.
+
+A rules directory holds:
+
+    catalog.yaml       customer attributes and event types (with their properties)
+    policies.yaml      quiet hours, frequency caps and the brand shown in messages
+    <playbook>.yaml    one playbook per file (see README, "Writing playbooks")
+
+``load_rules`` either returns a complete, valid ``RuleSet`` or raises ``RulesInvalid`` with
+all the problems; a running engine keeps its last good ``RuleSet`` when that happens.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+from dataclasses import dataclass, field
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from engine import conditions
+from engine.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactSource, FactSpec, FactType
+from engine.conditions import Condition
+from engine.durations import parse_duration
+from engine.errors import ConditionError, DurationError, RulesInvalid, SourceProblem, TemplateError
+from engine.policies import FrequencyCap, Policies, QuietHours
+from engine.sms_segments import segments
+from engine.templates import TemplateStore, sample_context
+from engine.yaml_source import Located, load_located
+
+CHANNELS = ("email", "sms")
+PRIORITIES = ("urgent", "high", "normal", "low")
+EVENT_ONLY_FACTS = ("event", "event_days_ago")
+
+# ---------------------------------------------------------------- schema (what a file may say)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class SendSpec(_Strict):
+    channel: str
+    template: str
+
+
+class EscalateSpec(_Strict):
+    priority: str = "normal"
+    queue: str = "support"
+    sla: str = "24h"
+
+
+class StepSpec(_Strict):
+    id: str
+    wait: str | None = None
+    when: str | None = None
+    send: SendSpec | None = None
+    escalate: EscalateSpec | None = None
+
+
+class EnterSpec(_Strict):
+    on: str | None = None
+    when: str | None = None
+
+
+class ExitSpec(_Strict):
+    when: str
+
+
+class PlaybookSpec(_Strict):
+    playbook: str
+    stage: str
+    description: str
+    priority: int = 100
+    kind: Literal["marketing", "transactional"] = "marketing"
+    enter: EnterSpec
+    reentry: str = "never"
+    exit: ExitSpec | None = None
+    when_capped: Literal["defer", "drop"] = "defer"
+    quiet_hours: dict[str, str | None] = {}
+    sms_opt_out_hint: str | None = None
+    max_sms_segments: int = 2
+    steps: list[StepSpec]
+
+    @field_validator("steps")
+    @classmethod
+    def _at_least_one(cls, steps: list[StepSpec]) -> list[StepSpec]:
+        if not steps:
+            raise ValueError("a playbook needs at least one step")
+        return steps
+
+
+class AttributeSpec(_Strict):
+    type: FactType
+    description: str
+    example: Any = None
+
+
+class EventTypeSpec(_Strict):
+    description: str
+    properties: dict[str, AttributeSpec] = {}
+
+
+class CatalogSpec(_Strict):
+    attributes: dict[str, AttributeSpec] = {}
+    events: dict[str, EventTypeSpec] = {}
+
+
+class CapSpec(_Strict):
+    channel: Literal["any", "email", "sms"]
+    max: int
+    per: str
+
+
+class BrandSpec(_Strict):
+    name: str
+    address: str
+
+
+class LeadSpec(_Strict):
+    name: str
+    email: str
+    phone: str | None = None
+    tier: int = 1
+    on_duty: bool = True
+
+
+class RosterSpec(_Strict):
+    leads: list[LeadSpec]
+
+
+class PoliciesSpec(_Strict):
+    quiet_hours: dict[str, str | None] = {"sms": "08:00-21:00"}
+    frequency_caps: list[CapSpec] = []
+    brand: BrandSpec
+
+
+# ---------------------------------------------------------------- compiled (what the engine uses)
+
+
+@dataclass(frozen=True)
+class Lead:
+    """A support lead who is notified of cases."""
+
+    name: str
+    email: str
+    phone: str | None
+    tier: int
+    on_duty: bool
+
+
+@dataclass(frozen=True)
+class Roster:
+    leads: tuple[Lead, ...]
+
+    def on_duty(self, tier: int) -> Lead | None:
+        """The on-duty lead of ``tier``, or of the nearest tier above it that has one."""
+        for wanted in sorted({lead.tier for lead in self.leads if lead.tier >= tier}):
+            for lead in self.leads:
+                if lead.tier == wanted and lead.on_duty:
+                    return lead
+        return None
+
+    def find(self, name: str) -> Lead | None:
+        return next((lead for lead in self.leads if lead.name == name or lead.email == name), None)
+
+
+@dataclass(frozen=True)
+class Send:
+    channel: str
+    template: str
+
+
+@dataclass(frozen=True)
+class Escalate:
+    priority: str
+    queue: str
+    sla: timedelta
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str
+    wait: timedelta
+    when: Condition | None
+    send: Send | None
+    escalate: Escalate | None
+
+
+@dataclass(frozen=True)
+class Playbook:
+    id: str
+    stage: str
+    description: str
+    priority: int
+    kind: str
+    enter_on: str | None
+    enter: Condition  # includes the event trigger: event == "<on>" and (<when>)
+    reentry: timedelta | None  # None: never re-enter
+    exit: Condition | None
+    when_capped: str
+    quiet_hours: dict[str, QuietHours | None]  # per-channel overrides of the policies
+    sms_opt_out_hint: str | None
+    max_sms_segments: int
+    steps: tuple[Step, ...]
+    source: str
+
+    @property
+    def marketing(self) -> bool:
+        return self.kind == "marketing"
+
+    def step_index(self, step_id: str) -> int:
+        return next(i for i, s in enumerate(self.steps) if s.id == step_id)
+
+
+def enter_rule(playbook: str) -> str:
+    return f"{playbook}.enter"
+
+
+def exit_rule(playbook: str) -> str:
+    return f"{playbook}.exit"
+
+
+def step_rule(playbook: str, step: str) -> str:
+    return f"{playbook}.step.{step}"
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Every playbook, the catalog and the policies of one rules directory, all valid."""
+
+    playbooks: dict[str, Playbook]
+    catalog: FactCatalog
+    policies: Policies
+    version: str  # a digest of the files, recorded on every enrollment
+    roster: Roster = Roster(())
+    directory: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # playbook id -> file text
+
+    def conditions(self) -> dict[str, Condition]:
+        """Every condition to evaluate, by rule id (enter, exit and each step's when)."""
+        rules: dict[str, Condition] = {}
+        for pb in self.playbooks.values():
+            rules[enter_rule(pb.id)] = pb.enter
+            if pb.exit is not None:
+                rules[exit_rule(pb.id)] = pb.exit
+            for step in pb.steps:
+                if step.when is not None:
+                    rules[step_rule(pb.id, step.id)] = step.when
+        return rules
+
+    def quiet_hours(self, playbook: Playbook, channel: str) -> QuietHours | None:
+        if channel in playbook.quiet_hours:
+            return playbook.quiet_hours[channel]
+        return self.policies.quiet_hours.get(channel)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _validate(located: Located, model: type[BaseModel]) -> Any:
+    """Pydantic checks the shape; its errors are mapped back to file positions.
+
+    Unknown keys are reported and then left out, so the rest of the file is still
+    checked and every mistake is reported in one run; any other shape error stops the
+    checks of that file (what follows would only repeat it).
+    """
+    data = copy.deepcopy(located.data) if located.data is not None else {}
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+    for error in errors:
+        located.problems.append(_shape_problem(located, model, error))
+    if all(error["type"] == "extra_forbidden" for error in errors):
+        for error in errors:
+            _remove(data, tuple(error["loc"]))
+        try:
+            return model.model_validate(data)
+        except ValidationError:
+            return None
+    return None
+
+
+def _remove(data: Any, where: tuple[Any, ...]) -> None:
+    for part in where[:-1]:
+        data = data[part]
+    data.pop(where[-1], None)
+
+
+def _shape_problem(located: Located, model: type[BaseModel], error: Any) -> SourceProblem:
+    where = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        name = str(where[-1])
+        parent = _model_at(model, where[:-1])
+        hint = _did_you_mean(name, list(parent.model_fields) if parent else [])
+        allowed = ", ".join(parent.model_fields) if parent else ""
+        return located.at(where, f"unknown key {name!r}{hint}; allowed: {allowed}", key=True)
+    if error["type"] == "missing":
+        return located.at(where[:-1], f"missing required key {where[-1]!r}")
+    label = ".".join(str(p) for p in where) or "file"
+    return located.at(where, f"{label}: {error['msg']}")
+
+
+def _model_at(model: type[BaseModel], where: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that sits at a path, to list its keys in a did-you-mean."""
+    current: Any = model
+    for part in where:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field_info = current.model_fields.get(str(part))
+        if field_info is None:
+            return None
+        annotation = field_info.annotation
+        current = _unwrap(annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    for arg in getattr(annotation, "__args__", ()) or ():
+        inner = _unwrap(arg)
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            return inner
+    return annotation
+
+
+def _did_you_mean(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read(path: Path, problems: list[SourceProblem], display: str) -> Located | None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(SourceProblem(display, 1, 1, f"cannot read file: {exc}"))
+        return None
+    located = load_located(display, text)
+    return located
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _parse_clock_range(text: str) -> QuietHours:
+    try:
+        start_text, end_text = text.split("-")
+        start = time.fromisoformat(start_text.strip())
+        end = time.fromisoformat(end_text.strip())
+    except ValueError as exc:
+        raise ValueError(f"bad sending window {text!r}: write it like 08:00-21:00") from exc
+    if start == end:
+        raise ValueError(f"bad sending window {text!r}: start and end are the same")
+    return QuietHours(start=start, end=end)
+
+
+def _quiet_hours(
+    located: Located, where: tuple[str, ...], spec: dict[str, str | None]
+) -> dict[str, QuietHours | None]:
+    result: dict[str, QuietHours | None] = {}
+    for channel, window in spec.items():
+        if channel not in CHANNELS:
+            located.problems.append(
+                located.at((*where, channel), f"unknown channel {channel!r}{_did_you_mean(channel, list(CHANNELS))}", key=True)
+            )
+            continue
+        if window is None:
+            result[channel] = None
+            continue
+        try:
+            result[channel] = _parse_clock_range(str(window))
+        except ValueError as exc:
+            located.problems.append(located.at((*where, channel), str(exc)))
+    return result
+
+
+def _duration(located: Located, where: tuple[Any, ...], text: str | None) -> timedelta | None:
+    if text is None:
+        return None
+    try:
+        return parse_duration(text)
+    except DurationError as exc:
+        located.problems.append(located.at(where, str(exc)))
+        return None
+
+
+def load_catalog(directory: Path, problems: list[SourceProblem]) -> tuple[FactCatalog, Located | None]:
+    path = directory / "catalog.yaml"
+    if not path.is_file():
+        problems.append(SourceProblem(_display(path), 1, 1, "missing catalog file"))
+        return FactCatalog.build(), None
+    located = _read(path, problems, _display(path))
+    if located is None:
+        return FactCatalog.build(), None
+    spec: CatalogSpec | None = _validate(located, CatalogSpec) if not located.problems else None
+    problems.extend(located.problems)
+    if spec is None:
+        return FactCatalog.build(), located
+    builtins = FactCatalog.build()
+    extra: list[FactSpec] = []
+    for name, attr in spec.attributes.items():
+        if builtins.get(name):
+            problems.append(located.at(("attributes", name), f"{name!r} is a built-in fact", key=True))
+            continue
+        extra.append(FactSpec(name, attr.type, attr.description, FactSource.ATTRIBUTE, attr.example))
+    properties: dict[str, FactSpec] = {}
+    for event_type, event_spec in spec.events.items():
+        for prop, attr in event_spec.properties.items():
+            name = EVENT_PROPERTY_PREFIX + prop
+            earlier = properties.get(name)
+            if earlier and earlier.type != attr.type:
+                problems.append(
+                    located.at(
+                        ("events", event_type, "properties", prop),
+                        f"event property {prop!r} is {attr.type} here but {earlier.type} elsewhere",
+                    )
+                )
+                continue
+            properties[name] = FactSpec(name, attr.type, attr.description, FactSource.EVENT, attr.example)
+    catalog = FactCatalog.build([*extra, *properties.values()], event_types=spec.events)
+    return catalog, located
+
+
+def load_roster(directory: Path, problems: list[SourceProblem]) -> Roster:
+    path = directory / "support_roster.yaml"
+    if not path.is_file():
+        return Roster(())  # no roster: cases are still opened, nobody is notified
+    located = _read(path, problems, _display(path))
+    if located is None:
+        return Roster(())
+    spec: RosterSpec | None = _validate(located, RosterSpec) if not located.problems else None
+    if spec is None:
+        problems.extend(located.problems)
+        return Roster(())
+    from engine.ingest import E164, EMAIL
+
+    for i, lead in enumerate(spec.leads):
+        if not EMAIL.match(lead.email):
+            located.problems.append(located.at(("leads", i, "email"), f"{lead.email!r} is not an email address"))
+        if lead.phone is not None and not E164.match(lead.phone):
+            located.problems.append(located.at(("leads", i, "phone"), f"{lead.phone!r} is not an E.164 number"))
+        if lead.tier < 1:
+            located.problems.append(located.at(("leads", i, "tier"), "tier must be 1 or more"))
+    if spec.leads and not any(lead.on_duty and lead.tier == 1 for lead in spec.leads):
+        located.problems.append(located.at(("leads",), "nobody of tier 1 is on duty"))
+    problems.extend(located.problems)
+    return Roster(tuple(Lead(**lead.model_dump()) for lead in spec.leads))
+
+
+def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
+    path = directory / "policies.yaml"
+    fallback = Policies({"sms": QuietHours(time(8), time(21))}, (), {"name": "", "address": ""})
+    if not path.is_file():
+        problems.append(SourceProblem(_display(path), 1, 1, "missing policies file"))
+        return fallback
+    located = _read(path, problems, _display(path))
+    if located is None:
+        return fallback
+    spec: PoliciesSpec | None = _validate(located, PoliciesSpec) if not located.problems else None
+    if spec is None:
+        problems.extend(located.problems)
+        return fallback
+    quiet = _quiet_hours(located, ("quiet_hours",), spec.quiet_hours)
+    caps: list[FrequencyCap] = []
+    for i, cap in enumerate(spec.frequency_caps):
+        per = _duration(located, ("frequency_caps", i, "per"), cap.per)
+        if cap.max < 1:
+            located.problems.append(located.at(("frequency_caps", i, "max"), "max must be at least 1"))
+        elif per is not None:
+            caps.append(FrequencyCap(cap.channel, cap.max, per))
+    problems.extend(located.problems)
+    return Policies(quiet, tuple(caps), spec.brand.model_dump())
+
+
+class _ConditionChecker:
+    """Parses and type-checks one condition, reporting at its place in the file."""
+
+    def __init__(self, located: Located, catalog: FactCatalog) -> None:
+        self.located = located
+        self.catalog = catalog
+
+    def compile(self, where: tuple[Any, ...], text: str | None, *, allow_event: bool) -> Condition | None:
+        if text is None:
+            return None
+        text = str(text)
+        try:
+            expr = conditions.parse(text)
+        except ConditionError as exc:
+            self._report(where, exc.offset, exc.message)
+            return None
+        found = conditions.check(expr, self.catalog)
+        for problem in found:
+            self._report(where, problem.offset, problem.message)
+        if found:
+            return None
+        condition = conditions.compile_condition(text, self.catalog)
+        if not allow_event:
+            for name in sorted(condition.facts):
+                if name in EVENT_ONLY_FACTS or name.startswith(EVENT_PROPERTY_PREFIX):
+                    offset = text.find(name)
+                    self._report(
+                        where,
+                        max(offset, 0),
+                        f"{name!r} is only known when the playbook is entered on an event; "
+                        "use it in enter.when",
+                    )
+                    return None
+        return condition
+
+    def _report(self, where: tuple[Any, ...], offset: int, message: str) -> None:
+        line, column = self.located.condition_column(where, offset)
+        self.located.problems.append(SourceProblem(self.located.path, line, column, message))
+
+
+def _compile_playbook(
+    located: Located,
+    spec: PlaybookSpec,
+    catalog: FactCatalog,
+    templates: TemplateStore,
+    policies: Policies,
+    seen_ids: dict[str, str],
+) -> Playbook | None:
+    before = len(located.problems)
+    checker = _ConditionChecker(located, catalog)
+    if spec.playbook in seen_ids:
+        located.problems.append(
+            located.at(("playbook",), f"playbook id {spec.playbook!r} is also used in {seen_ids[spec.playbook]}")
+        )
+    if spec.enter.on is not None and spec.enter.on not in catalog.event_types:
+        hint = _did_you_mean(spec.enter.on, sorted(catalog.event_types))
+        located.problems.append(
+            located.at(("enter", "on"), f"unknown event type {spec.enter.on!r}{hint}; declare it in catalog.yaml")
+        )
+    allow_event = spec.enter.on is not None
+    when = checker.compile(("enter", "when"), spec.enter.when, allow_event=allow_event)
+    exit_condition = checker.compile(("exit", "when"), spec.exit.when, allow_event=False) if spec.exit else None
+    reentry: timedelta | None = None
+    if spec.reentry != "never":
+        text = spec.reentry.removeprefix("after").strip() if spec.reentry.startswith("after") else ""
+        if not text:
+            located.problems.append(
+                located.at(("reentry",), f"bad reentry {spec.reentry!r}: write never or after 90d")
+            )
+        else:
+            reentry = _duration(located, ("reentry",), text)
+    quiet = _quiet_hours(located, ("quiet_hours",), spec.quiet_hours)
+    if spec.max_sms_segments < 1:
+        located.problems.append(located.at(("max_sms_segments",), "max_sms_segments must be at least 1"))
+    steps = _compile_steps(located, spec, checker, templates, catalog, policies)
+    if len(located.problems) > before or steps is None:
+        return None
+    enter_text = " and ".join(
+        part
+        for part in (
+            f'event == "{spec.enter.on}"' if spec.enter.on else None,
+            f"({spec.enter.when})" if spec.enter.when else None,
+        )
+        if part
+    ) or "true"
+    enter = conditions.compile_condition(enter_text, catalog)
+    del when  # checked above at its own position; `enter` is the combined condition
+    return Playbook(
+        id=spec.playbook,
+        stage=spec.stage,
+        description=spec.description,
+        priority=spec.priority,
+        kind=spec.kind,
+        enter_on=spec.enter.on,
+        enter=enter,
+        reentry=reentry,
+        exit=exit_condition,
+        when_capped=spec.when_capped,
+        quiet_hours=quiet,
+        sms_opt_out_hint=spec.sms_opt_out_hint,
+        max_sms_segments=spec.max_sms_segments,
+        steps=steps,
+        source=located.path,
+    )
+
+
+def _compile_steps(
+    located: Located,
+    spec: PlaybookSpec,
+    checker: _ConditionChecker,
+    templates: TemplateStore,
+    catalog: FactCatalog,
+    policies: Policies,
+) -> tuple[Step, ...] | None:
+    steps: list[Step] = []
+    ids: dict[str, int] = {}
+    ok = True
+    for i, step in enumerate(spec.steps):
+        where = ("steps", i)
+        if step.id in ids:
+            located.problems.append(
+                located.at((*where, "id"), f"duplicate step id {step.id!r} (also step {ids[step.id] + 1})")
+            )
+            ok = False
+        ids.setdefault(step.id, i)
+        wait = _duration(located, (*where, "wait"), step.wait) if step.wait else timedelta(0)
+        if step.wait and wait is None:
+            ok = False
+        when = checker.compile((*where, "when"), step.when, allow_event=False)
+        if step.when and when is None:
+            ok = False
+        if step.send is None and step.escalate is None:
+            located.problems.append(located.at(where, f"step {step.id!r} needs send or escalate"))
+            ok = False
+        send = _check_send(located, (*where, "send"), step.send, templates, catalog, policies, spec)
+        if step.send and send is None:
+            ok = False
+        escalate = _check_escalate(located, (*where, "escalate"), step.escalate)
+        if step.escalate and escalate is None:
+            ok = False
+        steps.append(Step(step.id, wait or timedelta(0), when, send, escalate))
+    return tuple(steps) if ok else None
+
+
+def _check_send(
+    located: Located,
+    where: tuple[Any, ...],
+    send: SendSpec | None,
+    templates: TemplateStore,
+    catalog: FactCatalog,
+    policies: Policies,
+    spec: PlaybookSpec,
+) -> Send | None:
+    if send is None:
+        return None
+    if send.channel not in CHANNELS:
+        hint = _did_you_mean(send.channel, list(CHANNELS))
+        located.problems.append(located.at((*where, "channel"), f"unknown channel {send.channel!r}{hint}"))
+        return None
+    missing = templates.missing_parts(send.channel, send.template)
+    if missing:
+        hint = _did_you_mean(send.template, templates.names(send.channel))
+        located.problems.append(
+            located.at(
+                (*where, "template"),
+                f"unknown {send.channel} template {send.template!r}{hint}: missing {', '.join(missing)}",
+            )
+        )
+        return None
+    context = sample_context(catalog.sample_facts())
+    context["brand"] = policies.brand
+    context["event"] = {
+        s.name.removeprefix(EVENT_PROPERTY_PREFIX): s.example for s in catalog.event_properties()
+    }
+    try:
+        rendered = templates.render(send.channel, send.template, context)
+    except TemplateError as exc:
+        located.problems.append(located.at((*where, "template"), f"template does not render: {exc}"))
+        return None
+    if send.channel == "sms":
+        body = rendered.body  # type: ignore[union-attr]
+        if spec.sms_opt_out_hint:
+            body = f"{body} {spec.sms_opt_out_hint}"
+        counted = segments(body)
+        if counted.segments > spec.max_sms_segments:
+            located.problems.append(
+                located.at(
+                    (*where, "template"),
+                    f"SMS {send.template!r} is {counted.segments} segments ({counted.encoding}, "
+                    f"{counted.characters} characters with the opt-out hint) but the playbook allows "
+                    f"{spec.max_sms_segments}",
+                )
+            )
+            return None
+    return Send(send.channel, send.template)
+
+
+def _check_escalate(located: Located, where: tuple[Any, ...], spec: EscalateSpec | None) -> Escalate | None:
+    if spec is None:
+        return None
+    ok = True
+    if spec.priority not in PRIORITIES:
+        hint = _did_you_mean(spec.priority, list(PRIORITIES))
+        located.problems.append(located.at((*where, "priority"), f"unknown priority {spec.priority!r}{hint}"))
+        ok = False
+    sla = _duration(located, (*where, "sla"), spec.sla)
+    if sla is None or not ok:
+        return None
+    return Escalate(spec.priority, spec.queue, sla)
+
+
+RESERVED_FILES = ("catalog.yaml", "policies.yaml", "support_roster.yaml")
+
+
+def load_rules(directory: Path | str, templates_dir: Path | str) -> RuleSet:
+    """Load every file of a rules directory, or raise RulesInvalid with every problem."""
+    directory = Path(directory)
+    problems: list[SourceProblem] = []
+    if not directory.is_dir():
+        raise RulesInvalid([SourceProblem(str(directory), 1, 1, "rules directory not found")])
+    catalog, _ = load_catalog(directory, problems)
+    policies = load_policies(directory, problems)
+    roster = load_roster(directory, problems)
+    templates = TemplateStore(Path(templates_dir))
+    playbooks: dict[str, Playbook] = {}
+    seen: dict[str, str] = {}
+    digest = hashlib.sha256()
+    files: dict[str, str] = {}
+    for path in sorted(directory.glob("*.yaml")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        if path.name in RESERVED_FILES:
+            continue
+        located = _read(path, problems, _display(path))
+        if located is None:
+            continue
+        spec: PlaybookSpec | None = _validate(located, PlaybookSpec) if not located.problems else None
+        if spec is not None:
+            playbook = _compile_playbook(located, spec, catalog, templates, policies, seen)
+            if playbook is not None:
+                playbooks[playbook.id] = playbook
+                files[playbook.id] = path.read_text(encoding="utf-8")
+            seen.setdefault(spec.playbook, located.path)
+        problems.extend(located.problems)
+    if not seen and not problems:
+        problems.append(SourceProblem(str(directory), 1, 1, "no playbook files (*.yaml) found"))
+    if problems:
+        raise RulesInvalid(problems)
+    return RuleSet(
+        playbooks=playbooks,
+        catalog=catalog,
+        policies=policies,
+        version=digest.hexdigest()[:12],
+        roster=roster,
+        directory=str(directory),
+        files=files,
+    )

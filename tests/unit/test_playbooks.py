@@ -1,0 +1,155 @@
+"""Rule files: the shipped ones load; every kind of mistake is reported at its place."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from engine.errors import RulesInvalid
+from engine.playbooks import enter_rule, exit_rule, load_rules, step_rule
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "templates" / "messages"
+
+
+def test_shipped_rules_load(rules_dir: Path) -> None:
+    rules = load_rules(rules_dir, TEMPLATES)
+    assert set(rules.playbooks) == {
+        "welcome_series",
+        "re_engagement",
+        "loyalty_reward",
+        "referral_ask",
+        "complaint_escalation",
+    }
+    welcome = rules.playbooks["welcome_series"]
+    assert [s.id for s in welcome.steps] == ["welcome", "tips", "first_order_offer"]
+    assert [s.wait for s in welcome.steps] == [timedelta(0), timedelta(days=2), timedelta(days=3)]
+    assert welcome.reentry is None
+    assert rules.playbooks["re_engagement"].reentry == timedelta(days=90)
+    assert welcome.enter.source == 'event == "signed_up" and (email_opt_in)'
+    conditions = rules.conditions()
+    assert enter_rule("welcome_series") in conditions
+    assert exit_rule("welcome_series") in conditions
+    assert step_rule("welcome_series", "first_order_offer") in conditions
+    assert len(rules.version) == 12
+    assert rules.roster.on_duty(1) is not None and rules.roster.on_duty(1).name == "Priya Shah"
+    assert rules.roster.on_duty(2).tier == 2
+
+
+@pytest.fixture
+def rules_copy(tmp_path: Path, rules_dir: Path) -> Path:
+    target = tmp_path / "rules"
+    shutil.copytree(rules_dir, target)
+    return target
+
+
+def problems_of(directory: Path) -> list[str]:
+    with pytest.raises(RulesInvalid) as caught:
+        load_rules(directory, TEMPLATES)
+    return [str(p) for p in caught.value.problems]
+
+
+def edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def line_col(path: Path, needle: str) -> tuple[int, int]:
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if needle in line:
+            return number, line.index(needle) + 1
+    raise AssertionError(needle)
+
+
+def test_misspelled_fact_is_located_with_a_suggestion(rules_copy: Path) -> None:
+    path = rules_copy / "welcome_series.yaml"
+    edit(path, "when: orders_count >= 1", "when: order_count >= 1")
+    line, column = line_col(path, "order_count >= 1")
+    assert problems_of(rules_copy) == [
+        f"{path}:{line}:{column}: unknown fact 'order_count' (did you mean 'orders_count'?)"
+    ]
+
+
+def test_bad_duration_is_located(rules_copy: Path) -> None:
+    path = rules_copy / "welcome_series.yaml"
+    edit(path, "wait: 2d", "wait: 2 days")
+    line, column = line_col(path, "2 days")
+    (problem,) = problems_of(rules_copy)
+    assert problem.startswith(f"{path}:{line}:{column}: bad duration '2 days'")
+
+
+def test_every_mistake_is_reported_at_once(rules_copy: Path) -> None:
+    welcome = rules_copy / "welcome_series.yaml"
+    edit(welcome, "template: getting_started", "template: getting_startd")
+    edit(welcome, "id: tips", "id: welcome")
+    edit(welcome, "wait: 3d", "wiat: 3d")
+    loyalty = rules_copy / "loyalty_reward.yaml"
+    edit(loyalty, "orders_count >= 5", 'orders_count >= "5"')
+    edit(loyalty, "channel: email", "channel: emial")
+    problems = problems_of(rules_copy)
+    text = "\n".join(problems)
+    assert len(problems) == 5, text
+    assert "unknown email template 'getting_startd' (did you mean 'getting_started'?)" in text
+    assert "duplicate step id 'welcome' (also step 1)" in text
+    assert "unknown key 'wiat' (did you mean 'wait'?)" in text
+    assert "unknown channel 'emial' (did you mean 'email'?)" in text
+    assert any("loyalty_reward.yaml" in p and "'orders_count'" in p and "text" in p for p in problems), text
+
+
+def test_yaml_syntax_error_is_located(rules_copy: Path) -> None:
+    path = rules_copy / "referral_ask.yaml"
+    edit(path, "priority: 50", "priority: [50")
+    (problem,) = problems_of(rules_copy)
+    assert problem.startswith(f"{path}:") and "not valid YAML" in problem
+
+
+def test_event_facts_only_on_entry(rules_copy: Path) -> None:
+    path = rules_copy / "welcome_series.yaml"
+    edit(path, "when: orders_count >= 1", 'when: event == "order_placed"')
+    (problem,) = problems_of(rules_copy)
+    assert "'event' is only known when the playbook is entered on an event" in problem
+
+
+def test_unknown_event_type_suggests(rules_copy: Path) -> None:
+    path = rules_copy / "welcome_series.yaml"
+    edit(path, "on: signed_up", "on: signup")
+    (problem,) = problems_of(rules_copy)
+    assert "unknown event type 'signup' (did you mean 'signed_up'?)" in problem
+
+
+def test_template_that_does_not_render_is_reported(rules_copy: Path, tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates)
+    (templates / "email" / "welcome.subject").write_text("Hello {{ customer.frist_name }}\n")
+    with pytest.raises(RulesInvalid) as caught:
+        load_rules(rules_copy, templates)
+    (problem,) = [str(p) for p in caught.value.problems]
+    assert "template does not render" in problem and "frist_name" in problem
+
+
+def test_sms_over_the_segment_limit_is_reported(rules_copy: Path, tmp_path: Path) -> None:
+    templates = tmp_path / "templates"
+    shutil.copytree(TEMPLATES, templates)
+    (templates / "sms" / "last_chance.txt").write_text("Dernière chance ✨ " * 12 + "\n")
+    with pytest.raises(RulesInvalid) as caught:
+        load_rules(rules_copy, templates)
+    (problem,) = [str(p) for p in caught.value.problems]
+    assert "SMS 'last_chance' is" in problem and "UCS-2" in problem and "the playbook allows 2" in problem
+
+
+def test_bad_reentry_and_priority(rules_copy: Path) -> None:
+    edit(rules_copy / "re_engagement.yaml", "reentry: after 90d", "reentry: sometimes")
+    edit(rules_copy / "complaint_escalation.yaml", "priority: high ", "priority: hihg ")
+    text = "\n".join(problems_of(rules_copy))
+    assert "bad reentry 'sometimes': write never or after 90d" in text
+    assert "unknown priority 'hihg' (did you mean 'high'?)" in text
+
+
+def test_catalog_mistakes(rules_copy: Path) -> None:
+    edit(rules_copy / "catalog.yaml", "type: string\n    description: Subscription", "type: text\n    description: Subscription")
+    text = "\n".join(problems_of(rules_copy))
+    assert "catalog.yaml" in text and "attributes.plan.type" in text
