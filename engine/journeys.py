@@ -1,0 +1,604 @@
+"""Journeys: from evaluations to enrollments, step by step, to the outbox.
+
+For each customer of a batch, in one savepoint: enter playbooks whose enter rule holds
+(respecting re-entry), exit those whose goal holds (cancelling what is still queued),
+and run every step that is due — through the policies — into the outbox. Journey state,
+messages and decision rows are written in the same transaction.
+
+Races between two evaluators are settled by the database, not by locks we hold:
+- entering inserts an enrollment whose ``active_key`` is unique while it is active;
+- advancing is ``UPDATE ... WHERE id = ? AND next_step = ?`` and must touch one row;
+- a message carries ``dedupe_key = enrollment:<id>:<step>``, unique.
+The loser of any of these rolls back its savepoint for that customer and moves on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from engine import conditions, escalations
+from engine.facts import Subject
+from engine.models import (
+    Decision,
+    Enrollment,
+    EnrollmentStatus,
+    Event,
+    Message,
+    MessageStatus,
+)
+from engine.playbooks import Playbook, RuleSet, Step, enter_rule, exit_rule, step_rule
+from engine.policies import Defer, Proposal, Skip, complaint_pause, consent, frequency_caps, quiet_hours
+from engine.sweep import Evaluation
+
+COUNTED_STATUSES = (
+    MessageStatus.QUEUED,
+    MessageStatus.SENDING,
+    MessageStatus.SENT,
+    MessageStatus.DELIVERED,
+)
+
+
+class LostRace(Exception):
+    """Another evaluator changed this customer's journey first; its work stands."""
+
+
+@dataclass
+class BatchReport:
+    enrolled: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    queued: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    deferred: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    skipped: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    exited: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    completed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    escalated: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    lost_races: int = 0
+    customers: int = 0
+
+    def merge(self, other: BatchReport) -> None:
+        for name in ("enrolled", "queued", "deferred", "skipped", "exited", "completed", "escalated"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            for key, value in theirs.items():
+                mine[key] += value
+        self.lost_races += other.lost_races
+        self.customers += other.customers
+
+
+@dataclass
+class CustomerJourney:
+    """What the journey code knows of one customer during a batch."""
+
+    customer_id: str
+    sweep: Evaluation | None
+    events: list[Evaluation]
+    active: dict[str, Enrollment]
+    last_entered: dict[str, tuple[datetime, int]]  # playbook -> (latest entry, entries so far)
+    recent: list[tuple[datetime, str]]  # (due, channel) of counted marketing messages
+
+
+def apply_batch(
+    session: Session, rules: RuleSet, evaluations: Sequence[Evaluation], now: datetime
+) -> BatchReport:
+    """Apply one batch of evaluations; commits nothing (the caller owns the transaction)."""
+    report = BatchReport()
+    by_customer: dict[str, list[Evaluation]] = defaultdict(list)
+    for evaluation in evaluations:
+        by_customer[evaluation.subject.customer_id].append(evaluation)
+    ids = list(by_customer)
+    active = _active_enrollments(session, ids)
+    last_entered = _last_entered(session, ids)
+    recent = _recent_marketing(session, ids, rules, now)
+    for customer_id in ids:
+        items = by_customer[customer_id]
+        journey = CustomerJourney(
+            customer_id=customer_id,
+            sweep=next((e for e in items if e.subject.event_id is None), None),
+            events=[e for e in items if e.subject.event_id is not None],  # oldest first
+            active=active.get(customer_id, {}),
+            last_entered=last_entered.get(customer_id, {}),
+            recent=recent.get(customer_id, []),
+        )
+        report.customers += 1
+        savepoint = session.begin_nested()
+        attempt = BatchReport()
+        try:
+            _run_customer(session, rules, journey, now, attempt)
+            session.flush()
+            savepoint.commit()
+            report.merge(attempt)
+        except (LostRace, IntegrityError):
+            savepoint.rollback()
+            report.lost_races += 1
+    return report
+
+
+def _active_enrollments(session: Session, ids: Sequence[str]) -> dict[str, dict[str, Enrollment]]:
+    found: dict[str, dict[str, Enrollment]] = defaultdict(dict)
+    if not ids:
+        return found
+    statement = select(Enrollment).where(
+        Enrollment.customer_id.in_(ids),  # type: ignore[attr-defined]
+        Enrollment.status == EnrollmentStatus.ACTIVE,
+    )
+    for enrollment in session.scalars(statement):
+        found[enrollment.customer_id][enrollment.playbook] = enrollment
+    return found
+
+
+def _last_entered(session: Session, ids: Sequence[str]) -> dict[str, dict[str, tuple[datetime, int]]]:
+    found: dict[str, dict[str, tuple[datetime, int]]] = defaultdict(dict)
+    if not ids:
+        return found
+    statement = (
+        select(
+            Enrollment.customer_id,
+            Enrollment.playbook,
+            func.max(Enrollment.entered_at),
+            func.max(Enrollment.entry_number),
+        )
+        .where(Enrollment.customer_id.in_(ids))  # type: ignore[attr-defined]
+        .group_by(Enrollment.customer_id, Enrollment.playbook)
+    )
+    for customer_id, playbook, entered, entries in session.execute(statement):
+        found[customer_id][playbook] = (entered, entries)
+    return found
+
+
+def _recent_marketing(
+    session: Session, ids: Sequence[str], rules: RuleSet, now: datetime
+) -> dict[str, list[tuple[datetime, str]]]:
+    found: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
+    caps = rules.policies.frequency_caps
+    if not ids or not caps:
+        return found
+    horizon = now - max(cap.per for cap in caps)
+    statement = select(Message.customer_id, Message.due_at, Message.channel).where(
+        Message.customer_id.in_(ids),  # type: ignore[union-attr]
+        Message.kind == "marketing",
+        Message.status.in_(COUNTED_STATUSES),  # type: ignore[attr-defined]
+        Message.due_at > horizon,
+    )
+    for customer_id, due, channel in session.execute(statement):
+        found[customer_id].append((due, channel))
+    return found
+
+
+# ---------------------------------------------------------------- one customer
+
+
+def _run_customer(
+    session: Session, rules: RuleSet, journey: CustomerJourney, now: datetime, report: BatchReport
+) -> None:
+    for event_eval in journey.events:
+        event_type = event_eval.subject.event_type
+        _claim_event(session, event_eval.subject.event_id, now)
+        for playbook in rules.playbooks.values():
+            if playbook.enter_on == event_type and enter_rule(playbook.id) in event_eval.fired:
+                _try_enter(session, rules, journey, playbook, event_eval, now, report)
+    if journey.sweep is not None:
+        for playbook in rules.playbooks.values():
+            if playbook.enter_on is None and enter_rule(playbook.id) in journey.sweep.fired:
+                _try_enter(session, rules, journey, playbook, journey.sweep, now, report)
+    facts = journey.sweep.subject.facts if journey.sweep else None
+    for enrollment in sorted(
+        journey.active.values(), key=lambda e: rules.playbooks[e.playbook].priority
+        if e.playbook in rules.playbooks else 10**6
+    ):
+        playbook = rules.playbooks.get(enrollment.playbook)
+        if playbook is None:
+            _end(session, enrollment, EnrollmentStatus.CANCELLED, "the playbook was removed", now, rules, facts or {})
+            continue
+        if facts is None:
+            continue  # no current facts for this customer in this batch: steps wait
+        fired = journey.sweep.fired if journey.sweep else frozenset()
+        if playbook.exit is not None and exit_rule(playbook.id) in fired:
+            _exit_on_goal(session, rules, playbook, enrollment, facts, now, report)
+            continue
+        _run_due_steps(session, rules, journey, playbook, enrollment, facts, fired, now, report)
+
+
+def _claim_event(session: Session, event_id: str | None, now: datetime) -> None:
+    """Mark the event evaluated, or lose the race to the evaluator that already did."""
+    result = session.execute(
+        update(Event)
+        .where(Event.id == event_id, Event.evaluated_at.is_(None))  # type: ignore[union-attr]
+        .values(evaluated_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        raise LostRace(event_id)
+
+
+def _try_enter(
+    session: Session,
+    rules: RuleSet,
+    journey: CustomerJourney,
+    playbook: Playbook,
+    evaluation: Evaluation,
+    now: datetime,
+    report: BatchReport,
+) -> None:
+    if playbook.id in journey.active:
+        return  # already on this journey (a repeat complaint is handled by its case)
+    last, entries = journey.last_entered.get(playbook.id, (None, 0))
+    if last is not None and (playbook.reentry is None or now < last + playbook.reentry):
+        return  # re-entry not allowed yet; `lifecycle explain` shows the cooldown
+    if journey.sweep is not None and exit_rule(playbook.id) in journey.sweep.fired:
+        return  # the goal is already reached: entering would only exit again
+    subject = evaluation.subject
+    enrollment = Enrollment(
+        customer_id=journey.customer_id,
+        playbook=playbook.id,
+        status=EnrollmentStatus.ACTIVE,
+        active_key=f"{journey.customer_id}|{playbook.id}",
+        entry_number=entries + 1,
+        next_step=0,
+        next_due_at=now + playbook.steps[0].wait,
+        rules_version=rules.version,
+        trigger_event_id=subject.event_id,
+        entered_at=now,
+    )
+    session.add(enrollment)
+    session.flush()  # the unique active_key and entry number settle a race here
+    journey.active[playbook.id] = enrollment
+    journey.last_entered[playbook.id] = (now, entries + 1)
+    _decide(session, enrollment, None, "enrolled", _entry_reason(playbook, subject), now, rules, subject.facts)
+    report.enrolled[playbook.id] += 1
+    if subject.event_id is not None and journey.sweep is not None:
+        # The event's properties matter to this journey's first steps (the complaint
+        # reason in the apology, the case): run due steps with the event's facts.
+        fired = evaluation.fired | journey.sweep.fired
+        _run_due_steps(session, rules, journey, playbook, enrollment, subject.facts, fired, now, report)
+
+
+def _entry_reason(playbook: Playbook, subject: Subject) -> str:
+    if subject.event_id:
+        return f"{subject.event_type} event {subject.event_id}; {playbook.enter.source}"
+    return playbook.enter.source
+
+
+def _exit_on_goal(
+    session: Session,
+    rules: RuleSet,
+    playbook: Playbook,
+    enrollment: Enrollment,
+    facts: dict[str, Any],
+    now: datetime,
+    report: BatchReport,
+) -> None:
+    assert playbook.exit is not None
+    cancelled = session.execute(
+        update(Message)
+        .where(Message.enrollment_id == enrollment.id, Message.status == MessageStatus.QUEUED)
+        .values(status=MessageStatus.CANCELLED, last_error="journey exited on its goal", updated_at=now)
+    ).rowcount
+    reason = f"goal reached: {playbook.exit.source}"
+    if cancelled:
+        reason += f"; {cancelled} queued message(s) cancelled"
+    _end(session, enrollment, EnrollmentStatus.EXITED, reason, now, rules, facts)
+    report.exited[playbook.id] += 1
+
+
+def _end(
+    session: Session,
+    enrollment: Enrollment,
+    status: EnrollmentStatus,
+    reason: str,
+    now: datetime,
+    rules: RuleSet,
+    facts: dict[str, Any],
+) -> None:
+    _guarded_update(
+        session,
+        enrollment,
+        status=status,
+        active_key=None,
+        ended_at=now,
+        end_reason=reason,
+        next_due_at=None,
+    )
+    outcome = {EnrollmentStatus.EXITED: "exited", EnrollmentStatus.COMPLETED: "completed"}.get(status, "cancelled")
+    _decide(session, enrollment, None, outcome, reason, now, rules, facts)
+
+
+def _guarded_update(session: Session, enrollment: Enrollment, **values: Any) -> None:
+    """Move an enrollment only if nobody moved it since we read it."""
+    result = session.execute(
+        update(Enrollment)
+        .where(
+            Enrollment.id == enrollment.id,
+            Enrollment.status == EnrollmentStatus.ACTIVE,
+            Enrollment.next_step == enrollment.next_step,
+        )
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        raise LostRace(enrollment.id)
+    for name, value in values.items():
+        setattr(enrollment, name, value)
+
+
+def _run_due_steps(
+    session: Session,
+    rules: RuleSet,
+    journey: CustomerJourney,
+    playbook: Playbook,
+    enrollment: Enrollment,
+    facts: dict[str, Any],
+    fired: frozenset[str],
+    now: datetime,
+    report: BatchReport,
+) -> None:
+    while (
+        enrollment.status == EnrollmentStatus.ACTIVE
+        and enrollment.next_due_at is not None
+        and enrollment.next_due_at <= now
+    ):
+        step = playbook.steps[enrollment.next_step]
+        if not _run_step(session, rules, journey, playbook, enrollment, step, facts, fired, now, report):
+            return  # held back: the step stays due and is tried again on a later tick
+
+
+def _run_step(
+    session: Session,
+    rules: RuleSet,
+    journey: CustomerJourney,
+    playbook: Playbook,
+    enrollment: Enrollment,
+    step: Step,
+    facts: dict[str, Any],
+    fired: frozenset[str],
+    now: datetime,
+    report: BatchReport,
+) -> bool:
+    """Run one due step. Returns False when it is held back (it stays the next step)."""
+    if step.when is not None and step_rule(playbook.id, step.id) not in fired:
+        why = conditions.explain(step.when, facts).summary
+        _decide(session, enrollment, step.id, "skipped", f"condition false: {why}", now, rules, facts)
+        report.skipped[(playbook.id, "condition false")] += 1
+        _advance(session, rules, playbook, enrollment, facts, now, report)
+        return True
+    if step.escalate is not None:
+        _escalate(session, rules, playbook, enrollment, step, facts, now, report)
+    if step.send is not None:
+        held = _send(session, rules, journey, playbook, enrollment, step, facts, now, report)
+        if held:
+            return False
+    _advance(session, rules, playbook, enrollment, facts, now, report)
+    return True
+
+
+def _escalate(
+    session: Session,
+    rules: RuleSet,
+    playbook: Playbook,
+    enrollment: Enrollment,
+    step: Step,
+    facts: dict[str, Any],
+    now: datetime,
+    report: BatchReport,
+) -> None:
+    assert step.escalate is not None
+    reason = facts.get("event.reason") or f"{playbook.id} step {step.id}"
+    case, opened = escalations.open_or_join(
+        session,
+        customer_id=enrollment.customer_id,
+        reason=str(reason),
+        trigger_event_id=enrollment.trigger_event_id,
+        priority=step.escalate.priority,
+        queue=step.escalate.queue,
+        sla_due_at=now + step.escalate.sla,
+        now=now,
+    )
+    outcome = "escalated"
+    note = f"case {case.id} {'opened' if opened else 'joined (repeat complaint)'}; SLA {case.sla_due_at:%Y-%m-%d %H:%M} UTC"
+    _decide(session, enrollment, step.id, outcome, note, now, rules, facts)
+    report.escalated[playbook.id] += 1
+    if opened:
+        from engine.notifications import notify_new_case  # staff notification through the outbox
+
+        notify_new_case(session, rules, case, now)
+
+
+def _send(
+    session: Session,
+    rules: RuleSet,
+    journey: CustomerJourney,
+    playbook: Playbook,
+    enrollment: Enrollment,
+    step: Step,
+    facts: dict[str, Any],
+    now: datetime,
+    report: BatchReport,
+) -> bool:
+    """Queue the step's message through the policies. Returns True when held back."""
+    assert step.send is not None
+    channel = step.send.channel
+    proposal = Proposal(channel=channel, marketing=playbook.marketing, priority=playbook.priority)
+    refused = consent(proposal, facts)
+    if isinstance(refused, Skip):
+        _decide(session, enrollment, step.id, "skipped", refused.reason, now, rules, facts)
+        report.skipped[(playbook.id, refused.reason)] += 1
+        return False
+    paused = complaint_pause(proposal, facts, now)
+    if paused is not None:
+        _hold(session, rules, enrollment, step, paused, None, now, facts, report, playbook)
+        return True
+    capped = frequency_caps(proposal, now, rules.policies.frequency_caps, journey.recent)
+    if capped is not None:
+        if playbook.when_capped == "drop":
+            reason = f"dropped by {capped.reason}"
+            _decide(session, enrollment, step.id, "skipped", reason, now, rules, facts)
+            report.skipped[(playbook.id, "frequency cap")] += 1
+            return False
+        _hold(session, rules, enrollment, step, capped, capped.until, now, facts, report, playbook)
+        return True
+    send_at = now
+    quiet = quiet_hours(now, rules.quiet_hours(playbook, channel), str(facts.get("timezone") or "UTC"))
+    if quiet is not None:
+        send_at = quiet.until
+        _decide(session, enrollment, step.id, "deferred", quiet.reason, now, rules, facts, until=send_at)
+        report.deferred[(playbook.id, "quiet hours")] += 1
+    message = _queue(session, playbook, enrollment, step, facts, send_at, now)
+    if playbook.marketing:
+        journey.recent.append((send_at, channel))
+    _decide(session, enrollment, step.id, "queued", f"{channel} {step.send.template}", now, rules, facts, message_id=message.id, until=send_at)
+    report.queued[(playbook.id, channel)] += 1
+    return False
+
+
+def _hold(
+    session: Session,
+    rules: RuleSet,
+    enrollment: Enrollment,
+    step: Step,
+    held: Defer,
+    until: datetime | None,
+    now: datetime,
+    facts: dict[str, Any],
+    report: BatchReport,
+    playbook: Playbook,
+) -> None:
+    """Keep the step due; write a decision only when the reason for holding changes."""
+    key = "complaint pause" if until is None else "frequency cap"
+    if enrollment.hold_reason != held.reason:
+        values: dict[str, Any] = {"hold_reason": held.reason}
+        if until is not None:
+            values["next_due_at"] = until
+        _guarded_update(session, enrollment, **values)
+        _decide(session, enrollment, step.id, "deferred", held.reason, now, rules, facts, until=until)
+        report.deferred[(playbook.id, key)] += 1
+    elif until is not None and enrollment.next_due_at != until:
+        _guarded_update(session, enrollment, next_due_at=until)
+
+
+def _queue(
+    session: Session,
+    playbook: Playbook,
+    enrollment: Enrollment,
+    step: Step,
+    facts: dict[str, Any],
+    send_at: datetime,
+    now: datetime,
+) -> Message:
+    assert step.send is not None and enrollment.id is not None
+    event = {
+        key.removeprefix("event."): value
+        for key, value in facts.items()
+        if key.startswith("event.") and value is not None
+    }
+    message = Message(
+        id=str(uuid.uuid4()),
+        dedupe_key=f"enrollment:{enrollment.id}:{step.id}",
+        customer_id=enrollment.customer_id,
+        enrollment_id=enrollment.id,
+        playbook=playbook.id,
+        step_id=step.id,
+        kind=playbook.kind,
+        channel=step.send.channel,
+        template=step.send.template,
+        to_address="",  # resolved from the customer at send time (consent is checked again)
+        context={"event": event},
+        priority=playbook.priority,
+        status=MessageStatus.QUEUED,
+        due_at=send_at,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(message)
+    session.flush()  # the unique dedupe_key settles a race here
+    return message
+
+
+def _advance(
+    session: Session,
+    rules: RuleSet,
+    playbook: Playbook,
+    enrollment: Enrollment,
+    facts: dict[str, Any],
+    now: datetime,
+    report: BatchReport,
+) -> None:
+    following = enrollment.next_step + 1
+    if following >= len(playbook.steps):
+        _end(session, enrollment, EnrollmentStatus.COMPLETED, "every step done", now, rules, facts)
+        report.completed[playbook.id] += 1
+        return
+    _guarded_update(
+        session,
+        enrollment,
+        next_step=following,
+        next_due_at=now + playbook.steps[following].wait,
+        hold_reason=None,
+    )
+
+
+def _decide(
+    session: Session,
+    enrollment: Enrollment,
+    step_id: str | None,
+    outcome: str,
+    reason: str,
+    now: datetime,
+    rules: RuleSet,
+    facts: dict[str, Any],
+    *,
+    until: datetime | None = None,
+    message_id: str | None = None,
+) -> None:
+    session.add(
+        Decision(
+            at=now,
+            customer_id=enrollment.customer_id,
+            playbook=enrollment.playbook,
+            step_id=step_id,
+            outcome=outcome,
+            reason=reason[:500],
+            until=until,
+            enrollment_id=enrollment.id,
+            message_id=message_id,
+            rules_version=rules.version,
+            facts={k: v for k, v in facts.items() if v is not None},
+        )
+    )
+
+
+def due_customer_ids(session: Session, now: datetime, since: datetime | None) -> list[str]:
+    """Customers an incremental tick must look at: changed since the watermark, with
+    pending events, or with a journey step due."""
+    from engine.models import Customer
+
+    ids: set[str] = set()
+    if since is not None:
+        ids.update(session.scalars(select(Customer.id).where(Customer.changed_at > since)))
+    ids.update(session.scalars(select(Event.customer_id).where(Event.evaluated_at.is_(None)).distinct()))  # type: ignore[union-attr]
+    ids.update(
+        session.scalars(
+            select(Enrollment.customer_id)
+            .where(Enrollment.status == EnrollmentStatus.ACTIVE, Enrollment.next_due_at <= now)
+            .distinct()
+        )
+    )
+    return sorted(ids)
+
+
+def iter_apply(
+    session_factory: Any, rules: RuleSet, batches: Iterable[list[Evaluation]], now: datetime
+) -> BatchReport:
+    """Apply evaluation batches, one transaction per batch."""
+    total = BatchReport()
+    for evaluations in batches:
+        with session_factory() as session:
+            total.merge(apply_batch(session, rules, evaluations, now))
+            session.commit()
+    return total
+

@@ -1,0 +1,242 @@
+"""Simulation: the real engine on a fake clock, over the database, hour by hour.
+
+Each simulated hour: new activity happens (sign-ups, visits, orders, NPS answers,
+complaints — drawn from a seeded random generator, ingested through engine.ingest like
+real events), then the same ticks the scheduler runs: incremental evaluation, SLA check
+and dispatch (through the channels the app was built with; the console channel by
+default). A full sweep runs once a simulated day. Thirty days take seconds.
+
+Open cases are resolved by a simulated support lead after a while, so paused marketing
+resumes within the simulation as it would in real life.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlmodel import Session
+
+from engine import escalations
+from engine.bootstrap import App
+from engine.ingest import CustomerIn, EventIn, record_event, upsert_customer
+from engine.models import Customer, Decision, Escalation, EscalationStatus, Message, MessageStatus
+from engine.playbooks import RuleSet
+from engine.ticks import dispatch_tick, evaluation_tick, sla_tick
+
+# Chance per customer per simulated day.
+DAILY_RATES = {"site_visit": 0.04, "order_placed": 0.008, "nps_submitted": 0.002, "complaint": 0.0008}
+NEW_SIGNUPS_PER_DAY = 0.004  # of the starting base
+RESOLVE_AFTER = timedelta(hours=20)
+SWEEP_HOUR = 3
+ZONES = ("Europe/London", "America/New_York", "America/Los_Angeles", "Asia/Tokyo", "Australia/Sydney", "Europe/Berlin")
+
+
+@dataclass
+class PlaybookTally:
+    enrolled: int = 0
+    sent: Counter[str] = field(default_factory=Counter)
+    deferred: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)
+    exited: int = 0
+    completed: int = 0
+    escalated: int = 0
+
+
+@dataclass
+class SimulationReport:
+    start: datetime
+    end: datetime
+    hours: int = 0
+    events: Counter[str] = field(default_factory=Counter)
+    new_customers: int = 0
+    cases_resolved: int = 0
+    playbooks: dict[str, PlaybookTally] = field(default_factory=lambda: defaultdict(PlaybookTally))
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "start": self.start.isoformat(),
+            "end": self.end.isoformat(),
+            "hours": self.hours,
+            "events": dict(self.events),
+            "new_customers": self.new_customers,
+            "cases_resolved": self.cases_resolved,
+            "playbooks": {
+                pid: {
+                    "enrolled": t.enrolled,
+                    "sent": dict(t.sent),
+                    "deferred": dict(t.deferred),
+                    "skipped": dict(t.skipped),
+                    "exited_on_goal": t.exited,
+                    "completed": t.completed,
+                    "escalated": t.escalated,
+                }
+                for pid, t in sorted(self.playbooks.items())
+            },
+            "timeline": self.timeline,
+        }
+
+
+def _reason_key(reason: str) -> str:
+    """Group decision reasons: 'quiet hours: 08:00-21:00 ... deferred to ...' -> 'quiet hours'."""
+    head = reason.split(":", 1)[0]
+    if head.startswith("dropped by frequency cap"):
+        return "frequency cap (dropped)"
+    return head if len(head) < 60 else head[:60]
+
+
+class ActivityGenerator:
+    """Seeded, believable activity for the customers in the database."""
+
+    def __init__(self, app: App, rules: RuleSet, seed: int) -> None:
+        self.app = app
+        self.rules = rules
+        self.rng = random.Random(seed)
+        with Session(app.db) as session:
+            self.customer_ids = list(session.scalars(select(Customer.id).order_by(Customer.id)))
+        self.base = max(1, len(self.customer_ids))
+        self.counter = 0
+
+    def hour(self, start: datetime, report: SimulationReport) -> None:
+        with Session(self.app.db) as session:
+            for _ in range(self._count(self.base * NEW_SIGNUPS_PER_DAY / 24)):
+                self._new_customer(session, start, report)
+            for kind, rate in DAILY_RATES.items():
+                for _ in range(self._count(len(self.customer_ids) * rate / 24)):
+                    self._event(session, self.rng.choice(self.customer_ids), kind, start, report)
+            session.commit()
+
+    def _count(self, expected: float) -> int:
+        whole = int(expected)
+        return whole + (1 if self.rng.random() < expected - whole else 0)
+
+    def _moment(self, start: datetime) -> datetime:
+        return start + timedelta(minutes=self.rng.randrange(60))
+
+    def _new_customer(self, session: Session, start: datetime, report: SimulationReport) -> None:
+        self.counter += 1
+        at = self._moment(start)
+        customer_id = f"sim-{start:%Y%m%d%H}-{self.counter}"
+        phone = f"+4477009{self.rng.randrange(10**5):05d}" if self.rng.random() < 0.6 else None
+        data = CustomerIn(
+            id=customer_id,
+            email=f"{customer_id}@example.com",
+            phone=phone,
+            first_name=self.rng.choice(("Alex", "Sam", "Priya", "Jonas", "Mei", "Lucas", "Ada")),
+            timezone=self.rng.choice(ZONES),
+            email_opt_in=self.rng.random() < 0.75,
+            sms_opt_in=phone is not None and self.rng.random() < 0.5,
+            signed_up_at=at,
+        )
+        upsert_customer(session, data, at)
+        session.flush()
+        self.customer_ids.append(customer_id)
+        report.new_customers += 1
+        self._event(session, customer_id, "signed_up", start, report, at=at)
+
+    def _event(self, session: Session, customer_id: str, kind: str, start: datetime, report: SimulationReport, at: datetime | None = None) -> None:
+        self.counter += 1
+        properties: dict[str, Any] = {}
+        if kind == "order_placed":
+            properties = {"amount_cents": self.rng.randrange(1500, 25000)}
+        elif kind == "nps_submitted":
+            properties = {"score": self.rng.choices(range(11), weights=(1, 1, 1, 1, 2, 2, 3, 5, 8, 9, 7))[0]}
+        elif kind == "complaint":
+            properties = {
+                "reason": self.rng.choice(("Parcel arrived damaged", "Charged twice", "Late delivery", "Rude courier")),
+                "severity": self.rng.randint(1, 3),
+            }
+        moment = at or self._moment(start)
+        event = EventIn(id=f"sim-{self.counter}", customer_id=customer_id, type=kind, occurred_at=moment, properties=properties)
+        if record_event(session, event, moment) is not None:
+            report.events[kind] += 1
+
+
+def resolve_old_cases(app: App, now: datetime) -> int:
+    """The simulated support lead resolves cases some hours after they open."""
+    with Session(app.db) as session:
+        cases = session.scalars(
+            select(Escalation).where(
+                Escalation.status != EscalationStatus.RESOLVED, Escalation.opened_at <= now - RESOLVE_AFTER
+            )
+        ).all()
+        for case in cases:
+            assert case.id is not None
+            escalations.resolve(session, case.id, "resolved in simulation", "simulated-lead", now)
+        session.commit()
+    return len(cases)
+
+
+def simulate(app: App, start: datetime, days: int, *, seed: int = 11, customer: str | None = None) -> SimulationReport:
+    rules = app.rules
+    report = SimulationReport(start=start, end=start + timedelta(days=days))
+    generator = ActivityGenerator(app, rules, seed)
+    now = start
+    for hour in range(days * 24):
+        now = start + timedelta(hours=hour)
+        if hour:  # the first tick sees the database as it was given
+            generator.hour(now - timedelta(hours=1), report)
+        evaluation_tick(app, now, full=(now.hour == SWEEP_HOUR or hour == 0), workers=0, rules=rules)
+        sla_tick(app, now, rules=rules)
+        dispatch_tick(app, now, rules=rules)
+        report.cases_resolved += resolve_old_cases(app, now)
+        report.hours += 1
+    _tally(app, report, start, now, customer)
+    return report
+
+
+def _tally(app: App, report: SimulationReport, start: datetime, end: datetime, customer: str | None) -> None:
+    with Session(app.db) as session:
+        rows = session.execute(
+            select(Decision.playbook, Decision.outcome, Decision.reason, func.count())
+            .where(Decision.at >= start, Decision.at <= end)
+            .group_by(Decision.playbook, Decision.outcome, Decision.reason)
+        )
+        for playbook, outcome, reason, count in rows:
+            tally = report.playbooks[playbook]
+            if outcome == "enrolled":
+                tally.enrolled += count
+            elif outcome == "deferred":
+                tally.deferred[_reason_key(reason)] += count
+            elif outcome in ("skipped", "cancelled", "failed"):
+                tally.skipped[_reason_key(reason)] += count
+            elif outcome == "exited":
+                tally.exited += count
+            elif outcome == "completed":
+                tally.completed += count
+            elif outcome == "escalated":
+                tally.escalated += count
+        sent = session.execute(
+            select(Message.playbook, Message.channel, Message.kind, func.count())
+            .where(
+                Message.sent_at >= start,
+                Message.sent_at <= end,
+                Message.status.in_((MessageStatus.SENT, MessageStatus.DELIVERED)),  # type: ignore[attr-defined]
+            )
+            .group_by(Message.playbook, Message.channel, Message.kind)
+        )
+        for playbook, channel, kind, count in sent:
+            label = channel if kind != "staff" else f"{channel} to staff"
+            report.playbooks[playbook or "-"].sent[label] += count
+        if customer:
+            decisions = session.scalars(
+                select(Decision)
+                .where(Decision.customer_id == customer, Decision.at >= start, Decision.at <= end)
+                .order_by(Decision.at, Decision.id)
+            )
+            report.timeline = [
+                {
+                    "at": d.at.isoformat(),
+                    "playbook": d.playbook,
+                    "step": d.step_id,
+                    "outcome": d.outcome,
+                    "reason": d.reason,
+                    "until": d.until.isoformat() if d.until else None,
+                }
+                for d in decisions
+            ]
