@@ -1,0 +1,181 @@
+"""The ingest API: customers and events in, as JSON, behind an API key.
+
+Each request is one transaction: a refused request writes nothing. A refusal is a 422
+whose ``detail`` lists every problem as ``{"loc": [...], "msg": ..., "type": ...}``, the
+shape FastAPI uses for its own validation errors, whether pydantic or the fact catalog
+found it. Events are idempotent by id, also when two deliveries of one event race.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.exceptions import HTTPException, RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from engine.ingest import (
+    CustomerIn,
+    EventIn,
+    check_attributes,
+    check_event_properties,
+    record_event,
+    upsert_customer,
+)
+from engine.models import Customer, Event
+from engine.web import web_state
+from engine.web.auth import api_key_problem
+
+
+def _key_problem(request: Request) -> tuple[int, str] | None:
+    configured = web_state(request).app.settings.api_key
+    secret = configured.get_secret_value() if configured is not None else None
+    return api_key_problem(secret, request.headers.get("authorization"))
+
+
+def _refusal(problem: tuple[int, str]) -> JSONResponse:
+    status, reason = problem
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    return JSONResponse({"detail": reason}, status_code=status, headers=headers)
+
+
+class ApiKeyRoute(APIRoute):
+    """Checks the API key before FastAPI reads or validates the body, so a caller without
+    the key learns nothing about the schema (not even that its JSON is malformed)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def checked(request: Request) -> Response:
+            problem = _key_problem(request)
+            if problem is not None:
+                return _refusal(problem)
+            return await handler(request)
+
+        return checked
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <LIFECYCLE_API_KEY>")
+
+
+def require_api_key(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """Also a dependency, so OpenAPI documents the scheme (and a second line of defence)."""
+    problem = _key_problem(request)
+    if problem is not None:
+        raise HTTPException(problem[0], problem[1])
+
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["ingest"],
+    route_class=ApiKeyRoute,
+    dependencies=[Depends(require_api_key)],
+    responses={
+        401: {"description": "Missing or wrong API key"},
+        503: {"description": "LIFECYCLE_API_KEY is not set: the API is disabled"},
+    },
+)
+
+
+class CustomerResult(BaseModel):
+    id: str
+    status: Literal["created", "updated", "unchanged"]
+
+
+class EventResult(BaseModel):
+    id: str
+    status: Literal["accepted", "duplicate"]
+
+
+def catalog_errors(problems: list[str], kind: str = "catalog") -> list[dict[str, Any]]:
+    """``"attributes.plan: expected string, got 5"`` → FastAPI's error shape."""
+    errors = []
+    for problem in problems:
+        where, _, message = problem.partition(": ")
+        errors.append({"loc": ["body", *where.split(".")], "msg": message, "type": kind})
+    return errors
+
+
+@router.post(
+    "/customers",
+    response_model=CustomerResult,
+    status_code=201,
+    summary="Create or update a customer",
+    responses={200: {"description": "An existing customer was updated (or was already so)"}},
+)
+def post_customer(data: CustomerIn, request: Request, response: Response) -> CustomerResult:
+    """Fields left out are left alone; ``attributes`` are merged key by key and must be
+    declared in ``rules/catalog.yaml`` with their type."""
+    app = web_state(request).app
+    problems = check_attributes(data.attributes, app.rules.catalog)
+    if problems:
+        raise RequestValidationError(catalog_errors(problems))
+    now = app.clock()
+    for attempt in (1, 2):
+        with Session(app.db, expire_on_commit=False) as session:
+            existed = session.get(Customer, data.id) is not None
+            _, changed = upsert_customer(session, data, now)
+            try:
+                session.commit()
+            except IntegrityError:
+                # Two first sightings of one customer raced; the second becomes an update.
+                session.rollback()
+                if attempt == 2:
+                    raise
+                continue
+        break
+    if existed:
+        response.status_code = 200
+        return CustomerResult(id=data.id, status="updated" if changed else "unchanged")
+    return CustomerResult(id=data.id, status="created")
+
+
+@router.post(
+    "/events",
+    response_model=EventResult,
+    status_code=201,
+    summary="Record an event (idempotent by id)",
+    responses={200: {"description": "An event with this id was recorded before; nothing changed"}},
+)
+def post_event(data: EventIn, request: Request, response: Response) -> EventResult:
+    """The customer must exist; the event type and its properties must be declared in
+    ``rules/catalog.yaml``. Sending the same id again changes nothing and answers 200."""
+    app = web_state(request).app
+    problems = check_event_properties(data, app.rules.catalog)
+    if problems:
+        raise RequestValidationError(catalog_errors(problems))
+    now = app.clock()
+    with Session(app.db, expire_on_commit=False) as session:
+        try:
+            stored = record_event(session, data, now)
+        except LookupError:
+            raise RequestValidationError(
+                [
+                    {
+                        "loc": ["body", "customer_id"],
+                        "msg": f"no customer with id {data.customer_id!r}",
+                        "type": "not_found",
+                    }
+                ]
+            ) from None
+        if stored is not None:
+            try:
+                session.commit()
+            except IntegrityError:
+                # A concurrent delivery of the same event won the insert.
+                session.rollback()
+                if session.get(Event, data.id) is None:
+                    raise
+                stored = None
+    if stored is None:
+        response.status_code = 200
+        return EventResult(id=data.id, status="duplicate")
+    return EventResult(id=data.id, status="accepted")
