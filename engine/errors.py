@@ -9,6 +9,7 @@ the text to a person and act on the parts.
     ├── ConditionError             a condition expression cannot be parsed or type-checked
     ├── DurationError              "2x" is not a duration
     ├── RuleEngineError            durable_rules refused a ruleset or a fact (code translated)
+    ├── FactValueError             a fact value that could compare wrongly in durable_rules
     ├── EvaluationWorkerCrashed    a worker process died while evaluating a batch
     ├── TemplateError              a message template is missing or does not render
     ├── ImportRowError             one row of an import file is bad (row number and reason)
@@ -78,38 +79,52 @@ class DurationError(LifecycleError):
 class RuleEngineError(LifecycleError):
     """durable_rules answered with a bare error code; this names what the code means."""
 
-    # The codes and their names come from durable_rules' C header (rules.h); the wording is ours.
+    # The codes and their names come from durable_rules 2.0.28's C header (rules.h); the
+    # wording is ours.
     CODES = {
-        1: "the engine ran out of memory (ERR_OUT_OF_MEMORY)",
-        2: "a value has a type the engine does not accept (ERR_UNEXPECTED_TYPE)",
-        3: "a name is too long (ERR_IDENTIFIER_LENGTH)",
-        4: "a value the engine does not accept (ERR_UNEXPECTED_VALUE)",
-        5: "an operator or key the engine does not know (ERR_UNEXPECTED_NAME)",
-        6: "too many rules (ERR_RULE_LIMIT_EXCEEDED)",
-        9: "a rule without a condition (ERR_RULE_WITHOUT_QUALIFIER)",
-        11: "an invalid ruleset handle (ERR_INVALID_HANDLE)",
-        12: "too many rulesets in one process (ERR_HANDLE_LIMIT_EXCEEDED)",
-        101: "a value could not be parsed (ERR_PARSE_VALUE)",
-        102: "a string could not be parsed (ERR_PARSE_STRING)",
-        103: "a number could not be parsed, e.g. a float with an exponent (ERR_PARSE_NUMBER)",
-        104: "an object could not be parsed (ERR_PARSE_OBJECT)",
-        105: "a list could not be parsed (ERR_PARSE_ARRAY)",
-        201: "no rule handled the message (ERR_EVENT_NOT_HANDLED)",
-        202: "too many properties, or a condition of an unexpected shape (ERR_EVENT_MAX_PROPERTIES)",
-        203: "the condition nests too deeply (ERR_MAX_STACK_SIZE)",
-        204: "the fact has no id (ERR_NO_ID_DEFINED)",
-        205: "the fact has an invalid id (ERR_INVALID_ID)",
-        209: "the condition is too complex (ERR_MAX_COMMAND_COUNT)",
-        212: "the same fact was already asserted (ERR_EVENT_OBSERVED)",
-        401: "too many live sessions: the state cache is full (ERR_STATE_CACHE_FULL)",
-        405: "a property was not found (ERR_PROPERTY_NOT_FOUND)",
-        406: "a property name is too long (ERR_MAX_PROPERTY_NAME_LENGTH)",
+        1: "no rule handled the message (ERR_EVENT_NOT_HANDLED)",
+        2: "the same fact was already asserted (ERR_EVENT_OBSERVED)",
+        3: "the message was deferred (ERR_EVENT_DEFERRED)",
+        101: "the engine ran out of memory (ERR_OUT_OF_MEMORY)",
+        102: "a value has a type the engine does not accept (ERR_UNEXPECTED_TYPE)",
+        103: "a name is too long (ERR_IDENTIFIER_LENGTH)",
+        104: "a value the engine does not accept (ERR_UNEXPECTED_VALUE)",
+        105: "an operator or key the engine does not know (ERR_UNEXPECTED_NAME)",
+        106: "too many rules (ERR_RULE_LIMIT_EXCEEDED)",
+        107: "too many rules test existence (ERR_RULE_EXISTS_LIMIT_EXCEEDED)",
+        108: "too many joins in a rule (ERR_RULE_BETA_LIMIT_EXCEEDED)",
+        109: "a rule without a condition (ERR_RULE_WITHOUT_QUALIFIER)",
+        110: "a setting was not found (ERR_SETTING_NOT_FOUND)",
+        111: "an invalid ruleset handle (ERR_INVALID_HANDLE)",
+        112: "too many rulesets in one process (ERR_HANDLE_LIMIT_EXCEEDED)",
+        113: "a condition is too complex (ERR_EXPRESSION_LIMIT_EXCEEDED)",
+        201: "a value could not be parsed (ERR_PARSE_VALUE)",
+        202: "a string could not be parsed, or the ruleset has an unexpected shape (ERR_PARSE_STRING)",
+        203: "a number could not be parsed, e.g. a float with an exponent (ERR_PARSE_NUMBER)",
+        204: "an object could not be parsed (ERR_PARSE_OBJECT)",
+        205: "a list could not be parsed (ERR_PARSE_ARRAY)",
+        302: "a fact has too many properties (ERR_EVENT_MAX_PROPERTIES)",
+        303: "too many rules matched one fact at once (ERR_MAX_STACK_SIZE)",
+        304: "too many messages in one frame (ERR_MAX_MESSAGES_IN_FRAME)",
+        305: "a message was not found (ERR_MESSAGE_NOT_FOUND)",
+        306: "a location was not found (ERR_LOCATION_NOT_FOUND)",
+        307: "a node was deleted (ERR_NODE_DELETED)",
+        308: "a node is dispatching (ERR_NODE_DISPATCHING)",
+        309: "the session was not found (ERR_SID_NOT_FOUND)",
+        310: "no action is available (ERR_NO_ACTION_AVAILABLE)",
+        311: "a property was not found (ERR_PROPERTY_NOT_FOUND)",
+        312: "the operation is not supported (ERR_OPERATION_NOT_SUPPORTED)",
+        313: "a fact is too large (ERR_EVENT_MAX_OBJECT_SIZE)",
+        314: "a fact property is too large (ERR_EVENT_MAX_OBJECT_PROPERTY_SIZE)",
     }
 
     def __init__(self, operation: str, code: int | None, detail: str) -> None:
         self.operation = operation
         self.code = code
-        meaning = self.CODES.get(code, "an undocumented engine error") if code else detail
+        if code is None:
+            super().__init__(f"durable_rules failed to {operation}: {detail}")
+            return
+        meaning = self.CODES.get(code, "an undocumented engine error")
         super().__init__(f"durable_rules failed to {operation}: {meaning} (error code {code})")
 
 
@@ -246,3 +261,17 @@ class WebhookPayloadError(LifecycleError):
             f"{provider} webhook payload refused ({count} problem{'s' if count != 1 else ''}): "
             f"{listed}"
         )
+
+
+class FactValueError(LifecycleError):
+    """A customer's fact has a value the engine cannot compare safely (a float, a bool for a
+    number, a number too large to stay exact). Raised by the evaluators, naming the fact."""
+
+    def __init__(self, fact: str, value: object, reason: str) -> None:
+        self.fact = fact
+        self.value = value
+        self.reason = reason
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        super().__init__(f"fact {fact!r} = {shown} ({type(value).__name__}): {reason}")

@@ -343,10 +343,10 @@ def test_sendgrid_slow_answer_is_a_transient_timeout(own_fake: FakeProvider) -> 
     channel = SendGridEmailChannel(
         fake.sendgrid_api_key, FROM_EMAIL, "Lifecycle", host=fake.url, timeout=0.2
     )
-    fake.delay(2, path="sendgrid")
+    fake.delay(6, path="sendgrid")
     started = time.monotonic()
     error = raised(channel.send, welcome())
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5  # gave up on its own, long before the answer
     assert isinstance(error, TransientChannelError)
     assert str(error) == f"sendgrid: no answer from {fake.url} within 0.2 s"
 
@@ -542,10 +542,10 @@ def test_twilio_slow_answer_is_a_transient_timeout(own_fake: FakeProvider) -> No
         fake.twilio_account_sid, fake.twilio_auth_token, FROM_NUMBER, base_url=fake.url,
         timeout=0.2,
     )
-    fake.delay(2, path="twilio")
+    fake.delay(6, path="twilio")
     started = time.monotonic()
     error = raised(channel.send, Sms("sms-11", "+15558675310", "Hi"))
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 5  # gave up on its own, long before the answer
     assert isinstance(error, TransientChannelError)
     assert str(error) == f"twilio: no answer from {fake.url} within 0.2 s"
 
@@ -888,13 +888,11 @@ def test_the_fake_answers_other_requests_while_one_is_delayed(own_fake: FakeProv
     twilio = TwilioSmsChannel(
         fake.twilio_account_sid, fake.twilio_auth_token, FROM_NUMBER, base_url=fake.url
     )
-    fake.delay(0.6, path="twilio")
+    fake.delay(3, path="twilio")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         slow = pool.submit(twilio.send, Sms("slow", "+15558675310", "Hi"))
         time.sleep(0.05)
-        started = time.monotonic()
         sendgrid.send(welcome())
-        assert time.monotonic() - started < 0.3
-        assert not slow.done()
+        assert not slow.done()  # the email was answered while the SMS still waits
         assert isinstance(slow.result(timeout=5), Sent)
     assert [r.status for r in fake.requests] == [202, 201]

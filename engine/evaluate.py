@@ -1,0 +1,810 @@
+"""Evaluation of compiled conditions: through durable_rules, in plain Python, in workers.
+
+``DurableEvaluator`` compiles every condition into ONE durable_rules ruleset, built once
+per process, and evaluates a customer by asserting their encoded facts as one fact in one
+fixed session ("0"), draining the actions that fired, and retracting the fact. That is
+the only way of using durable_rules 2.0.28 that stays up for millions of customers (see
+DESIGN.md): no session per customer, no ``durable.lang`` host and its timer threads, no
+events.
+
+``ReferenceEvaluator`` answers the same question with ``engine.conditions.evaluate``;
+the differential tests hold the two to the same answers, and it is the fallback engine.
+
+``evaluate_in_workers`` runs either over batches in worker processes (the C core holds
+the GIL, and a worker contains a crash of the C core): results come back in batch order,
+a batch whose worker died is retried on a fresh worker, and only a batch that keeps
+killing its worker is given up, with ``EvaluationWorkerCrashed``.
+
+Before rules reach durable_rules, ``RuleBundle.partitions`` checks them against the limits
+of durable's network that otherwise end in bare error codes at evaluation time (error 303:
+more than 64 tests matching at once) or in an endless loop (a node with 512 children);
+see ``_Network``. Rules too many for one network are split over a few rulesets, and a
+single rule that no network can take is refused, by name, before durable_rules sees it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import importlib
+import itertools
+import json
+import multiprocessing
+import os
+import pickle
+import re
+import signal
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from hashlib import sha256
+from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
+
+import durable_rules_engine
+
+from engine.catalog import FactType
+from engine.conditions import (
+    MAX_GROUPS,
+    MAX_INT,
+    AllOf,
+    AnyOf,
+    Atom,
+    Condition,
+    Node,
+    canonical_value,
+    compile_predicate,
+    durable_key,
+    to_durable,
+)
+from engine.errors import EvaluationWorkerCrashed, LifecycleError, RuleEngineError
+
+__all__ = [
+    "CrashTest",
+    "DurableEvaluator",
+    "ENGINES",
+    "Evaluator",
+    "ReferenceEvaluator",
+    "RuleBundle",
+    "create_ruleset",
+    "default_workers",
+    "evaluate_in_workers",
+    "make_evaluator",
+]
+
+ENGINES = ("durable", "reference")
+Row = tuple[str, Mapping[str, object]]
+Result = tuple[str, frozenset[str]]
+
+# durable_rules' limits (src/rules/rules.h, state.h), with a margin.
+_MAX_FACTS = 250  # MAX_OBJECT_PROPERTIES is 255 per fact, sid and id included
+_MAX_CHILDREN = 480  # a node's child table has 512 slots; a full one loops forever
+_MAX_FORWARDS = 100  # NEXT_LIST_LENGTH 128: or-branches ending at one shared node
+_MAX_RULES_PER_NODE = 200  # BETA_LIST_LENGTH 256: rules ending at one shared node
+_MAX_STACK = 64  # MAX_STACK_SIZE: alpha nodes pending at once while evaluating a fact
+_RESERVED_PROPERTIES = ("sid", "id", "$s", "$forward")
+_ERR_EVENT_OBSERVED = 2
+_CODE = re.compile(r"error code: (\d+)")
+
+
+def _engine_error(operation: str, exc: Exception) -> RuleEngineError:
+    match = _CODE.search(str(exc))
+    return RuleEngineError(operation, int(match.group(1)) if match else None, str(exc))
+
+
+def _fnv1a32(text: str) -> int:
+    """durable_rules' hash of a property name (json.c getStringAndHash), which is all it
+    keeps of a name: two names with the same hash would be the same property."""
+    value = 0x811C9DC5
+    for byte in text.encode():
+        value = ((value ^ byte) * 16777619) & 0xFFFFFFFF
+    return value
+
+
+# --------------------------------------------------------------------------- the bundle
+
+
+@dataclass(eq=False)
+class _Alpha:
+    """A node of durable_rules' alpha network, as rete.c builds it."""
+
+    children: dict[tuple[str, str, type, object], _Alpha] = field(default_factory=dict)
+    forwards: list[_Alpha] = field(default_factory=list)  # the or-nodes it feeds
+    rules: int = 0  # rules that end here
+
+
+class _Network:
+    """Replays how durable_rules links alpha nodes (createAlpha/findAlpha in rete.c) to
+    check its limits before it sees the rules: a test under the same parent with the same
+    property, operator and value is shared; each ``$or`` adds a fresh forward node that
+    every branch links to; an ``$and`` chains its terms."""
+
+    def __init__(self) -> None:
+        self.root = _Alpha()
+        self.nodes = [self.root]
+
+    def add(self, tree: Node) -> None:
+        self._add(tree, self.root).rules += 1
+
+    def _add(self, node: Node, parent: _Alpha) -> _Alpha:
+        if isinstance(node, Atom):
+            key = (durable_key(node.fact), node.op, type(node.value), node.value)
+            child = parent.children.get(key)
+            if child is None:
+                child = parent.children[key] = _Alpha()
+                self.nodes.append(child)
+            return child
+        if isinstance(node, AllOf):
+            current = parent
+            for term in node.terms:
+                current = self._add(term, current)
+            return current
+        assert isinstance(node, AnyOf)
+        forward = _Alpha()
+        self.nodes.append(forward)
+        for term in node.terms:
+            self._add(term, parent).forwards.append(forward)
+        return forward
+
+    def problem(self) -> str | None:
+        for node in self.nodes:
+            if len(node.children) > _MAX_CHILDREN:
+                return (
+                    f"{len(node.children)} different tests hang from one node of its network "
+                    f"(at most {_MAX_CHILDREN}; durable_rules loops forever at 512): "
+                    "shorten the longest 'in' lists"
+                )
+            if len(node.forwards) > _MAX_FORWARDS:
+                return (
+                    f"{len(node.forwards)} 'or' branches end at one test (at most {_MAX_FORWARDS})"
+                )
+            if node.rules > _MAX_RULES_PER_NODE:
+                return f"{node.rules} rules end at one test (at most {_MAX_RULES_PER_NODE})"
+        depth = self._stack(self.root, {})
+        if depth > _MAX_STACK:
+            return (
+                f"a customer could match {depth} of its tests at once "
+                f"(durable_rules evaluates at most {_MAX_STACK})"
+            )
+        return None
+
+    def _stack(self, node: _Alpha, memo: dict[int, int]) -> int:
+        """The most alpha nodes durable_rules could hold on its evaluation stack while
+        visiting ``node`` (handleAlpha in events.c; 64 at most, or error 303): it pushes
+        every successor that matches, and of the ``==`` tests of one property at most one
+        can match."""
+        known = memo.get(id(node))
+        if known is not None:
+            return known
+        equal_tests: set[str] = set()
+        pushed = len(node.forwards)
+        for key, op, _, _ in node.children:
+            if op == "==":
+                equal_tests.add(key)
+            else:
+                pushed += 1
+        pushed += len(equal_tests)
+        successors = [*node.children.values(), *node.forwards]
+        depth = 1
+        if successors:
+            depth = pushed - 1 + max(self._stack(s, memo) for s in successors)
+        memo[id(node)] = depth
+        return depth
+
+
+@dataclass(frozen=True)
+class RuleBundle:
+    """Rule ids and their conditions, compiled for durable_rules.
+
+    Conditions that normalise to the same tree (in any order) share one durable rule;
+    constant ones never reach durable_rules (``always`` holds the ids that are constantly
+    true). Durable rule names are ``r0``, ``r1``...: safe, short, and cheap to read back.
+    """
+
+    conditions: Mapping[str, Condition]
+    always: frozenset[str]
+    rules: Mapping[str, tuple[str, ...]]  # durable rule name -> the rule ids it decides
+    trees: Mapping[str, Node]  # durable rule name -> the normal form it tests
+    used: tuple[str, ...]  # the facts to encode, in a fixed order
+    types: Mapping[str, FactType]
+
+    @classmethod
+    def build(cls, conditions: Mapping[str, Condition]) -> RuleBundle:
+        always: set[str] = set()
+        by_tree: dict[Node, list[str]] = {}
+        types: dict[str, FactType] = {}
+        for rule_id in sorted(conditions):
+            condition = conditions[rule_id]
+            if condition.constant is not None:
+                if condition.constant:
+                    always.add(rule_id)
+                continue
+            by_tree.setdefault(_canonical(condition.tree), []).append(rule_id)
+            for name in condition.facts:
+                kind = condition.types[name]
+                if types.setdefault(name, kind) is not kind:
+                    raise ValueError(
+                        f"fact {name!r} is {types[name]} in one condition and {kind} in "
+                        f"{rule_id!r}: compile every condition against the same catalog"
+                    )
+        rules = {f"r{i}": tuple(ids) for i, ids in enumerate(by_tree.values())}
+        trees = {name: conditions[ids[0]].tree for name, ids in rules.items()}
+        return cls(
+            conditions=dict(conditions),
+            always=frozenset(always),
+            rules=rules,
+            trees=trees,
+            used=tuple(sorted(types)),
+            types=types,
+        )
+
+    def problems(self) -> list[str]:
+        """Why durable_rules could not take these rules (empty when it can), each naming
+        the rule or the facts at fault. ``partitions`` raises the first of them."""
+        found: list[str] = []
+        if len(self.used) > _MAX_FACTS:
+            found.append(f"the rules use {len(self.used)} facts (at most {_MAX_FACTS})")
+        seen: dict[int, str] = {_fnv1a32(name): name for name in _RESERVED_PROPERTIES}
+        for name in self.used:
+            other = seen.setdefault(_fnv1a32(durable_key(name)), name)
+            if other != name:
+                found.append(f"facts {other!r} and {name!r} have the same hash in durable_rules")
+        for name, tree in self.trees.items():
+            problem = _alone(tree)
+            if problem is not None:
+                found.append(f"{self.rules[name][0]!r}: {problem}")
+        return found
+
+    def partitions(self) -> list[tuple[str, ...]]:
+        """The durable rule names split into rulesets that each stay within durable_rules'
+        limits (one ruleset, unless there are many rules); raises ``RuleEngineError``
+        when some rule cannot be taken at all."""
+        found = self.problems()
+        if found:
+            raise RuleEngineError("take the ruleset", None, "; ".join(found))
+        groups: list[tuple[str, ...]] = []
+        current: list[str] = []
+        network = _Network()
+        for name, tree in self.trees.items():
+            network.add(tree)
+            if network.problem() is not None:  # it fits alone (checked above): start anew
+                groups.append(tuple(current))
+                current, network = [], _Network()
+                network.add(tree)
+            current.append(name)
+        if current:
+            groups.append(tuple(current))
+        return groups
+
+    def ruleset(self, names: Iterable[str] | None = None) -> dict[str, object]:
+        """The durable_rules ruleset ``{"r0": {"all": [{"m": ...}]}, ...}`` of ``names``
+        (of every rule by default)."""
+        return {
+            name: {"all": [{"m": to_durable(self.conditions[self.rules[name][0]])}]}
+            for name in (self.rules if names is None else names)
+        }
+
+
+def _alone(tree: Node) -> str | None:
+    groups = _groups(tree)
+    if groups > MAX_GROUPS:
+        return f"{groups} and/or groups (at most {MAX_GROUPS})"
+    network = _Network()
+    network.add(tree)
+    return network.problem()
+
+
+def _canonical(node: Node) -> Node:
+    """``node`` with the terms of every group in a fixed order: ``a and b`` is ``b and a``."""
+    if isinstance(node, AllOf | AnyOf):
+        terms = sorted((_canonical(t) for t in node.terms), key=repr)
+        return type(node)(tuple(terms))
+    return node
+
+
+def _groups(node: Node) -> int:
+    if isinstance(node, AllOf | AnyOf):
+        return 1 + sum(_groups(t) for t in node.terms)
+    return 0
+
+
+# --------------------------------------------------------------------------- evaluators
+
+
+def create_ruleset(name: str, ruleset: Mapping[str, object] | str) -> int:
+    """``durable_rules_engine.create_ruleset``, its bare error codes translated into
+    ``RuleEngineError``. Returns the ruleset's handle."""
+    text = ruleset if isinstance(ruleset, str) else json.dumps(ruleset)
+    try:
+        return int(durable_rules_engine.create_ruleset(name, text))
+    except durable_rules_engine.error as exc:
+        raise _engine_error(f"create the ruleset {name!r}", exc) from exc
+
+
+_NUMBERS = frozenset({FactType.INT, FactType.MONEY, FactType.DATE})
+
+
+class _ForeignAction(Exception):
+    """durable_rules handed back an action for a fact other than the one just asserted."""
+
+
+_ruleset_serial = itertools.count(1)
+
+
+class DurableEvaluator:
+    """Evaluates through durable_rules: one ruleset for the evaluator's lifetime (or a few,
+    when there are more rules than one network takes), one fixed session, one fact per
+    customer: asserted, its actions drained, retracted.
+
+    Not thread-safe (nor is durable_rules); use one per process, and ``close`` it (or use
+    it as a context manager) to free the rulesets' C memory.
+    """
+
+    engine = "durable"
+
+    def __init__(self, conditions: Mapping[str, Condition]) -> None:
+        self.bundle = RuleBundle.build(conditions)
+        self.partitions = self.bundle.partitions()
+        self._always = self.bundle.always
+        self._names = {
+            name: frozenset(ids) | self._always for name, ids in self.bundle.rules.items()
+        }
+        self._plan = tuple(
+            (name, encode_basestring_ascii(durable_key(name)) + ":", self.bundle.types[name])
+            for name in self.bundle.used
+        )
+        self._ids = itertools.count(1)
+        self._texts = [json.dumps(self.bundle.ruleset(names)) for names in self.partitions]
+        self._handles: list[int] = []
+        self._closed = False
+        self._open()
+
+    def _open(self) -> None:
+        for text in self._texts:
+            name = f"lifecycle_{os.getpid()}_{next(_ruleset_serial)}"
+            self._handles.append(create_ruleset(name, text))
+
+    def close(self) -> None:
+        self._closed = True
+        handles, self._handles = self._handles, []
+        failure = None
+        for handle in handles:
+            try:
+                durable_rules_engine.delete_ruleset(handle)
+            except durable_rules_engine.error as exc:
+                failure = failure or _engine_error("delete the ruleset", exc)
+        if failure is not None:
+            raise failure
+
+    def __enter__(self) -> DurableEvaluator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # nothing to do about it at collection time
+            self.close()
+
+    def encode(self, facts: Mapping[str, object]) -> str:
+        """The properties of the durable fact for ``facts``, as JSON members (no braces).
+        Raises ``FactValueError`` for a value that cannot be compared safely."""
+        parts = []
+        get = facts.get
+        for name, key, kind in self._plan:
+            value = get(name)
+            if value is None:
+                continue
+            cls = type(value)
+            if cls is int and kind in _NUMBERS and -MAX_INT <= value <= MAX_INT:  # type: ignore[operator]
+                parts.append(f"{key}{value}")
+            elif cls is bool and kind is FactType.BOOL:
+                parts.append(key + ("1" if value else "0"))
+            elif cls is str and kind is FactType.STRING and len(value) <= 5000:  # type: ignore[arg-type]
+                parts.append(key + encode_basestring_ascii(value))  # type: ignore[arg-type]
+            else:  # the slow path: converts a date, or raises FactValueError
+                typed = canonical_value(name, value, kind)
+                if typed is not None:
+                    shown = encode_basestring_ascii(typed) if isinstance(typed, str) else int(typed)
+                    parts.append(f"{key}{shown}")
+        return ",".join(parts)
+
+    def evaluate(self, facts: Mapping[str, object], key: str = "") -> frozenset[str]:
+        """The ids of the rules that hold for ``facts`` (``key`` names them in errors)."""
+        if self._closed:
+            raise ValueError("this DurableEvaluator is closed")
+        members = self.encode(facts)
+        if not members:  # every durable test needs a property: only constants can hold
+            return self._always
+        text = f'{{"sid":"0","id":"{next(self._ids)}",{members}}}'
+        names = self._names
+        fired: set[str] = set()
+        try:
+            for handle in self._handles:
+                self._run(handle, text, fired)
+        except durable_rules_engine.error as exc:
+            self._recover(text)
+            raise _engine_error(f"evaluate customer {key!r}", exc) from exc
+        except _ForeignAction as foreign:
+            self._recover(text)
+            raise RuleEngineError(
+                f"evaluate customer {key!r}",
+                None,
+                f"it handed back an action that is not for this customer ({foreign}); "
+                "the ruleset was rebuilt",
+            ) from None
+        except BaseException:  # e.g. KeyboardInterrupt between the assert and the retract
+            self._recover(text)
+            raise
+        if not fired:
+            return self._always
+        if len(fired) == 1:
+            return names[fired.pop()]
+        result = set(self._always)
+        for name in fired:
+            result |= names[name]
+        return frozenset(result)
+
+    def _run(self, handle: int, text: str, fired: set[str]) -> None:
+        """Assert the fact ``text``, add the rules that fire to ``fired``, retract it."""
+        code, state = durable_rules_engine.assert_fact(handle, text)
+        if code == _ERR_EVENT_OBSERVED:  # the id was seen before: nothing was evaluated
+            raise durable_rules_engine.error(f"fact id reused, error code: {code}")
+        action = durable_rules_engine.start_action_for_state(handle, state)
+        message = action[1] if action else None
+        while message:
+            # '{"<rule name>":{"m":<our fact, verbatim>}}': our rule names need no
+            # escaping, so the name lies between the first two quotes
+            end = message.index('"', 2)
+            if not message.startswith(text, end + 7) or message[2:end] not in self._names:
+                raise _ForeignAction(message[:200])
+            fired.add(message[2:end])
+            message = durable_rules_engine.complete_and_start_action(handle, state)
+        durable_rules_engine.retract_fact(handle, text)
+
+    def _recover(self, text: str) -> None:
+        """After an engine error, start again from fresh rulesets: the old ones may hold
+        the fact, or pending actions that would leak into the next customer."""
+        for handle in self._handles:
+            with contextlib.suppress(durable_rules_engine.error):
+                durable_rules_engine.retract_fact(handle, text)
+        with contextlib.suppress(RuleEngineError):
+            self.close()
+        self._closed = False
+        self._open()
+
+    def evaluate_many(self, rows: Iterable[Row]) -> list[Result]:
+        evaluate = self.evaluate
+        return [(key, evaluate(facts, key)) for key, facts in rows]
+
+
+class ReferenceEvaluator:
+    """Evaluates in plain Python (``engine.conditions``): the oracle for the durable path,
+    with the same answers and the same refusals of unsafe values."""
+
+    engine = "reference"
+
+    def __init__(self, conditions: Mapping[str, Condition]) -> None:
+        self.bundle = RuleBundle.build(conditions)
+        self._always = self.bundle.always
+        self._predicates = tuple(
+            (compile_predicate(self.bundle.conditions[ids[0]]), frozenset(ids))
+            for ids in self.bundle.rules.values()
+        )
+        self._plan = tuple((name, self.bundle.types[name]) for name in self.bundle.used)
+
+    def close(self) -> None:
+        """Nothing to free; here so both evaluators can be used alike."""
+
+    def __enter__(self) -> ReferenceEvaluator:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def evaluate(self, facts: Mapping[str, object], key: str = "") -> frozenset[str]:
+        values = {}
+        for name, kind in self._plan:
+            value = canonical_value(name, facts.get(name), kind)
+            if value is not None:
+                values[name] = value
+        fired = set(self._always)
+        for predicate, ids in self._predicates:
+            if predicate(values):
+                fired |= ids
+        return frozenset(fired)
+
+    def evaluate_many(self, rows: Iterable[Row]) -> list[Result]:
+        evaluate = self.evaluate
+        return [(key, evaluate(facts, key)) for key, facts in rows]
+
+
+Evaluator = DurableEvaluator | ReferenceEvaluator
+
+
+def make_evaluator(conditions: Mapping[str, Condition], engine: str = "durable") -> Evaluator:
+    if engine == "durable":
+        return DurableEvaluator(conditions)
+    if engine == "reference":
+        return ReferenceEvaluator(conditions)
+    raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
+
+
+# --------------------------------------------------------------------------- workers
+
+
+@dataclass(frozen=True)
+class CrashTest:
+    """TEST-ONLY hook: lets a row whose facts hold ``"__crash__"`` kill its worker with
+    ``os.abort()`` (SIGABRT, like the C core aborting), to exercise crash containment.
+
+    ``"__crash__": "always"`` aborts on every attempt; ``"once"`` aborts the first time
+    only, remembered by a marker file per row key in ``marker_dir``. It is honoured only
+    by workers started with ``evaluate_in_workers(..., crash_test=CrashTest(...))``; a
+    ``__crash__`` fact does nothing otherwise, so production can never trigger it.
+    """
+
+    marker_dir: str | None = None
+
+    def maybe_crash(self, rows: Iterable[Row]) -> None:
+        for key, facts in rows:
+            mode = facts.get("__crash__")
+            if mode == "always" or (mode == "once" and self._first_time(key)):
+                _abort()
+
+    def _first_time(self, key: str) -> bool:
+        if self.marker_dir is None:
+            raise ValueError("CrashTest(marker_dir=...) is needed for '__crash__': 'once'")
+        path = os.path.join(self.marker_dir, sha256(key.encode()).hexdigest())
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+
+def _abort() -> None:
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file for a test crash
+    except (ImportError, ValueError, OSError):
+        pass
+    os.abort()
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """An exception raised in a worker, carried back without pickling its class's
+    constructor (Lifecycle's errors take their fields, not their message)."""
+
+    module: str
+    qualname: str
+    message: str
+    state: dict[str, object]
+
+    @classmethod
+    def of(cls, exc: BaseException) -> _Failure:
+        state = {}
+        for name, value in vars(exc).items():
+            try:
+                pickle.dumps(value)
+            except Exception:
+                value = repr(value)
+            state[name] = value
+        kind = type(exc)
+        return cls(kind.__module__, kind.__qualname__, str(exc), state)
+
+    def rebuild(self) -> BaseException:
+        try:
+            kind = getattr(importlib.import_module(self.module), self.qualname)
+            exc = kind.__new__(kind)
+            BaseException.__init__(exc, self.message)
+            exc.__dict__.update(self.state)
+            return exc  # type: ignore[no-any-return]
+        except Exception:
+            return LifecycleError(f"{self.qualname} in an evaluation worker: {self.message}")
+
+
+_worker_evaluator: Evaluator | None = None
+_worker_failure: _Failure | None = None
+_worker_crash_test: CrashTest | None = None
+
+
+def _init_worker(
+    conditions: Mapping[str, Condition], engine: str, crash_test: CrashTest | None
+) -> None:
+    global _worker_evaluator, _worker_failure, _worker_crash_test
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _worker_crash_test = crash_test
+    try:
+        _worker_evaluator = make_evaluator(conditions, engine)
+    except Exception as exc:
+        _worker_failure = _Failure.of(exc)
+
+
+def _run_batch(rows: list[Row]) -> list[Result] | _Failure:
+    if _worker_failure is not None:
+        return _worker_failure
+    assert _worker_evaluator is not None
+    try:
+        if _worker_crash_test is not None:
+            _worker_crash_test.maybe_crash(rows)
+        return _worker_evaluator.evaluate_many(rows)
+    except Exception as exc:
+        return _Failure.of(exc)
+
+
+def default_workers() -> int:
+    """One worker per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    # Never fork: the parent may have threads (the scheduler, the pool's own), and a
+    # forked child of a threaded process can deadlock. forkserver forks from a clean,
+    # single-threaded server that has already imported this module.
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+@dataclass
+class _Job:
+    index: int
+    rows: list[Row]
+    attempts: int = 0  # how many times a worker died while this batch was being evaluated
+    future: cf.Future[list[Result] | _Failure] | None = None
+    result: list[Result] | None = None
+
+
+class _Pool:
+    """Runs batches on a ProcessPoolExecutor, rebuilding it whenever a worker dies.
+
+    A dead worker breaks the whole executor, failing every unfinished batch, so after a
+    death nobody knows which batch was to blame: the unfinished ones are re-run one at a
+    time, and a batch is given up only when it has killed a worker running on its own.
+    """
+
+    def __init__(
+        self,
+        conditions: Mapping[str, Condition],
+        engine: str,
+        workers: int,
+        max_attempts: int,
+        crash_test: CrashTest | None,
+    ) -> None:
+        self.initargs = (dict(conditions), engine, crash_test)
+        self.workers = workers
+        self.max_attempts = max_attempts
+        self.executor: cf.ProcessPoolExecutor | None = None
+        self.suspects: deque[_Job] = deque()  # to re-run one at a time, after a death
+
+    def _submit(self, job: _Job) -> None:
+        if self.executor is None:
+            self.executor = cf.ProcessPoolExecutor(
+                max_workers=self.workers,
+                mp_context=_context(),
+                initializer=_init_worker,
+                initargs=self.initargs,
+            )
+        job.future = self.executor.submit(_run_batch, job.rows)
+
+    def _shutdown(self) -> None:
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def run(self, batches: Iterable[Sequence[Row]]) -> Iterator[list[Result]]:
+        source = enumerate(batches)
+        jobs: dict[int, _Job] = {}  # submitted and not yet handed back, by batch index
+        window = 2 * self.workers
+        following = 0  # the index of the next batch to hand back
+        exhausted = False
+        try:
+            while True:
+                while not exhausted and not self.suspects and len(jobs) < window:
+                    try:
+                        index, rows = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    jobs[index] = job = _Job(index, list(rows))
+                    self._submit(job)
+                head = jobs.get(following)
+                if head is None:
+                    return  # exhausted, and everything handed back
+                if head.result is not None:
+                    del jobs[following]
+                    following += 1
+                    yield head.result
+                    continue
+                running = [j.future for j in jobs.values() if j.future is not None]
+                if not running:
+                    self._submit(self.suspects[0])
+                    continue
+                cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                self._collect(jobs)
+        finally:
+            self._shutdown()
+
+    def _collect(self, jobs: Mapping[int, _Job]) -> None:
+        unfinished: list[_Job] = []
+        for job in jobs.values():
+            future = job.future
+            if future is None or not future.done():
+                continue
+            job.future = None
+            try:
+                outcome = future.result()
+            except BrokenProcessPool:
+                unfinished.append(job)
+                continue
+            if isinstance(outcome, _Failure):
+                raise outcome.rebuild()
+            job.result = outcome
+            if self.suspects and self.suspects[0] is job:
+                self.suspects.popleft()
+        if not unfinished:
+            return
+        # The executor is broken: every batch still in it fails the same way.
+        cause = self._cause()
+        for job in jobs.values():
+            if job.future is not None:
+                job.future.cancel()
+                job.future = None
+                unfinished.append(job)
+        self._shutdown()
+        alone = len(unfinished) == 1
+        for job in unfinished:
+            job.attempts += 1
+            if alone and job.attempts >= self.max_attempts:
+                first = job.rows[0][0] if job.rows else ""
+                raise EvaluationWorkerCrashed(first, len(job.rows), job.attempts, cause)
+        queued = {id(j) for j in self.suspects}
+        self.suspects.extend(j for j in unfinished if id(j) not in queued)
+        self.suspects = deque(sorted(self.suspects, key=lambda j: j.index))
+
+    def _cause(self) -> str:
+        processes = getattr(self.executor, "_processes", None) or {}
+        codes = [p.exitcode for p in list(processes.values()) if p.exitcode]
+        for code in sorted(codes, key=lambda c: c == -signal.SIGTERM):
+            if code < 0:
+                try:
+                    return f"the worker was killed by {signal.Signals(-code).name}"
+                except ValueError:
+                    return f"the worker was killed by signal {-code}"
+            return f"the worker exited with status {code}"
+        return "a worker process died abruptly"
+
+
+def evaluate_in_workers(
+    conditions: Mapping[str, Condition],
+    batches: Iterable[Sequence[Row]],
+    workers: int | None = None,
+    engine: str = "durable",
+    max_attempts: int = 3,
+    *,
+    crash_test: CrashTest | None = None,
+) -> Iterator[list[Result]]:
+    """Evaluate batches of ``(key, facts)`` rows in worker processes; yields each batch's
+    ``[(key, fired rule ids)]`` in batch order.
+
+    ``workers`` defaults to one per core; each builds its evaluator once. At most two
+    batches per worker are read ahead of the one being handed back, so memory stays flat
+    however many batches there are. A batch whose worker dies is retried on a fresh one;
+    a batch that kills a worker ``max_attempts`` times (the last time running alone)
+    raises ``EvaluationWorkerCrashed``. The rules are checked here first, so a ruleset
+    durable_rules refuses raises ``RuleEngineError`` in the caller, before any worker.
+    ``crash_test`` is a test-only hook (see ``CrashTest``).
+    """
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    make_evaluator(conditions, engine).close()
+    pool = _Pool(conditions, engine, workers or default_workers(), max_attempts, crash_test)
+    return pool.run(batches)
