@@ -107,6 +107,8 @@ def apply_batch(
             recent=recent.get(customer_id, []),
         )
         report.customers += 1
+        if not _has_work(rules, journey, now):
+            continue  # most customers of a sweep: nothing to enter, exit or send
         savepoint = session.begin_nested()
         attempt = BatchReport()
         try:
@@ -172,6 +174,27 @@ def _recent_marketing(
 
 
 # ---------------------------------------------------------------- one customer
+
+
+def _has_work(rules: RuleSet, journey: CustomerJourney, now: datetime) -> bool:
+    """A cheap look before opening a savepoint: is there anything to do at all?"""
+    if journey.events:
+        return True
+    for playbook_id, enrollment in journey.active.items():
+        if playbook_id not in rules.playbooks:
+            return True
+        if enrollment.next_due_at is not None and enrollment.next_due_at <= now:
+            return True
+        if journey.sweep is not None and exit_rule(playbook_id) in journey.sweep.fired:
+            return True
+    if journey.sweep is None:
+        return False
+    for playbook in rules.playbooks.values():
+        if playbook.enter_on is None and playbook.id not in journey.active and enter_rule(playbook.id) in journey.sweep.fired:
+            last = journey.last_entered.get(playbook.id)
+            if last is None or (playbook.reentry is not None and now >= last[0] + playbook.reentry):
+                return True
+    return False
 
 
 def _run_customer(
