@@ -58,17 +58,41 @@ class LifecycleScheduler:
     def _add_jobs(self) -> None:
         i = self.intervals
         add = self.scheduler.add_job
-        add(self.evaluate, "interval", seconds=i.evaluate.total_seconds(), id="evaluate", next_run_time=_soon())
-        add(self.full_sweep, "interval", seconds=i.full_sweep.total_seconds(), id="full_sweep", next_run_time=_soon())
-        add(self.dispatch, "interval", seconds=i.dispatch.total_seconds(), id="dispatch", next_run_time=_soon())
+        add(
+            self.evaluate,
+            "interval",
+            seconds=i.evaluate.total_seconds(),
+            id="evaluate",
+            next_run_time=_soon(),
+        )
+        add(
+            self.full_sweep,
+            "interval",
+            seconds=i.full_sweep.total_seconds(),
+            id="full_sweep",
+            next_run_time=_soon(),
+        )
+        add(
+            self.dispatch,
+            "interval",
+            seconds=i.dispatch.total_seconds(),
+            id="dispatch",
+            next_run_time=_soon(),
+        )
         add(self.sla, "interval", seconds=i.sla.total_seconds(), id="sla", next_run_time=_soon())
-        add(self.reload_rules, "interval", seconds=i.rules_reload.total_seconds(), id="rules_reload")
+        add(
+            self.reload_rules, "interval", seconds=i.rules_reload.total_seconds(), id="rules_reload"
+        )
 
     # Each job reads the clock once and hands ``now`` down.
     def evaluate(self) -> None:
         report = evaluation_tick(self.app, self.app.clock())
-        log.info("evaluate: %d customers, %d enrolled, %d queued", report.customers,
-                 sum(report.journeys.enrolled.values()), sum(report.journeys.queued.values()))
+        log.info(
+            "evaluate: %d customers, %d enrolled, %d queued",
+            report.customers,
+            sum(report.journeys.enrolled.values()),
+            sum(report.journeys.queued.values()),
+        )
 
     def full_sweep(self) -> None:
         report = evaluation_tick(self.app, self.app.clock(), full=True)
@@ -77,8 +101,13 @@ class LifecycleScheduler:
     def dispatch(self) -> None:
         report = dispatch_tick(self.app, self.app.clock())
         if report.claimed:
-            log.info("dispatch: %d claimed, %d sent, %d retried, %d failed", report.claimed,
-                     report.total_sent, report.retried, report.failed)
+            log.info(
+                "dispatch: %d claimed, %d sent, %d retried, %d failed",
+                report.claimed,
+                report.total_sent,
+                report.retried,
+                report.failed,
+            )
 
     def sla(self) -> None:
         count = sla_tick(self.app, self.app.clock())
@@ -109,7 +138,9 @@ class LifecycleScheduler:
         """Run until SIGINT or SIGTERM, then let running ticks finish and stop."""
 
         def _signal(signum: int, _frame: FrameType | None) -> None:
-            log.info("received %s: stopping after the running ticks finish", signal.Signals(signum).name)
+            log.info(
+                "received %s: stopping after the running ticks finish", signal.Signals(signum).name
+            )
             self.stopped.set()
 
         previous = {s: signal.signal(s, _signal) for s in (signal.SIGINT, signal.SIGTERM)}

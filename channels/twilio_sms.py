@@ -187,7 +187,10 @@ class TwilioSmsChannel:
         if status == 429:
             retry = retry_after_seconds(self._http.last_headers().get("Retry-After"), self._clock())
             return TransientChannelError(
-                PROVIDER, f"rate limited: {detail}", status=status, code=code_text,
+                PROVIDER,
+                f"rate limited: {detail}",
+                status=status,
+                code=code_text,
                 retry_after=retry,
             )
         if status >= 500 and code not in PERMANENT_CODES:

@@ -81,7 +81,9 @@ def build_channels(settings: Settings) -> dict[str, Any]:
     built: dict[str, Any] = {}
     if settings.email_channel == "sendgrid":
         if settings.sendgrid_api_key is None:
-            raise ConfigurationError("LIFECYCLE_SENDGRID_API_KEY", "required for the sendgrid channel")
+            raise ConfigurationError(
+                "LIFECYCLE_SENDGRID_API_KEY", "required for the sendgrid channel"
+            )
         from channels.sendgrid_email import SendGridEmailChannel
 
         built["email"] = SendGridEmailChannel(

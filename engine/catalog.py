@@ -42,7 +42,9 @@ class FactSpec:
 
 
 BUILTIN_FACTS: tuple[FactSpec, ...] = (
-    FactSpec("days_since_signup", FactType.INT, "Whole days since the customer signed up.", example=3),
+    FactSpec(
+        "days_since_signup", FactType.INT, "Whole days since the customer signed up.", example=3
+    ),
     FactSpec(
         "days_since_last_activity",
         FactType.INT,
@@ -69,12 +71,34 @@ BUILTIN_FACTS: tuple[FactSpec, ...] = (
         example=9,
     ),
     FactSpec("open_complaints", FactType.INT, "Escalation cases that are not resolved.", example=0),
-    FactSpec("email_opt_in", FactType.BOOL, "Opted in to marketing email and not revoked since.", example=True),
-    FactSpec("sms_opt_in", FactType.BOOL, "Explicitly opted in to SMS and has not sent STOP.", example=True),
-    FactSpec("has_email", FactType.BOOL, "Has an email address that is not suppressed.", example=True),
-    FactSpec("has_phone", FactType.BOOL, "Has an E.164 phone number that is not suppressed.", example=True),
+    FactSpec(
+        "email_opt_in",
+        FactType.BOOL,
+        "Opted in to marketing email and not revoked since.",
+        example=True,
+    ),
+    FactSpec(
+        "sms_opt_in",
+        FactType.BOOL,
+        "Explicitly opted in to SMS and has not sent STOP.",
+        example=True,
+    ),
+    FactSpec(
+        "has_email", FactType.BOOL, "Has an email address that is not suppressed.", example=True
+    ),
+    FactSpec(
+        "has_phone",
+        FactType.BOOL,
+        "Has an E.164 phone number that is not suppressed.",
+        example=True,
+    ),
     FactSpec("locale", FactType.STRING, "The customer's locale, like en-GB.", example="en-GB"),
-    FactSpec("timezone", FactType.STRING, "The customer's IANA timezone, like Europe/London.", example="Europe/London"),
+    FactSpec(
+        "timezone",
+        FactType.STRING,
+        "The customer's IANA timezone, like Europe/London.",
+        example="Europe/London",
+    ),
     FactSpec(
         "event",
         FactType.STRING,
@@ -100,9 +124,7 @@ class FactCatalog:
     event_types: frozenset[str]
 
     @classmethod
-    def build(
-        cls, extra: Iterable[FactSpec] = (), event_types: Iterable[str] = ()
-    ) -> FactCatalog:
+    def build(cls, extra: Iterable[FactSpec] = (), event_types: Iterable[str] = ()) -> FactCatalog:
         facts = {spec.name: spec for spec in BUILTIN_FACTS}
         for spec in extra:
             facts[spec.name] = spec

@@ -27,9 +27,9 @@ suppress the address when that is what the error means.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -41,10 +41,10 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from engine.outbound import Email, Sent, Sms, send_many
 from engine.errors import ChannelError, PermanentChannelError, TemplateError
 from engine.facts import build_facts, customer_rows, open_complaint_counts, suppressed_addresses
 from engine.models import Decision, Message, MessageStatus, Suppression
+from engine.outbound import Email, Sent, Sms, send_many
 from engine.playbooks import RuleSet
 from engine.policies import Proposal, complaint_pause, consent
 from engine.templates import RenderedEmail, RenderedSms, TemplateStore
@@ -81,7 +81,14 @@ class DispatchReport:
         self.claimed += other.claimed
         for channel, count in other.sent.items():
             self.sent[channel] = self.sent.get(channel, 0) + count
-        for name in ("retried", "failed", "cancelled", "deferred", "requeued_after_crash", "marked_ambiguous"):
+        for name in (
+            "retried",
+            "failed",
+            "cancelled",
+            "deferred",
+            "requeued_after_crash",
+            "marked_ambiguous",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
@@ -90,19 +97,26 @@ class DispatchReport:
 
 
 def unsubscribe_token(secret_key: str, customer_id: str, channel: str, message_id: str) -> str:
-    return URLSafeSerializer(secret_key, salt=SERIALIZER_SALT).dumps([customer_id, channel, message_id])
+    return URLSafeSerializer(secret_key, salt=SERIALIZER_SALT).dumps(
+        [customer_id, channel, message_id]
+    )
 
 
 def read_unsubscribe_token(secret_key: str, token: str) -> tuple[str, str, str]:
     """Raises itsdangerous.BadSignature for a forged or damaged token."""
-    customer_id, channel, message_id = URLSafeSerializer(secret_key, salt=SERIALIZER_SALT).loads(token)
+    customer_id, channel, message_id = URLSafeSerializer(secret_key, salt=SERIALIZER_SALT).loads(
+        token
+    )
     return str(customer_id), str(channel), str(message_id)
 
 
 def backoff(attempts: int, config: DispatchConfig, rng: random.Random) -> timedelta:
     """Exponential backoff with full jitter: uniform in [base, base * 2**(n-1)], capped."""
     ceiling = min(config.backoff_cap, config.backoff_base * (2 ** max(0, attempts - 1)))
-    seconds = rng.uniform(config.backoff_base.total_seconds(), max(ceiling.total_seconds(), config.backoff_base.total_seconds()))
+    seconds = rng.uniform(
+        config.backoff_base.total_seconds(),
+        max(ceiling.total_seconds(), config.backoff_base.total_seconds()),
+    )
     return timedelta(seconds=seconds)
 
 
@@ -130,7 +144,9 @@ class Dispatcher:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.hooks = hooks or {}
         self.rng = rng or random.Random()
-        self._pool = ThreadPoolExecutor(max_workers=self.config.send_threads, thread_name_prefix="send")
+        self._pool = ThreadPoolExecutor(
+            max_workers=self.config.send_threads, thread_name_prefix="send"
+        )
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -142,7 +158,11 @@ class Dispatcher:
         report = DispatchReport()
         report.merge(self.recover(now))
         while limit is None or report.claimed < limit:
-            size = self.config.batch_size if limit is None else min(self.config.batch_size, limit - report.claimed)
+            size = (
+                self.config.batch_size
+                if limit is None
+                else min(self.config.batch_size, limit - report.claimed)
+            )
             ids = self.claim(now, size)
             if not ids:
                 break
@@ -191,13 +211,30 @@ class Dispatcher:
         with Session(self.db) as session:
             requeued = session.execute(
                 update(Message)
-                .where(Message.status == MessageStatus.SENDING, Message.claimed_at < expired, Message.attempted_at.is_(None))  # type: ignore[union-attr,operator]
-                .values(status=MessageStatus.QUEUED, claimed_by=None, last_error="requeued: its dispatcher stopped before calling the provider", updated_at=now)
+                .where(
+                    Message.status == MessageStatus.SENDING,
+                    Message.claimed_at < expired,
+                    Message.attempted_at.is_(None),
+                )  # type: ignore[union-attr,operator]
+                .values(
+                    status=MessageStatus.QUEUED,
+                    claimed_by=None,
+                    last_error="requeued: its dispatcher stopped before calling the provider",
+                    updated_at=now,
+                )
             ).rowcount
             ambiguous = session.execute(
                 update(Message)
-                .where(Message.status == MessageStatus.SENDING, Message.claimed_at < expired, Message.attempted_at.is_not(None))  # type: ignore[union-attr,operator]
-                .values(status=MessageStatus.AMBIGUOUS, last_error="ambiguous: its dispatcher stopped after calling the provider; not resent", updated_at=now)
+                .where(
+                    Message.status == MessageStatus.SENDING,
+                    Message.claimed_at < expired,
+                    Message.attempted_at.is_not(None),
+                )  # type: ignore[union-attr,operator]
+                .values(
+                    status=MessageStatus.AMBIGUOUS,
+                    last_error="ambiguous: its dispatcher stopped after calling the provider; not resent",
+                    updated_at=now,
+                )
             ).rowcount
             session.commit()
         report.requeued_after_crash = requeued
@@ -217,13 +254,23 @@ class Dispatcher:
             by_channel: dict[str, list[tuple[Message, Email | Sms]]] = {}
             for message, rendered in ready:
                 by_channel.setdefault(message.channel, []).append((message, rendered))
-            futures = {
-                channel: self._pool.submit(send_many, self.channels[channel], [r for _, r in items])
-                for channel, items in by_channel.items()
-            } if self.config.send_threads > 0 else {}
+            futures = (
+                {
+                    channel: self._pool.submit(
+                        send_many, self.channels[channel], [r for _, r in items]
+                    )
+                    for channel, items in by_channel.items()
+                }
+                if self.config.send_threads > 0
+                else {}
+            )
             outcomes: list[tuple[Message, Sent | ChannelError]] = []
             for channel, items in by_channel.items():
-                results = futures[channel].result() if futures else send_many(self.channels[channel], [r for _, r in items])
+                results = (
+                    futures[channel].result()
+                    if futures
+                    else send_many(self.channels[channel], [r for _, r in items])
+                )
                 outcomes.extend(zip((m for m, _ in items), results, strict=True))
             self._hook("sent", [m.id for m, _ in outcomes])
             for message, outcome in outcomes:
@@ -235,38 +282,76 @@ class Dispatcher:
         self, session: Session, messages: Sequence[Message], now: datetime, report: DispatchReport
     ) -> list[tuple[Message, Email | Sms]]:
         """Render every claimed message; re-check consent; fail only the ones that break."""
-        customer_ids = sorted({m.customer_id for m in messages if m.customer_id and m.kind != "staff"})
+        customer_ids = sorted(
+            {m.customer_id for m in messages if m.customer_id and m.kind != "staff"}
+        )
         rows = {row.id: row for row in customer_rows(session, customer_ids)}
         complaints = open_complaint_counts(session, customer_ids)
         suppressed = suppressed_addresses(session, list(rows.values()))
         staff_suppressed = {
             (s.channel, s.address)
             for s in session.scalars(
-                select(Suppression).where(Suppression.address.in_([m.to_address for m in messages if m.kind == "staff"]))  # type: ignore[attr-defined]
+                select(Suppression).where(
+                    Suppression.address.in_([m.to_address for m in messages if m.kind == "staff"])
+                )  # type: ignore[attr-defined]
             )
         }
         ready: list[tuple[Message, Email | Sms]] = []
         for message in messages:
             if message.kind == "staff":
                 if (message.channel, message.to_address) in staff_suppressed:
-                    self._finish(session, message, MessageStatus.CANCELLED, "the address is suppressed", now, report)
+                    self._finish(
+                        session,
+                        message,
+                        MessageStatus.CANCELLED,
+                        "the address is suppressed",
+                        now,
+                        report,
+                    )
                     continue
                 facts: dict[str, Any] = {}
                 customer: dict[str, Any] = {"id": message.customer_id}
             else:
                 row = rows.get(message.customer_id or "")
                 if row is None:
-                    self._finish(session, message, MessageStatus.FAILED, "the customer no longer exists", now, report)
+                    self._finish(
+                        session,
+                        message,
+                        MessageStatus.FAILED,
+                        "the customer no longer exists",
+                        now,
+                        report,
+                    )
                     continue
-                facts = build_facts(row, self.rules.catalog, now, open_complaints=complaints.get(row.id, 0), suppressed=suppressed)
+                facts = build_facts(
+                    row,
+                    self.rules.catalog,
+                    now,
+                    open_complaints=complaints.get(row.id, 0),
+                    suppressed=suppressed,
+                )
                 proposal = Proposal(message.channel, message.kind == "marketing", message.priority)
                 refused = consent(proposal, facts)
                 if refused is not None:
-                    self._finish(session, message, MessageStatus.CANCELLED, f"at send time: {refused.reason}", now, report)
+                    self._finish(
+                        session,
+                        message,
+                        MessageStatus.CANCELLED,
+                        f"at send time: {refused.reason}",
+                        now,
+                        report,
+                    )
                     continue
                 paused = complaint_pause(proposal, facts, now)
                 if paused is not None:
-                    self._defer(session, message, now + self.config.pause_recheck, paused.reason, now, report)
+                    self._defer(
+                        session,
+                        message,
+                        now + self.config.pause_recheck,
+                        paused.reason,
+                        now,
+                        report,
+                    )
                     continue
                 message.to_address = row.email if message.channel == "email" else row.phone
                 customer = {
@@ -280,11 +365,17 @@ class Dispatcher:
             try:
                 ready.append((message, self._render(message, customer, facts)))
             except (TemplateError, ValueError) as exc:
-                self._finish(session, message, MessageStatus.FAILED, f"render failed: {exc}", now, report)
+                self._finish(
+                    session, message, MessageStatus.FAILED, f"render failed: {exc}", now, report
+                )
         return ready
 
-    def _render(self, message: Message, customer: dict[str, Any], facts: dict[str, Any]) -> Email | Sms:
-        token = unsubscribe_token(self.config.secret_key, message.customer_id or "", message.channel, message.id)
+    def _render(
+        self, message: Message, customer: dict[str, Any], facts: dict[str, Any]
+    ) -> Email | Sms:
+        token = unsubscribe_token(
+            self.config.secret_key, message.customer_id or "", message.channel, message.id
+        )
         unsubscribe_url = f"{self.config.public_base_url}/u/{token}"
         context = {
             "customer": customer,
@@ -321,7 +412,14 @@ class Dispatcher:
 
     # ------------------------------------------------------------ outcomes
 
-    def _record(self, session: Session, message: Message, outcome: Sent | ChannelError, now: datetime, report: DispatchReport) -> None:
+    def _record(
+        self,
+        session: Session,
+        message: Message,
+        outcome: Sent | ChannelError,
+        now: datetime,
+        report: DispatchReport,
+    ) -> None:
         if isinstance(outcome, Sent):
             message.status = MessageStatus.SENT
             message.provider = outcome.provider
@@ -330,24 +428,51 @@ class Dispatcher:
             message.last_error = None
             message.updated_at = now
             report.sent[message.channel] = report.sent.get(message.channel, 0) + 1
-            self._decide(session, message, "sent", f"{outcome.provider} id {outcome.provider_id}", now)
+            self._decide(
+                session, message, "sent", f"{outcome.provider} id {outcome.provider_id}", now
+            )
             return
         if outcome.transient and message.attempts < self.config.max_attempts:
-            wait = timedelta(seconds=outcome.retry_after) if outcome.retry_after else backoff(message.attempts, self.config, self.rng)
+            wait = (
+                timedelta(seconds=outcome.retry_after)
+                if outcome.retry_after
+                else backoff(message.attempts, self.config, self.rng)
+            )
             message.status = MessageStatus.QUEUED
             message.due_at = now + wait
             message.claimed_by = None
             message.attempted_at = None
-            message.last_error = f"attempt {message.attempts}: {outcome}; retry at {message.due_at:%H:%M:%S}"
+            message.last_error = (
+                f"attempt {message.attempts}: {outcome}; retry at {message.due_at:%H:%M:%S}"
+            )
             message.updated_at = now
             report.retried += 1
             return
-        reason = str(outcome) if not outcome.transient else f"gave up after {message.attempts} attempts: {outcome}"
+        reason = (
+            str(outcome)
+            if not outcome.transient
+            else f"gave up after {message.attempts} attempts: {outcome}"
+        )
         self._finish(session, message, MessageStatus.FAILED, reason, now, report)
         if isinstance(outcome, PermanentChannelError) and outcome.suppress:
-            suppress(session, message.channel, message.to_address, f"{outcome.reason}", f"provider:{outcome.channel}", now)
+            suppress(
+                session,
+                message.channel,
+                message.to_address,
+                f"{outcome.reason}",
+                f"provider:{outcome.channel}",
+                now,
+            )
 
-    def _finish(self, session: Session, message: Message, status: MessageStatus, reason: str, now: datetime, report: DispatchReport) -> None:
+    def _finish(
+        self,
+        session: Session,
+        message: Message,
+        status: MessageStatus,
+        reason: str,
+        now: datetime,
+        report: DispatchReport,
+    ) -> None:
         message.status = status
         message.last_error = reason[:1000]
         message.updated_at = now
@@ -357,7 +482,15 @@ class Dispatcher:
             report.cancelled += 1
         self._decide(session, message, str(status), reason, now)
 
-    def _defer(self, session: Session, message: Message, until: datetime, reason: str, now: datetime, report: DispatchReport) -> None:
+    def _defer(
+        self,
+        session: Session,
+        message: Message,
+        until: datetime,
+        reason: str,
+        now: datetime,
+        report: DispatchReport,
+    ) -> None:
         first_time = message.last_error != reason
         message.status = MessageStatus.QUEUED
         message.due_at = until
@@ -369,7 +502,15 @@ class Dispatcher:
         if first_time:
             self._decide(session, message, "deferred", reason, now, until=until)
 
-    def _decide(self, session: Session, message: Message, outcome: str, reason: str, now: datetime, until: datetime | None = None) -> None:
+    def _decide(
+        self,
+        session: Session,
+        message: Message,
+        outcome: str,
+        reason: str,
+        now: datetime,
+        until: datetime | None = None,
+    ) -> None:
         if message.kind == "staff" or not message.customer_id:
             return
         session.add(
@@ -388,17 +529,26 @@ class Dispatcher:
         )
 
 
-def suppress(session: Session, channel: str, address: str, reason: str, source: str, now: datetime) -> bool:
+def suppress(
+    session: Session, channel: str, address: str, reason: str, source: str, now: datetime
+) -> bool:
     """Record that an address must get nothing more; True if it was new."""
     if not address:
         return False
     nested = session.begin_nested()
     try:
-        session.add(Suppression(channel=channel, address=address, reason=reason[:200], source=source[:100], created_at=now))
+        session.add(
+            Suppression(
+                channel=channel,
+                address=address,
+                reason=reason[:200],
+                source=source[:100],
+                created_at=now,
+            )
+        )
         session.flush()
         nested.commit()
         return True
     except IntegrityError:
         nested.rollback()
         return False
-

@@ -87,9 +87,13 @@ def open_or_join(
     return case, True
 
 
-def add_note(session: Session, case: Escalation, now: datetime, actor: str, action: str, note: str) -> None:
+def add_note(
+    session: Session, case: Escalation, now: datetime, actor: str, action: str, note: str
+) -> None:
     assert case.id is not None
-    session.add(EscalationNote(escalation_id=case.id, at=now, actor=actor, action=action, note=note))
+    session.add(
+        EscalationNote(escalation_id=case.id, at=now, actor=actor, action=action, note=note)
+    )
 
 
 def get_case(session: Session, case_id: int) -> Escalation:

@@ -93,7 +93,8 @@ def suppressed_addresses(session: Session, rows: Sequence[Row[Any]]) -> set[tupl
     for channel, addresses in (("email", emails), ("sms", phones)):
         if addresses:
             statement = select(Suppression.channel, Suppression.address).where(
-                Suppression.channel == channel, Suppression.address.in_(addresses)  # type: ignore[attr-defined]
+                Suppression.channel == channel,
+                Suppression.address.in_(addresses),  # type: ignore[attr-defined]
             )
             found.update((c, a) for c, a in session.execute(statement))
     return found
@@ -129,7 +130,9 @@ def build_facts(
     has_phone = bool(row.phone) and ("sms", row.phone) not in suppressed
     facts: dict[str, Any] = {
         "days_since_signup": whole_days_between(row.signed_up_at, now),
-        "days_since_last_activity": whole_days_between(row.last_activity_at or row.signed_up_at, now),
+        "days_since_last_activity": whole_days_between(
+            row.last_activity_at or row.signed_up_at, now
+        ),
         "orders_count": row.orders_count,
         "total_spend_cents": row.total_spend_cents,
         "last_order_days_ago": (
@@ -198,7 +201,9 @@ def subjects_for(
     return subjects
 
 
-def pending_events(session: Session, ids: Sequence[str] | None = None, limit: int | None = None) -> list[Event]:
+def pending_events(
+    session: Session, ids: Sequence[str] | None = None, limit: int | None = None
+) -> list[Event]:
     """Events not yet evaluated, oldest first (optionally only for some customers)."""
     statement = select(Event).where(Event.evaluated_at.is_(None))  # type: ignore[union-attr]
     if ids is not None:

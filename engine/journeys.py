@@ -36,7 +36,15 @@ from engine.models import (
     MessageStatus,
 )
 from engine.playbooks import Playbook, RuleSet, Step, enter_rule, exit_rule, step_rule
-from engine.policies import Defer, Proposal, Skip, complaint_pause, consent, frequency_caps, quiet_hours
+from engine.policies import (
+    Defer,
+    Proposal,
+    Skip,
+    complaint_pause,
+    consent,
+    frequency_caps,
+    quiet_hours,
+)
 from engine.sweep import Evaluation
 
 COUNTED_STATUSES = (
@@ -64,7 +72,15 @@ class BatchReport:
     customers: int = 0
 
     def merge(self, other: BatchReport) -> None:
-        for name in ("enrolled", "queued", "deferred", "skipped", "exited", "completed", "escalated"):
+        for name in (
+            "enrolled",
+            "queued",
+            "deferred",
+            "skipped",
+            "exited",
+            "completed",
+            "escalated",
+        ):
             mine, theirs = getattr(self, name), getattr(other, name)
             for key, value in theirs.items():
                 mine[key] += value
@@ -135,7 +151,9 @@ def _active_enrollments(session: Session, ids: Sequence[str]) -> dict[str, dict[
     return found
 
 
-def _last_entered(session: Session, ids: Sequence[str]) -> dict[str, dict[str, tuple[datetime, int]]]:
+def _last_entered(
+    session: Session, ids: Sequence[str]
+) -> dict[str, dict[str, tuple[datetime, int]]]:
     found: dict[str, dict[str, tuple[datetime, int]]] = defaultdict(dict)
     if not ids:
         return found
@@ -190,7 +208,11 @@ def _has_work(rules: RuleSet, journey: CustomerJourney, now: datetime) -> bool:
     if journey.sweep is None:
         return False
     for playbook in rules.playbooks.values():
-        if playbook.enter_on is None and playbook.id not in journey.active and enter_rule(playbook.id) in journey.sweep.fired:
+        if (
+            playbook.enter_on is None
+            and playbook.id not in journey.active
+            and enter_rule(playbook.id) in journey.sweep.fired
+        ):
             last = journey.last_entered.get(playbook.id)
             if last is None or (playbook.reentry is not None and now >= last[0] + playbook.reentry):
                 return True
@@ -212,12 +234,22 @@ def _run_customer(
                 _try_enter(session, rules, journey, playbook, journey.sweep, now, report)
     facts = journey.sweep.subject.facts if journey.sweep else None
     for enrollment in sorted(
-        journey.active.values(), key=lambda e: rules.playbooks[e.playbook].priority
-        if e.playbook in rules.playbooks else 10**6
+        journey.active.values(),
+        key=lambda e: (
+            rules.playbooks[e.playbook].priority if e.playbook in rules.playbooks else 10**6
+        ),
     ):
         playbook = rules.playbooks.get(enrollment.playbook)
         if playbook is None:
-            _end(session, enrollment, EnrollmentStatus.CANCELLED, "the playbook was removed", now, rules, facts or {})
+            _end(
+                session,
+                enrollment,
+                EnrollmentStatus.CANCELLED,
+                "the playbook was removed",
+                now,
+                rules,
+                facts or {},
+            )
             continue
         if facts is None:
             continue  # no current facts for this customer in this batch: steps wait
@@ -273,13 +305,24 @@ def _try_enter(
     session.flush()  # the unique active_key and entry number settle a race here
     journey.active[playbook.id] = enrollment
     journey.last_entered[playbook.id] = (now, entries + 1)
-    _decide(session, enrollment, None, "enrolled", _entry_reason(playbook, subject), now, rules, subject.facts)
+    _decide(
+        session,
+        enrollment,
+        None,
+        "enrolled",
+        _entry_reason(playbook, subject),
+        now,
+        rules,
+        subject.facts,
+    )
     report.enrolled[playbook.id] += 1
     if subject.event_id is not None and journey.sweep is not None:
         # The event's properties matter to this journey's first steps (the complaint
         # reason in the apology, the case): run due steps with the event's facts.
         fired = evaluation.fired | journey.sweep.fired
-        _run_due_steps(session, rules, journey, playbook, enrollment, subject.facts, fired, now, report)
+        _run_due_steps(
+            session, rules, journey, playbook, enrollment, subject.facts, fired, now, report
+        )
 
 
 def _entry_reason(playbook: Playbook, subject: Subject) -> str:
@@ -301,7 +344,9 @@ def _exit_on_goal(
     cancelled = session.execute(
         update(Message)
         .where(Message.enrollment_id == enrollment.id, Message.status == MessageStatus.QUEUED)
-        .values(status=MessageStatus.CANCELLED, last_error="journey exited on its goal", updated_at=now)
+        .values(
+            status=MessageStatus.CANCELLED, last_error="journey exited on its goal", updated_at=now
+        )
     ).rowcount
     reason = f"goal reached: {playbook.exit.source}"
     if cancelled:
@@ -328,7 +373,9 @@ def _end(
         end_reason=reason,
         next_due_at=None,
     )
-    outcome = {EnrollmentStatus.EXITED: "exited", EnrollmentStatus.COMPLETED: "completed"}.get(status, "cancelled")
+    outcome = {EnrollmentStatus.EXITED: "exited", EnrollmentStatus.COMPLETED: "completed"}.get(
+        status, "cancelled"
+    )
     _decide(session, enrollment, None, outcome, reason, now, rules, facts)
 
 
@@ -367,7 +414,9 @@ def _run_due_steps(
         and enrollment.next_due_at <= now
     ):
         step = playbook.steps[enrollment.next_step]
-        if not _run_step(session, rules, journey, playbook, enrollment, step, facts, fired, now, report):
+        if not _run_step(
+            session, rules, journey, playbook, enrollment, step, facts, fired, now, report
+        ):
             return  # held back: the step stays due and is tried again on a later tick
 
 
@@ -386,7 +435,9 @@ def _run_step(
     """Run one due step. Returns False when it is held back (it stays the next step)."""
     if step.when is not None and step_rule(playbook.id, step.id) not in fired:
         why = conditions.explain(step.when, facts).summary
-        _decide(session, enrollment, step.id, "skipped", f"condition false: {why}", now, rules, facts)
+        _decide(
+            session, enrollment, step.id, "skipped", f"condition false: {why}", now, rules, facts
+        )
         report.skipped[(playbook.id, "condition false")] += 1
         _advance(session, rules, playbook, enrollment, facts, now, report)
         return True
@@ -466,15 +517,30 @@ def _send(
         _hold(session, rules, enrollment, step, capped, capped.until, now, facts, report, playbook)
         return True
     send_at = now
-    quiet = quiet_hours(now, rules.quiet_hours(playbook, channel), str(facts.get("timezone") or "UTC"))
+    quiet = quiet_hours(
+        now, rules.quiet_hours(playbook, channel), str(facts.get("timezone") or "UTC")
+    )
     if quiet is not None:
         send_at = quiet.until
-        _decide(session, enrollment, step.id, "deferred", quiet.reason, now, rules, facts, until=send_at)
+        _decide(
+            session, enrollment, step.id, "deferred", quiet.reason, now, rules, facts, until=send_at
+        )
         report.deferred[(playbook.id, "quiet hours")] += 1
     message = _queue(session, playbook, enrollment, step, facts, send_at, now)
     if playbook.marketing:
         journey.recent.append((send_at, channel))
-    _decide(session, enrollment, step.id, "queued", f"{channel} {step.send.template}", now, rules, facts, message_id=message.id, until=send_at)
+    _decide(
+        session,
+        enrollment,
+        step.id,
+        "queued",
+        f"{channel} {step.send.template}",
+        now,
+        rules,
+        facts,
+        message_id=message.id,
+        until=send_at,
+    )
     report.queued[(playbook.id, channel)] += 1
     return False
 
@@ -498,7 +564,9 @@ def _hold(
         if until is not None:
             values["next_due_at"] = until
         _guarded_update(session, enrollment, **values)
-        _decide(session, enrollment, step.id, "deferred", held.reason, now, rules, facts, until=until)
+        _decide(
+            session, enrollment, step.id, "deferred", held.reason, now, rules, facts, until=until
+        )
         report.deferred[(playbook.id, key)] += 1
     elif until is not None and enrollment.next_due_at != until:
         _guarded_update(session, enrollment, next_due_at=until)
@@ -603,7 +671,9 @@ def due_customer_ids(session: Session, now: datetime, since: datetime | None) ->
     ids: set[str] = set()
     if since is not None:
         ids.update(session.scalars(select(Customer.id).where(Customer.changed_at > since)))
-    ids.update(session.scalars(select(Event.customer_id).where(Event.evaluated_at.is_(None)).distinct()))  # type: ignore[union-attr]
+    ids.update(
+        session.scalars(select(Event.customer_id).where(Event.evaluated_at.is_(None)).distinct())
+    )  # type: ignore[union-attr]
     ids.update(
         session.scalars(
             select(Enrollment.customer_id)
@@ -624,4 +694,3 @@ def iter_apply(
             total.merge(apply_batch(session, rules, evaluations, now))
             session.commit()
     return total
-

@@ -19,7 +19,6 @@ from typing import Any
 from sqlalchemy import JSON, Column, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-
 # Statuses are stored as their plain text values (VARCHAR, not a database enum), so raw SQL,
 # reports and later additions need no type migration.
 

@@ -65,7 +65,9 @@ def _queue_for_lead(
     return queued
 
 
-def notify_new_case(session: Session, rules: RuleSet, case: Escalation, now: datetime) -> list[Message]:
+def notify_new_case(
+    session: Session, rules: RuleSet, case: Escalation, now: datetime
+) -> list[Message]:
     lead = rules.roster.on_duty(1)
     if lead is None:
         return []
@@ -89,5 +91,12 @@ def check_sla(session: Session, rules: RuleSet, now: datetime) -> list[Message]:
         queued.extend(_queue_for_lead(session, case, lead, "breached", lead.tier, now))
         case.notified_tier = lead.tier
         case.updated_at = now
-        add_note(session, case, now, "sla-check", "breached", f"SLA passed; notified {lead.name} (tier {lead.tier})")
+        add_note(
+            session,
+            case,
+            now,
+            "sla-check",
+            "breached",
+            f"SLA passed; notified {lead.name} (tier {lead.tier})",
+        )
     return queued

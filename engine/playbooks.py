@@ -371,7 +371,11 @@ def _quiet_hours(
     for channel, window in spec.items():
         if channel not in CHANNELS:
             located.problems.append(
-                located.at((*where, channel), f"unknown channel {channel!r}{_did_you_mean(channel, list(CHANNELS))}", key=True)
+                located.at(
+                    (*where, channel),
+                    f"unknown channel {channel!r}{_did_you_mean(channel, list(CHANNELS))}",
+                    key=True,
+                )
             )
             continue
         if window is None:
@@ -394,7 +398,9 @@ def _duration(located: Located, where: tuple[Any, ...], text: str | None) -> tim
         return None
 
 
-def load_catalog(directory: Path, problems: list[SourceProblem]) -> tuple[FactCatalog, Located | None]:
+def load_catalog(
+    directory: Path, problems: list[SourceProblem]
+) -> tuple[FactCatalog, Located | None]:
     path = directory / "catalog.yaml"
     if not path.is_file():
         problems.append(SourceProblem(_display(path), 1, 1, "missing catalog file"))
@@ -410,9 +416,13 @@ def load_catalog(directory: Path, problems: list[SourceProblem]) -> tuple[FactCa
     extra: list[FactSpec] = []
     for name, attr in spec.attributes.items():
         if builtins.get(name):
-            problems.append(located.at(("attributes", name), f"{name!r} is a built-in fact", key=True))
+            problems.append(
+                located.at(("attributes", name), f"{name!r} is a built-in fact", key=True)
+            )
             continue
-        extra.append(FactSpec(name, attr.type, attr.description, FactSource.ATTRIBUTE, attr.example))
+        extra.append(
+            FactSpec(name, attr.type, attr.description, FactSource.ATTRIBUTE, attr.example)
+        )
     properties: dict[str, FactSpec] = {}
     for event_type, event_spec in spec.events.items():
         for prop, attr in event_spec.properties.items():
@@ -426,7 +436,9 @@ def load_catalog(directory: Path, problems: list[SourceProblem]) -> tuple[FactCa
                     )
                 )
                 continue
-            properties[name] = FactSpec(name, attr.type, attr.description, FactSource.EVENT, attr.example)
+            properties[name] = FactSpec(
+                name, attr.type, attr.description, FactSource.EVENT, attr.example
+            )
     catalog = FactCatalog.build([*extra, *properties.values()], event_types=spec.events)
     return catalog, located
 
@@ -446,9 +458,13 @@ def load_roster(directory: Path, problems: list[SourceProblem]) -> Roster:
 
     for i, lead in enumerate(spec.leads):
         if not EMAIL.match(lead.email):
-            located.problems.append(located.at(("leads", i, "email"), f"{lead.email!r} is not an email address"))
+            located.problems.append(
+                located.at(("leads", i, "email"), f"{lead.email!r} is not an email address")
+            )
         if lead.phone is not None and not E164.match(lead.phone):
-            located.problems.append(located.at(("leads", i, "phone"), f"{lead.phone!r} is not an E.164 number"))
+            located.problems.append(
+                located.at(("leads", i, "phone"), f"{lead.phone!r} is not an E.164 number")
+            )
         if lead.tier < 1:
             located.problems.append(located.at(("leads", i, "tier"), "tier must be 1 or more"))
     if spec.leads and not any(lead.on_duty and lead.tier == 1 for lead in spec.leads):
@@ -475,7 +491,9 @@ def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
     for i, cap in enumerate(spec.frequency_caps):
         per = _duration(located, ("frequency_caps", i, "per"), cap.per)
         if cap.max < 1:
-            located.problems.append(located.at(("frequency_caps", i, "max"), "max must be at least 1"))
+            located.problems.append(
+                located.at(("frequency_caps", i, "max"), "max must be at least 1")
+            )
         elif per is not None:
             caps.append(FrequencyCap(cap.channel, cap.max, per))
     problems.extend(located.problems)
@@ -489,7 +507,9 @@ class _ConditionChecker:
         self.located = located
         self.catalog = catalog
 
-    def compile(self, where: tuple[Any, ...], text: str | None, *, allow_event: bool) -> Condition | None:
+    def compile(
+        self, where: tuple[Any, ...], text: str | None, *, allow_event: bool
+    ) -> Condition | None:
         if text is None:
             return None
         text = str(text)
@@ -534,19 +554,29 @@ def _compile_playbook(
     checker = _ConditionChecker(located, catalog)
     if spec.playbook in seen_ids:
         located.problems.append(
-            located.at(("playbook",), f"playbook id {spec.playbook!r} is also used in {seen_ids[spec.playbook]}")
+            located.at(
+                ("playbook",),
+                f"playbook id {spec.playbook!r} is also used in {seen_ids[spec.playbook]}",
+            )
         )
     if spec.enter.on is not None and spec.enter.on not in catalog.event_types:
         hint = _did_you_mean(spec.enter.on, sorted(catalog.event_types))
         located.problems.append(
-            located.at(("enter", "on"), f"unknown event type {spec.enter.on!r}{hint}; declare it in catalog.yaml")
+            located.at(
+                ("enter", "on"),
+                f"unknown event type {spec.enter.on!r}{hint}; declare it in catalog.yaml",
+            )
         )
     allow_event = spec.enter.on is not None
     when = checker.compile(("enter", "when"), spec.enter.when, allow_event=allow_event)
-    exit_condition = checker.compile(("exit", "when"), spec.exit.when, allow_event=False) if spec.exit else None
+    exit_condition = (
+        checker.compile(("exit", "when"), spec.exit.when, allow_event=False) if spec.exit else None
+    )
     reentry: timedelta | None = None
     if spec.reentry != "never":
-        text = spec.reentry.removeprefix("after").strip() if spec.reentry.startswith("after") else ""
+        text = (
+            spec.reentry.removeprefix("after").strip() if spec.reentry.startswith("after") else ""
+        )
         if not text:
             located.problems.append(
                 located.at(("reentry",), f"bad reentry {spec.reentry!r}: write never or after 90d")
@@ -555,18 +585,23 @@ def _compile_playbook(
             reentry = _duration(located, ("reentry",), text)
     quiet = _quiet_hours(located, ("quiet_hours",), spec.quiet_hours)
     if spec.max_sms_segments < 1:
-        located.problems.append(located.at(("max_sms_segments",), "max_sms_segments must be at least 1"))
+        located.problems.append(
+            located.at(("max_sms_segments",), "max_sms_segments must be at least 1")
+        )
     steps = _compile_steps(located, spec, checker, templates, catalog, policies)
     if len(located.problems) > before or steps is None:
         return None
-    enter_text = " and ".join(
-        part
-        for part in (
-            f'event == "{spec.enter.on}"' if spec.enter.on else None,
-            f"({spec.enter.when})" if spec.enter.when else None,
+    enter_text = (
+        " and ".join(
+            part
+            for part in (
+                f'event == "{spec.enter.on}"' if spec.enter.on else None,
+                f"({spec.enter.when})" if spec.enter.when else None,
+            )
+            if part
         )
-        if part
-    ) or "true"
+        or "true"
+    )
     enter = conditions.compile_condition(enter_text, catalog)
     del when  # checked above at its own position; `enter` is the combined condition
     return Playbook(
@@ -603,7 +638,9 @@ def _compile_steps(
         where = ("steps", i)
         if step.id in ids:
             located.problems.append(
-                located.at((*where, "id"), f"duplicate step id {step.id!r} (also step {ids[step.id] + 1})")
+                located.at(
+                    (*where, "id"), f"duplicate step id {step.id!r} (also step {ids[step.id] + 1})"
+                )
             )
             ok = False
         ids.setdefault(step.id, i)
@@ -639,7 +676,9 @@ def _check_send(
         return None
     if send.channel not in CHANNELS:
         hint = _did_you_mean(send.channel, list(CHANNELS))
-        located.problems.append(located.at((*where, "channel"), f"unknown channel {send.channel!r}{hint}"))
+        located.problems.append(
+            located.at((*where, "channel"), f"unknown channel {send.channel!r}{hint}")
+        )
         return None
     missing = templates.missing_parts(send.channel, send.template)
     if missing:
@@ -659,7 +698,9 @@ def _check_send(
     try:
         rendered = templates.render(send.channel, send.template, context)
     except TemplateError as exc:
-        located.problems.append(located.at((*where, "template"), f"template does not render: {exc}"))
+        located.problems.append(
+            located.at((*where, "template"), f"template does not render: {exc}")
+        )
         return None
     if send.channel == "sms":
         body = rendered.body  # type: ignore[union-attr]
@@ -679,13 +720,17 @@ def _check_send(
     return Send(send.channel, send.template)
 
 
-def _check_escalate(located: Located, where: tuple[Any, ...], spec: EscalateSpec | None) -> Escalate | None:
+def _check_escalate(
+    located: Located, where: tuple[Any, ...], spec: EscalateSpec | None
+) -> Escalate | None:
     if spec is None:
         return None
     ok = True
     if spec.priority not in PRIORITIES:
         hint = _did_you_mean(spec.priority, list(PRIORITIES))
-        located.problems.append(located.at((*where, "priority"), f"unknown priority {spec.priority!r}{hint}"))
+        located.problems.append(
+            located.at((*where, "priority"), f"unknown priority {spec.priority!r}{hint}")
+        )
         ok = False
     sla = _duration(located, (*where, "sla"), spec.sla)
     if sla is None or not ok:
@@ -717,7 +762,9 @@ def load_rules(directory: Path | str, templates_dir: Path | str) -> RuleSet:
         located = _read(path, problems, _display(path))
         if located is None:
             continue
-        spec: PlaybookSpec | None = _validate(located, PlaybookSpec) if not located.problems else None
+        spec: PlaybookSpec | None = (
+            _validate(located, PlaybookSpec) if not located.problems else None
+        )
         if spec is not None:
             playbook = _compile_playbook(located, spec, catalog, templates, policies, seen)
             if playbook is not None:

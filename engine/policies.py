@@ -13,7 +13,6 @@ from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 
-
 @dataclass(frozen=True)
 class QuietHours:
     """Sending is allowed from ``start`` up to ``end`` local time; the rest is quiet."""
@@ -132,9 +131,7 @@ def _resolve_wall_time(wall: datetime, zone: ZoneInfo) -> datetime:
     return probe.astimezone(zone)
 
 
-def quiet_hours(
-    at: datetime, window: QuietHours | None, timezone: str
-) -> Defer | None:
+def quiet_hours(at: datetime, window: QuietHours | None, timezone: str) -> Defer | None:
     if window is None:
         return None
     allowed = next_allowed(at, window, timezone)
@@ -162,7 +159,9 @@ def frequency_caps(
     for cap in caps:
         if cap.channel not in ("any", proposal.channel):
             continue
-        times = sorted(t for t, channel in recent if cap.channel in ("any", channel) and t > at - cap.per)
+        times = sorted(
+            t for t, channel in recent if cap.channel in ("any", channel) and t > at - cap.per
+        )
         if len(times) >= cap.max:
             # Room appears when the oldest message that fills the window leaves it.
             free_at = times[len(times) - cap.max] + cap.per
@@ -171,7 +170,9 @@ def frequency_caps(
     if broken is None:
         return None
     label = "messages" if broken.channel == "any" else f"{broken.channel} messages"
-    return Defer(latest_free, f"frequency cap: at most {broken.max} {label} per {_span(broken.per)}")
+    return Defer(
+        latest_free, f"frequency cap: at most {broken.max} {label} per {_span(broken.per)}"
+    )
 
 
 def _span(delta: timedelta) -> str:

@@ -29,11 +29,23 @@ from engine.playbooks import RuleSet
 from engine.ticks import dispatch_tick, evaluation_tick, sla_tick
 
 # Chance per customer per simulated day.
-DAILY_RATES = {"site_visit": 0.04, "order_placed": 0.008, "nps_submitted": 0.002, "complaint": 0.0008}
+DAILY_RATES = {
+    "site_visit": 0.04,
+    "order_placed": 0.008,
+    "nps_submitted": 0.002,
+    "complaint": 0.0008,
+}
 NEW_SIGNUPS_PER_DAY = 0.004  # of the starting base
 RESOLVE_AFTER = timedelta(hours=20)
 SWEEP_HOUR = 3
-ZONES = ("Europe/London", "America/New_York", "America/Los_Angeles", "Asia/Tokyo", "Australia/Sydney", "Europe/Berlin")
+ZONES = (
+    "Europe/London",
+    "America/New_York",
+    "America/Los_Angeles",
+    "Asia/Tokyo",
+    "Australia/Sydney",
+    "Europe/Berlin",
+)
 
 
 @dataclass
@@ -139,20 +151,38 @@ class ActivityGenerator:
         report.new_customers += 1
         self._event(session, customer_id, "signed_up", start, report, at=at)
 
-    def _event(self, session: Session, customer_id: str, kind: str, start: datetime, report: SimulationReport, at: datetime | None = None) -> None:
+    def _event(
+        self,
+        session: Session,
+        customer_id: str,
+        kind: str,
+        start: datetime,
+        report: SimulationReport,
+        at: datetime | None = None,
+    ) -> None:
         self.counter += 1
         properties: dict[str, Any] = {}
         if kind == "order_placed":
             properties = {"amount_cents": self.rng.randrange(1500, 25000)}
         elif kind == "nps_submitted":
-            properties = {"score": self.rng.choices(range(11), weights=(1, 1, 1, 1, 2, 2, 3, 5, 8, 9, 7))[0]}
+            properties = {
+                "score": self.rng.choices(range(11), weights=(1, 1, 1, 1, 2, 2, 3, 5, 8, 9, 7))[0]
+            }
         elif kind == "complaint":
             properties = {
-                "reason": self.rng.choice(("Parcel arrived damaged", "Charged twice", "Late delivery", "Rude courier")),
+                "reason": self.rng.choice(
+                    ("Parcel arrived damaged", "Charged twice", "Late delivery", "Rude courier")
+                ),
                 "severity": self.rng.randint(1, 3),
             }
         moment = at or self._moment(start)
-        event = EventIn(id=f"sim-{self.counter}", customer_id=customer_id, type=kind, occurred_at=moment, properties=properties)
+        event = EventIn(
+            id=f"sim-{self.counter}",
+            customer_id=customer_id,
+            type=kind,
+            occurred_at=moment,
+            properties=properties,
+        )
         if record_event(session, event, moment) is not None:
             report.events[kind] += 1
 
@@ -162,7 +192,8 @@ def resolve_old_cases(app: App, now: datetime) -> int:
     with Session(app.db) as session:
         cases = session.scalars(
             select(Escalation).where(
-                Escalation.status != EscalationStatus.RESOLVED, Escalation.opened_at <= now - RESOLVE_AFTER
+                Escalation.status != EscalationStatus.RESOLVED,
+                Escalation.opened_at <= now - RESOLVE_AFTER,
             )
         ).all()
         for case in cases:
@@ -172,7 +203,9 @@ def resolve_old_cases(app: App, now: datetime) -> int:
     return len(cases)
 
 
-def simulate(app: App, start: datetime, days: int, *, seed: int = 11, customer: str | None = None) -> SimulationReport:
+def simulate(
+    app: App, start: datetime, days: int, *, seed: int = 11, customer: str | None = None
+) -> SimulationReport:
     rules = app.rules
     report = SimulationReport(start=start, end=start + timedelta(days=days))
     generator = ActivityGenerator(app, rules, seed)
@@ -181,7 +214,9 @@ def simulate(app: App, start: datetime, days: int, *, seed: int = 11, customer: 
         now = start + timedelta(hours=hour)
         if hour:  # the first tick sees the database as it was given
             generator.hour(now - timedelta(hours=1), report)
-        evaluation_tick(app, now, full=(now.hour == SWEEP_HOUR or hour == 0), workers=0, rules=rules)
+        evaluation_tick(
+            app, now, full=(now.hour == SWEEP_HOUR or hour == 0), workers=0, rules=rules
+        )
         sla_tick(app, now, rules=rules)
         dispatch_tick(app, now, rules=rules)
         report.cases_resolved += resolve_old_cases(app, now)
@@ -190,7 +225,9 @@ def simulate(app: App, start: datetime, days: int, *, seed: int = 11, customer: 
     return report
 
 
-def _tally(app: App, report: SimulationReport, start: datetime, end: datetime, customer: str | None) -> None:
+def _tally(
+    app: App, report: SimulationReport, start: datetime, end: datetime, customer: str | None
+) -> None:
     with Session(app.db) as session:
         rows = session.execute(
             select(Decision.playbook, Decision.outcome, Decision.reason, func.count())

@@ -37,7 +37,9 @@ class Evaluation:
     def match(self, rules: RuleSet, playbook_id: str) -> PlaybookMatch:
         playbook = rules.playbooks[playbook_id]
         steps = tuple(
-            s.id for s in playbook.steps if s.when is None or step_rule(playbook.id, s.id) in self.fired
+            s.id
+            for s in playbook.steps
+            if s.when is None or step_rule(playbook.id, s.id) in self.fired
         )
         return PlaybookMatch(
             playbook=playbook.id,
@@ -96,13 +98,16 @@ def subject_batches(
     with Session(db) as session:
         if customer_ids is not None:
             id_batches: Iterable[list[str]] = (
-                list(customer_ids[i : i + batch_size]) for i in range(0, len(customer_ids), batch_size)
+                list(customer_ids[i : i + batch_size])
+                for i in range(0, len(customer_ids), batch_size)
             )
         else:
             id_batches = iter_customer_id_batches(session, batch_size)
         for ids in id_batches:
             events = pending_events(session, ids) if include_events else []
-            yield subjects_for(session, ids, rules.catalog, now, events, include_sweep=include_sweep)
+            yield subjects_for(
+                session, ids, rules.catalog, now, events, include_sweep=include_sweep
+            )
 
 
 @dataclass

@@ -88,7 +88,9 @@ class TemplateStore:
         try:
             return self.env.get_template(template_path).render(context).strip()
         except jinja2.TemplateSyntaxError as exc:
-            raise TemplateError(exc.filename or template_path, exc.message or str(exc), exc.lineno) from exc
+            raise TemplateError(
+                exc.filename or template_path, exc.message or str(exc), exc.lineno
+            ) from exc
         except jinja2.TemplateNotFound as exc:
             raise TemplateError(template_path, f"template not found: {exc.name}") from exc
         except jinja2.UndefinedError as exc:
@@ -111,7 +113,9 @@ class TemplateStore:
     def render_sms(self, name: str, context: dict[str, Any]) -> RenderedSms:
         return RenderedSms(body=self._render(self.path("sms", name, "txt"), context))
 
-    def render(self, channel: str, name: str, context: dict[str, Any]) -> RenderedEmail | RenderedSms:
+    def render(
+        self, channel: str, name: str, context: dict[str, Any]
+    ) -> RenderedEmail | RenderedSms:
         if channel == "email":
             return self.render_email(name, context)
         return self.render_sms(name, context)

@@ -52,7 +52,14 @@ def write_state(session: Session, name: str, value: str, now: datetime) -> None:
         row.value, row.updated_at = value, now
 
 
-def evaluation_tick(app: App, now: datetime, *, full: bool = False, workers: int | None = None, rules: RuleSet | None = None) -> TickReport:
+def evaluation_tick(
+    app: App,
+    now: datetime,
+    *,
+    full: bool = False,
+    workers: int | None = None,
+    rules: RuleSet | None = None,
+) -> TickReport:
     """Evaluate who needs it (or everyone, ``full``) and move their journeys on."""
     rules = rules or app.rules
     report = TickReport(started_at=now, full=full)
@@ -68,8 +75,12 @@ def evaluation_tick(app: App, now: datetime, *, full: bool = False, workers: int
     if workers is None:
         small = ids is not None and len(ids) < IN_PROCESS_BELOW
         workers = 0 if small else app.workers()
-    batches = subject_batches(app.db, rules, now, batch_size=app.settings.batch_size, customer_ids=ids)
-    for evaluations in evaluate_batches(rules, batches, workers=workers, engine=app.settings.engine):
+    batches = subject_batches(
+        app.db, rules, now, batch_size=app.settings.batch_size, customer_ids=ids
+    )
+    for evaluations in evaluate_batches(
+        rules, batches, workers=workers, engine=app.settings.engine
+    ):
         with Session(app.db) as session:
             report.journeys.merge(apply_batch(session, rules, evaluations, now))
             session.commit()
@@ -94,7 +105,9 @@ def dispatch_config(app: App) -> DispatchConfig:
 
 
 def dispatch_tick(app: App, now: datetime, *, rules: RuleSet | None = None) -> DispatchReport:
-    dispatcher = Dispatcher(app.db, rules or app.rules, app.templates, app.channels, dispatch_config(app))
+    dispatcher = Dispatcher(
+        app.db, rules or app.rules, app.templates, app.channels, dispatch_config(app)
+    )
     try:
         return dispatcher.run_once(now)
     finally:

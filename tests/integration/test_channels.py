@@ -539,7 +539,10 @@ def test_twilio_refused_connection_is_transient(stopped_url: str) -> None:
 def test_twilio_slow_answer_is_a_transient_timeout(own_fake: FakeProvider) -> None:
     fake = own_fake
     channel = TwilioSmsChannel(
-        fake.twilio_account_sid, fake.twilio_auth_token, FROM_NUMBER, base_url=fake.url,
+        fake.twilio_account_sid,
+        fake.twilio_auth_token,
+        FROM_NUMBER,
+        base_url=fake.url,
         timeout=0.2,
     )
     fake.delay(6, path="twilio")
@@ -676,10 +679,18 @@ def test_sendgrid_refuses_a_changed_timestamp() -> None:
         (None, str(SIGNED_AT), SIGNED_AT, f"missing {SENDGRID_SIGNATURE_HEADER} header"),
         ("sig", "", SIGNED_AT, "missing X-Twilio-Email-Event-Webhook-Timestamp header"),
         ("sig", "yesterday", SIGNED_AT, "timestamp 'yesterday' is not a whole number of seconds"),
-        ("sig", str(SIGNED_AT), SIGNED_AT + 600, "timestamp is 600 s old, more than the 300 s "
-         "allowed"),
-        ("sig", str(SIGNED_AT), SIGNED_AT - 301, "timestamp is 301 s in the future, more than "
-         "300 s"),
+        (
+            "sig",
+            str(SIGNED_AT),
+            SIGNED_AT + 600,
+            "timestamp is 600 s old, more than the 300 s allowed",
+        ),
+        (
+            "sig",
+            str(SIGNED_AT),
+            SIGNED_AT - 301,
+            "timestamp is 301 s in the future, more than 300 s",
+        ),
         ("not base64!", str(SIGNED_AT), SIGNED_AT, "the signature is not base64"),
     ],
 )
@@ -712,8 +723,11 @@ def test_a_malformed_sendgrid_public_key_is_a_configuration_error() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (b"[{]", "the body is not JSON: Expecting property name enclosed in double quotes at "
-         "line 1 column 3"),
+        (
+            b"[{]",
+            "the body is not JSON: Expecting property name enclosed in double quotes at "
+            "line 1 column 3",
+        ),
         (b'{"event": "open"}', "the body must be a JSON array of events, not dict"),
         (b'["\xff"]', "the body is not UTF-8 (invalid start byte at byte 2)"),
     ],
@@ -758,9 +772,14 @@ def test_a_correctly_signed_twilio_request_verifies() -> None:
 @pytest.mark.parametrize(
     ("token", "url", "params", "signature", "message"),
     [
-        ("token-2", TWILIO_URL, TWILIO_PARAMS, None,
-         "the signature does not match https://lifecycle.example/webhooks/twilio/inbound"
-         "?tenant=1 and its 4 parameter(s) (is this the public URL Twilio was given?)"),
+        (
+            "token-2",
+            TWILIO_URL,
+            TWILIO_PARAMS,
+            None,
+            "the signature does not match https://lifecycle.example/webhooks/twilio/inbound"
+            "?tenant=1 and its 4 parameter(s) (is this the public URL Twilio was given?)",
+        ),
         ("token-1", TWILIO_URL, {**TWILIO_PARAMS, "Body": "START"}, None, "does not match"),
         ("token-1", TWILIO_URL.replace("https", "http"), TWILIO_PARAMS, None, "does not match"),
         ("token-1", TWILIO_URL, TWILIO_PARAMS, "", "missing X-Twilio-Signature header"),
@@ -781,11 +800,21 @@ def test_a_forged_twilio_request_is_refused(
 @pytest.mark.parametrize(
     ("body", "keyword"),
     [
-        ("STOP", "stop"), (" stop \n", "stop"), ("StopAll", "stop"), ("unsubscribe", "stop"),
-        ("Cancel", "stop"), ("END", "stop"), ("quit", "stop"),
-        ("START", "start"), ("unstop", "start"),
-        ("help", "help"), ("INFO", "help"),
-        ("stop it", "other"), ("yes", "other"), ("", "other"), ("Thanks!", "other"),
+        ("STOP", "stop"),
+        (" stop \n", "stop"),
+        ("StopAll", "stop"),
+        ("unsubscribe", "stop"),
+        ("Cancel", "stop"),
+        ("END", "stop"),
+        ("quit", "stop"),
+        ("START", "start"),
+        ("unstop", "start"),
+        ("help", "help"),
+        ("INFO", "help"),
+        ("stop it", "other"),
+        ("yes", "other"),
+        ("", "other"),
+        ("Thanks!", "other"),
     ],
 )
 def test_inbound_sms_keywords(body: str, keyword: str) -> None:

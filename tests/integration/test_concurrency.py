@@ -18,29 +18,49 @@ ROOT = Path(__file__).resolve().parents[2]
 CUSTOMERS = 10_000
 
 
-def _evaluate(url: str, now_iso: str, barrier: multiprocessing.synchronize.Barrier, results: multiprocessing.Queue) -> None:  # type: ignore[name-defined]
+def _evaluate(
+    url: str,
+    now_iso: str,
+    barrier: multiprocessing.synchronize.Barrier,
+    results: multiprocessing.Queue,
+) -> None:  # type: ignore[name-defined]
     from engine.bootstrap import bootstrap
     from engine.settings import Settings
     from engine.ticks import evaluation_tick
 
-    settings = Settings(database_url=url, rules_dir=ROOT / "rules", templates_dir=ROOT / "templates" / "messages")
+    settings = Settings(
+        database_url=url, rules_dir=ROOT / "rules", templates_dir=ROOT / "templates" / "messages"
+    )
     app = bootstrap(settings, channels={}, migrate=False)
     barrier.wait()
     report = evaluation_tick(app, datetime.fromisoformat(now_iso), full=True, workers=0)
-    results.put((report.customers, sum(report.journeys.queued.values()), report.journeys.lost_races))
+    results.put(
+        (report.customers, sum(report.journeys.queued.values()), report.journeys.lost_races)
+    )
 
 
 @pytest.mark.postgres
 @pytest.mark.slow
-def test_two_concurrent_evaluators_write_no_duplicate_messages(postgres_schema_url: str, now: datetime) -> None:
+def test_two_concurrent_evaluators_write_no_duplicate_messages(
+    postgres_schema_url: str, now: datetime
+) -> None:
     engine = make_engine(postgres_schema_url)
     with engine.begin() as connection:
-        connection.execute(text("TRUNCATE webhook_receipts, decisions, messages, escalation_history, escalations, enrollments, suppressions, events, customers, engine_state RESTART IDENTITY CASCADE"))
+        connection.execute(
+            text(
+                "TRUNCATE webhook_receipts, decisions, messages, escalation_history, escalations, enrollments, suppressions, events, customers, engine_state RESTART IDENTITY CASCADE"
+            )
+        )
     seed(engine, CUSTOMERS, now)
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(2)
     results = context.Queue()
-    workers = [context.Process(target=_evaluate, args=(postgres_schema_url, now.isoformat(), barrier, results)) for _ in range(2)]
+    workers = [
+        context.Process(
+            target=_evaluate, args=(postgres_schema_url, now.isoformat(), barrier, results)
+        )
+        for _ in range(2)
+    ]
     for worker in workers:
         worker.start()
     outcomes = [results.get(timeout=600) for _ in workers]
@@ -49,9 +69,17 @@ def test_two_concurrent_evaluators_write_no_duplicate_messages(postgres_schema_u
         assert worker.exitcode == 0
     assert all(customers == CUSTOMERS for customers, _, _ in outcomes), outcomes
     with Session(engine) as session:
-        messages = session.scalar(select(func.count()).select_from(Message).where(Message.kind != "staff"))
+        messages = session.scalar(
+            select(func.count()).select_from(Message).where(Message.kind != "staff")
+        )
         duplicates = session.execute(
-            select(Message.customer_id, Message.playbook, Message.step_id, Message.channel, func.count())
+            select(
+                Message.customer_id,
+                Message.playbook,
+                Message.step_id,
+                Message.channel,
+                func.count(),
+            )
             .group_by(Message.customer_id, Message.playbook, Message.step_id, Message.channel)
             .having(func.count() > 1)
         ).all()

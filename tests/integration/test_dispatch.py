@@ -81,8 +81,15 @@ def customer(app: App, customer_id: str = "ann", **fields: object) -> None:
         session.commit()
 
 
-def queue(app: App, customer_id: str = "ann", *, channel: str = "email", template: str = "welcome",
-          playbook: str = "welcome_series", step: str | None = None) -> str:
+def queue(
+    app: App,
+    customer_id: str = "ann",
+    *,
+    channel: str = "email",
+    template: str = "welcome",
+    playbook: str = "welcome_series",
+    step: str | None = None,
+) -> str:
     message_id = str(uuid.uuid4())
     with Session(app.db) as session:
         session.add(
@@ -148,13 +155,18 @@ def test_sms_payload_through_the_twilio_sdk(app: App, fake: FakeProvider) -> Non
     (sms,) = fake.sent_sms()
     assert sms.to == "+447700900123"
     assert sms.from_ == "+15005550006"
-    assert sms.body == "Lifecycle Shop: Ann, last chance for 15% off with code COMEBACK15, ends Sunday. Reply STOP to opt out."
+    assert (
+        sms.body
+        == "Lifecycle Shop: Ann, last chance for 15% off with code COMEBACK15, ends Sunday. Reply STOP to opt out."
+    )
     assert sms.status_callback == "https://lifecycle.example/webhooks/twilio/status"
     assert message(app, message_id).provider_id == sms.sid
 
 
 @pytest.mark.parametrize("status", [429, 503])
-def test_transient_errors_are_retried_until_they_succeed(app: App, fake: FakeProvider, status: int) -> None:
+def test_transient_errors_are_retried_until_they_succeed(
+    app: App, fake: FakeProvider, status: int
+) -> None:
     customer(app)
     message_id = queue(app)
     fake.fail_next(2, status, path="/v3/mail/send", reset_after_s=30)
@@ -178,12 +190,19 @@ def test_transient_errors_are_retried_until_they_succeed(app: App, fake: FakePro
 def test_a_400_fails_the_row_with_the_providers_message(app: App, fake: FakeProvider) -> None:
     customer(app)
     message_id = queue(app)
-    fake.fail_next(1, 400, path="/v3/mail/send", message="The from address does not match a verified Sender Identity.")
+    fake.fail_next(
+        1,
+        400,
+        path="/v3/mail/send",
+        message="The from address does not match a verified Sender Identity.",
+    )
     report = dispatch_tick(app, NOW)
     assert report.failed == 1
     failed = message(app, message_id)
     assert failed.status == MessageStatus.FAILED
-    assert "The from address does not match a verified Sender Identity." in (failed.last_error or "")
+    assert "The from address does not match a verified Sender Identity." in (
+        failed.last_error or ""
+    )
     dispatch_tick(app, NOW + timedelta(hours=2))
     assert fake.sent_emails() == []
 
@@ -201,10 +220,15 @@ def test_an_invalid_number_fails_and_suppresses_it(app: App, fake: FakeProvider)
     later = queue(app, channel="sms", template="loyalty_reward_sms", playbook="loyalty_reward")
     dispatch_tick(app, NOW)
     assert message(app, later).status == MessageStatus.CANCELLED
-    assert message(app, later).last_error == "at send time: no phone number, or the number is suppressed"
+    assert (
+        message(app, later).last_error
+        == "at send time: no phone number, or the number is suppressed"
+    )
 
 
-def test_a_broken_template_fails_one_message_not_the_batch(app: App, fake: FakeProvider, tmp_path: Path) -> None:
+def test_a_broken_template_fails_one_message_not_the_batch(
+    app: App, fake: FakeProvider, tmp_path: Path
+) -> None:
     customer(app)
     customer(app, "bob", first_name="Bob")
     broken_dir = tmp_path / "templates"
@@ -224,7 +248,10 @@ def test_a_broken_template_fails_one_message_not_the_batch(app: App, fake: FakeP
     assert message(app, good).status == MessageStatus.SENT
     failed = message(app, bad)
     assert failed.status == MessageStatus.FAILED
-    assert failed.last_error is not None and "render failed: template email/tips_broken.subject" in failed.last_error
+    assert (
+        failed.last_error is not None
+        and "render failed: template email/tips_broken.subject" in failed.last_error
+    )
     assert "nickname" in failed.last_error
 
 
@@ -253,7 +280,13 @@ def run_dispatcher_that_dies(settings: Settings, die_at: str) -> int:
     import json
 
     data = json.loads(payload)
-    for name in ("sendgrid_api_key", "twilio_auth_token", "secret_key", "api_key", "staff_passwords"):
+    for name in (
+        "sendgrid_api_key",
+        "twilio_auth_token",
+        "secret_key",
+        "api_key",
+        "staff_passwords",
+    ):
         value = getattr(settings, name, None)
         data[name] = value.get_secret_value() if value is not None else None
     result = subprocess.run(
@@ -266,7 +299,9 @@ def run_dispatcher_that_dies(settings: Settings, die_at: str) -> int:
     return result.returncode
 
 
-def test_killed_between_claim_and_provider_call_nothing_lost_nothing_twice(app: App, fake: FakeProvider) -> None:
+def test_killed_between_claim_and_provider_call_nothing_lost_nothing_twice(
+    app: App, fake: FakeProvider
+) -> None:
     customer(app)
     message_id = queue(app)
     assert run_dispatcher_that_dies(app.settings, "claimed") == 17
@@ -281,7 +316,9 @@ def test_killed_between_claim_and_provider_call_nothing_lost_nothing_twice(app: 
     assert message(app, message_id).status == MessageStatus.SENT
 
 
-def test_killed_after_provider_success_the_message_is_marked_ambiguous_not_resent(app: App, fake: FakeProvider) -> None:
+def test_killed_after_provider_success_the_message_is_marked_ambiguous_not_resent(
+    app: App, fake: FakeProvider
+) -> None:
     customer(app)
     message_id = queue(app)
     assert run_dispatcher_that_dies(app.settings, "sent") == 17
@@ -292,6 +329,9 @@ def test_killed_after_provider_success_the_message_is_marked_ambiguous_not_resen
     assert report.marked_ambiguous == 1 and report.total_sent == 0
     ambiguous = message(app, message_id)
     assert ambiguous.status == MessageStatus.AMBIGUOUS
-    assert ambiguous.last_error == "ambiguous: its dispatcher stopped after calling the provider; not resent"
+    assert (
+        ambiguous.last_error
+        == "ambiguous: its dispatcher stopped after calling the provider; not resent"
+    )
     dispatch_tick(app, NOW + timedelta(hours=1))
     assert len(fake.sent_emails()) == 1  # at most once: never sent again by itself

@@ -62,7 +62,17 @@ def add_customer(app: App, customer_id: str, at: datetime, **fields: Any) -> Non
 def add_event(app: App, customer_id: str, kind: str, at: datetime, **properties: Any) -> None:
     with Session(app.db) as session:
         event_id = f"{customer_id}-{kind}-{at:%Y%m%d%H%M%S}"
-        record_event(session, EventIn(id=event_id, customer_id=customer_id, type=kind, occurred_at=at, properties=properties), at)
+        record_event(
+            session,
+            EventIn(
+                id=event_id,
+                customer_id=customer_id,
+                type=kind,
+                occurred_at=at,
+                properties=properties,
+            ),
+            at,
+        )
         session.commit()
 
 
@@ -82,7 +92,11 @@ def sent(app: App, customer_id: str) -> list[tuple[str, str, datetime]]:
     with Session(app.db) as session:
         rows = session.scalars(
             select(Message)
-            .where(Message.customer_id == customer_id, Message.status == MessageStatus.SENT, Message.kind != "staff")
+            .where(
+                Message.customer_id == customer_id,
+                Message.status == MessageStatus.SENT,
+                Message.kind != "staff",
+            )
             .order_by(Message.sent_at)
         )
         return [(m.step_id or "", m.channel, m.sent_at) for m in rows]  # type: ignore[misc]
@@ -90,7 +104,11 @@ def sent(app: App, customer_id: str) -> list[tuple[str, str, datetime]]:
 
 def decisions(app: App, customer_id: str, outcome: str | None = None) -> list[Decision]:
     with Session(app.db) as session:
-        statement = select(Decision).where(Decision.customer_id == customer_id).order_by(Decision.at, Decision.id)
+        statement = (
+            select(Decision)
+            .where(Decision.customer_id == customer_id)
+            .order_by(Decision.at, Decision.id)
+        )
         if outcome:
             statement = statement.where(Decision.outcome == outcome)
         return list(session.scalars(statement))
@@ -112,7 +130,11 @@ def test_welcome_series_sends_three_steps_on_the_right_days(app: App) -> None:
     ]
     assert [(at - START).days for _, _, at in steps] == [0, 2, 5]
     subjects = [e.subject for e in _emails(app)]
-    assert subjects == ["Welcome to Lifecycle Shop, Ada!", "Three tips to get started", "Ada, 10% off your first order"]
+    assert subjects == [
+        "Welcome to Lifecycle Shop, Ada!",
+        "Three tips to get started",
+        "Ada, 10% off your first order",
+    ]
     outcomes = [d.outcome for d in decisions(app, "ada")]
     assert outcomes[0] == "enrolled" and "completed" in outcomes
 
@@ -165,7 +187,9 @@ def _loyal(app: App, customer_id: str, at: datetime, timezone: str, **fields: An
         ("America/New_York", datetime(2026, 3, 7, 4, 0, tzinfo=UTC), datetime(2026, 3, 8, 8, 0)),
     ],
 )
-def test_sms_due_at_23_local_waits_until_8(app: App, zone: str, first_tick: datetime, expected_local: datetime) -> None:
+def test_sms_due_at_23_local_waits_until_8(
+    app: App, zone: str, first_tick: datetime, expected_local: datetime
+) -> None:
     _loyal(app, "di", first_tick, zone, phone="+15555550123", sms_opt_in=True)
     tick(app, first_tick)
     assert [s for s, _, _ in sent(app, "di")] == ["reward"]
@@ -214,7 +238,14 @@ def test_a_capped_playbook_that_drops_says_so(app: App) -> None:
 def test_an_open_complaint_pauses_marketing_and_resolution_resumes_it(app: App) -> None:
     signed_up(app, "gu", START)
     tick(app, START)
-    add_event(app, "gu", "complaint", START + timedelta(hours=5), reason="Parcel arrived damaged", severity=2)
+    add_event(
+        app,
+        "gu",
+        "complaint",
+        START + timedelta(hours=5),
+        reason="Parcel arrived damaged",
+        severity=2,
+    )
     tick(app, START + timedelta(hours=6))
     with Session(app.db) as session:
         (case,) = session.scalars(select(Escalation).where(Escalation.customer_id == "gu"))
@@ -285,5 +316,7 @@ def test_re_evaluating_never_duplicates(app: App) -> None:
     for _ in range(3):
         evaluation_tick(app, START, full=True, workers=0)
     with Session(app.db) as session:
-        count = session.scalar(select(func.count()).select_from(Message).where(Message.customer_id == "ka"))
+        count = session.scalar(
+            select(func.count()).select_from(Message).where(Message.customer_id == "ka")
+        )
     assert count == 1

@@ -259,9 +259,7 @@ class FakeProvider:
             fake._loop = loop
             try:
                 fake._server = loop.run_until_complete(
-                    asyncio.start_server(
-                        fake._connection, host, port, backlog=1024, limit=MAX_HEAD
-                    )
+                    asyncio.start_server(fake._connection, host, port, backlog=1024, limit=MAX_HEAD)
                 )
             except BaseException as exc:  # handed to the thread that called start()
                 failure.append(exc)
@@ -645,63 +643,95 @@ def validate_mail(mail: Any) -> list[dict[str, Any]]:
     errors: list[dict[str, Any]] = []
     personalizations = mail.get("personalizations")
     if not isinstance(personalizations, list) or not personalizations:
-        errors.append(_sg_error(
-            "The personalizations field is required and must have at least one "
-            "personalization.", "personalizations"))
+        errors.append(
+            _sg_error(
+                "The personalizations field is required and must have at least one "
+                "personalization.",
+                "personalizations",
+            )
+        )
         personalizations = []
     elif len(personalizations) > MAX_PERSONALIZATIONS:
-        errors.append(_sg_error(
-            f"The personalizations field must have no more than {MAX_PERSONALIZATIONS} "
-            "objects.", "personalizations"))
+        errors.append(
+            _sg_error(
+                f"The personalizations field must have no more than {MAX_PERSONALIZATIONS} "
+                "objects.",
+                "personalizations",
+            )
+        )
     every_has_subject = bool(personalizations)
     for i, p in enumerate(personalizations):
         tos = p.get("to") if isinstance(p, dict) else None
-        if not isinstance(tos, list) or not tos or not all(
-            isinstance(t, dict) and "@" in str(t.get("email", "")) for t in tos
+        if (
+            not isinstance(tos, list)
+            or not tos
+            or not all(isinstance(t, dict) and "@" in str(t.get("email", "")) for t in tos)
         ):
-            errors.append(_sg_error(
-                "The to array is required for all personalization objects, and must have "
-                "at least one email object with a valid email address.",
-                f"personalizations.{i}.to"))
+            errors.append(
+                _sg_error(
+                    "The to array is required for all personalization objects, and must have "
+                    "at least one email object with a valid email address.",
+                    f"personalizations.{i}.to",
+                )
+            )
         p = p if isinstance(p, dict) else {}
         every_has_subject = every_has_subject and bool(p.get("subject"))
         for kind in ("custom_args", "headers"):
             values = p.get(kind) or {}
             if not isinstance(values, dict) or not all(isinstance(v, str) for v in values.values()):
-                errors.append(_sg_error(
-                    f"Every {kind} value must be a string.", f"personalizations.{i}.{kind}"))
+                errors.append(
+                    _sg_error(
+                        f"Every {kind} value must be a string.", f"personalizations.{i}.{kind}"
+                    )
+                )
     sender = mail.get("from")
     if not isinstance(sender, dict) or "@" not in str(sender.get("email", "")):
-        errors.append(_sg_error(
-            "The from object must be provided for every email send. It is an object that "
-            "requires an email parameter, but may also contain a name parameter.",
-            "from.email"))
+        errors.append(
+            _sg_error(
+                "The from object must be provided for every email send. It is an object that "
+                "requires an email parameter, but may also contain a name parameter.",
+                "from.email",
+            )
+        )
     if not mail.get("subject") and not every_has_subject and not mail.get("template_id"):
-        errors.append(_sg_error(
-            "The subject is required. You can get around this requirement if you use a "
-            "template with a subject defined or if every personalization has a subject "
-            "defined.", "subject"))
+        errors.append(
+            _sg_error(
+                "The subject is required. You can get around this requirement if you use a "
+                "template with a subject defined or if every personalization has a subject "
+                "defined.",
+                "subject",
+            )
+        )
     content = mail.get("content")
     if not mail.get("template_id"):
         if not isinstance(content, list) or not content:
-            errors.append(_sg_error(
-                "Unless a valid template_id is provided, the content parameter is required. "
-                "There must be at least one defined content block. We typically suggest "
-                "both text/plain and text/html blocks are included, but only one block is "
-                "required.", "content"))
+            errors.append(
+                _sg_error(
+                    "Unless a valid template_id is provided, the content parameter is required. "
+                    "There must be at least one defined content block. We typically suggest "
+                    "both text/plain and text/html blocks are included, but only one block is "
+                    "required.",
+                    "content",
+                )
+            )
         else:
             types = [c.get("type") if isinstance(c, dict) else None for c in content]
             if "text/plain" in types and types[0] != "text/plain":
-                errors.append(_sg_error(
-                    "If present, text/plain content must be first, followed by text/html, "
-                    "followed by any other content.", "content"))
+                errors.append(
+                    _sg_error(
+                        "If present, text/plain content must be first, followed by text/html, "
+                        "followed by any other content.",
+                        "content",
+                    )
+                )
             for i, c in enumerate(content):
-                if not isinstance(c, dict) or not isinstance(c.get("value"), str) or not c[
-                    "value"
-                ]:
-                    errors.append(_sg_error(
-                        "The content value must be a string at least one character in "
-                        "length.", f"content.{i}.value"))
+                if not isinstance(c, dict) or not isinstance(c.get("value"), str) or not c["value"]:
+                    errors.append(
+                        _sg_error(
+                            "The content value must be a string at least one character in length.",
+                            f"content.{i}.value",
+                        )
+                    )
     return errors
 
 

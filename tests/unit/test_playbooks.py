@@ -97,7 +97,9 @@ def test_every_mistake_is_reported_at_once(rules_copy: Path) -> None:
     assert "duplicate step id 'welcome' (also step 1)" in text
     assert "unknown key 'wiat' (did you mean 'wait'?)" in text
     assert "unknown channel 'emial' (did you mean 'email'?)" in text
-    assert any("loyalty_reward.yaml" in p and "'orders_count'" in p and "text" in p for p in problems), text
+    assert any(
+        "loyalty_reward.yaml" in p and "'orders_count'" in p and "text" in p for p in problems
+    ), text
 
 
 def test_yaml_syntax_error_is_located(rules_copy: Path) -> None:
@@ -138,7 +140,11 @@ def test_sms_over_the_segment_limit_is_reported(rules_copy: Path, tmp_path: Path
     with pytest.raises(RulesInvalid) as caught:
         load_rules(rules_copy, templates)
     (problem,) = [str(p) for p in caught.value.problems]
-    assert "SMS 'last_chance' is" in problem and "UCS-2" in problem and "the playbook allows 2" in problem
+    assert (
+        "SMS 'last_chance' is" in problem
+        and "UCS-2" in problem
+        and "the playbook allows 2" in problem
+    )
 
 
 def test_bad_reentry_and_priority(rules_copy: Path) -> None:
@@ -150,6 +156,10 @@ def test_bad_reentry_and_priority(rules_copy: Path) -> None:
 
 
 def test_catalog_mistakes(rules_copy: Path) -> None:
-    edit(rules_copy / "catalog.yaml", "type: string\n    description: Subscription", "type: text\n    description: Subscription")
+    edit(
+        rules_copy / "catalog.yaml",
+        "type: string\n    description: Subscription",
+        "type: text\n    description: Subscription",
+    )
     text = "\n".join(problems_of(rules_copy))
     assert "catalog.yaml" in text and "attributes.plan.type" in text

@@ -67,20 +67,38 @@ def test_inside_the_window_nothing_is_held() -> None:
 
 def test_window_over_midnight() -> None:
     night_shift = QuietHours(time(22), time(6))
-    assert next_allowed(datetime(2026, 6, 10, 23, 30, tzinfo=UTC), night_shift, "UTC") == datetime(2026, 6, 10, 23, 30, tzinfo=UTC)
-    assert next_allowed(datetime(2026, 6, 10, 12, 0, tzinfo=UTC), night_shift, "UTC") == datetime(2026, 6, 10, 22, 0, tzinfo=UTC)
+    assert next_allowed(datetime(2026, 6, 10, 23, 30, tzinfo=UTC), night_shift, "UTC") == datetime(
+        2026, 6, 10, 23, 30, tzinfo=UTC
+    )
+    assert next_allowed(datetime(2026, 6, 10, 12, 0, tzinfo=UTC), night_shift, "UTC") == datetime(
+        2026, 6, 10, 22, 0, tzinfo=UTC
+    )
 
 
 @pytest.mark.parametrize(
     ("proposal", "facts", "reason"),
     [
         (MARKETING_EMAIL, {"has_email": True, "email_opt_in": False}, "no email marketing consent"),
-        (MARKETING_EMAIL, {"has_email": False, "email_opt_in": True}, "no email address, or the address is suppressed"),
-        (MARKETING_SMS, {"has_phone": True, "sms_opt_in": False}, "no SMS consent (never opted in, or sent STOP)"),
-        (MARKETING_SMS, {"has_phone": False, "sms_opt_in": True}, "no phone number, or the number is suppressed"),
+        (
+            MARKETING_EMAIL,
+            {"has_email": False, "email_opt_in": True},
+            "no email address, or the address is suppressed",
+        ),
+        (
+            MARKETING_SMS,
+            {"has_phone": True, "sms_opt_in": False},
+            "no SMS consent (never opted in, or sent STOP)",
+        ),
+        (
+            MARKETING_SMS,
+            {"has_phone": False, "sms_opt_in": True},
+            "no phone number, or the number is suppressed",
+        ),
     ],
 )
-def test_consent_refusals_say_why(proposal: Proposal, facts: dict[str, object], reason: str) -> None:
+def test_consent_refusals_say_why(
+    proposal: Proposal, facts: dict[str, object], reason: str
+) -> None:
     refused = consent(proposal, facts)
     assert refused is not None and refused.reason == reason
 

@@ -1,0 +1,60 @@
+# Everything a person runs. `make demo` and `make test` work on a fresh machine with only
+# Python 3.11 or 3.12, gcc and make (durable-rules compiles its C core on install).
+
+PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
+	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3,11) <= sys.version_info[:2] < (3,13))' 2>/dev/null; then command -v $$p; break; fi; done)
+VENV := .venv
+BIN := $(VENV)/bin
+LIFECYCLE := $(BIN)/lifecycle
+DEMO_DB := sqlite:///demo.db
+
+.PHONY: demo run test test-fast bench lint clean venv browser
+
+$(BIN)/python:
+	@test -n "$(PYTHON)" || { echo "Python 3.11 or 3.12 is required (durable-rules does not build on 3.13)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	@rm -rf demo.db demo.db-wal demo.db-shm outbox
+	@echo "== 1. checking the rules"
+	$(LIFECYCLE) rules check
+	@echo "== 2. seeding 2,000 synthetic customers into demo.db"
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) seed --customers 2000 --now 2026-03-02T09:00:00
+	@echo "== 3. evaluating every customer against every playbook (durable_rules)"
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --dry-run --now 2026-03-02T09:00:00
+	@echo "== 4. thirty simulated days of journeys on a fake clock (console channel, files in outbox/)"
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) COLUMNS=120 $(LIFECYCLE) simulate --days 30 --start 2026-03-02T09:00:00 --customer seed-00000001
+	@echo "Explore it: export LIFECYCLE_DATABASE_URL=$(DEMO_DB); $(LIFECYCLE) explain seed-00000001"
+
+run: venv
+	$(LIFECYCLE) run
+
+# Debian's chromium for the browser tests (never `playwright install`: it downloads).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else echo "install Debian's chromium (apt-get install chromium) for the browser tests"; fi; }
+
+test: venv browser
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not postgres and not browser and not slow"
+
+bench: venv
+	$(BIN)/python -m bench
+
+lint: venv
+	$(BIN)/ruff check engine channels scheduler.py tests bench
+	$(BIN)/mypy engine channels scheduler.py
+
+clean:
+	rm -rf $(VENV) demo.db* outbox bench-results .pytest_cache .hypothesis

@@ -1,0 +1,202 @@
+"""The `lifecycle` command line, end to end on a real SQLite file, as a marketer uses it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+
+ROOT = Path(__file__).resolve().parents[2]
+NOW = "2026-03-02T09:00:00"
+runner = CliRunner()
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("LIFECYCLE_DATABASE_URL", f"sqlite:///{tmp_path / 'cli.db'}")
+    monkeypatch.setenv("LIFECYCLE_OUTBOX_DIR", str(tmp_path / "outbox"))
+    monkeypatch.setenv("COLUMNS", "200")
+    return tmp_path
+
+
+def cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_rules_check_passes_on_the_shipped_rules(env: Path) -> None:
+    code, output = cli("rules", "check")
+    assert code == 0, output
+    assert (
+        "5 playbooks ok (complaint_escalation, loyalty_reward, re_engagement, referral_ask, welcome_series)"
+        in output
+    )
+
+
+def test_rules_check_reports_a_misspelled_fact_and_duration_as_a_real_process(
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(ROOT / "rules", rules)
+    path = rules / "welcome_series.yaml"
+    path.write_text(
+        path.read_text()
+        .replace("orders_count >= 1", "order_count >= 1")
+        .replace("wait: 3d", "wait: 3dd")
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", "from engine.cli import app; app()", "rules", "check", str(rules)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert f"{path}:12:9: unknown fact 'order_count' (did you mean 'orders_count'?)" in lines
+    assert any(line.startswith(f"{path}:20:11: bad duration '3dd'") for line in lines), lines
+    assert "2 problems found" in result.stderr
+
+
+def test_facts_lists_builtins_attributes_and_event_properties(env: Path) -> None:
+    code, output = cli("facts", "--json")
+    assert code == 0
+    facts = {row["name"]: row for row in json.loads(output)}
+    assert facts["orders_count"]["type"] == "int"
+    assert facts["total_spend_cents"]["type"] == "money"
+    assert facts["plan"]["source"] == "attribute"
+    assert facts["event.reason"]["source"] == "event"
+
+
+def test_seed_evaluate_and_explain(env: Path) -> None:
+    code, output = cli("seed", "--customers", "120", "--now", NOW)
+    assert code == 0, output
+    code, output = cli("evaluate", "--dry-run", "--json", "--now", NOW)
+    assert code == 0, output
+    summary = json.loads(output)
+    assert summary["customers"] == 120
+    for playbook in (
+        "welcome_series",
+        "re_engagement",
+        "loyalty_reward",
+        "referral_ask",
+        "complaint_escalation",
+    ):
+        assert summary["playbooks"][playbook]["matched"] >= 1, (playbook, summary)
+    # Reference evaluator gives the same counts.
+    code, reference = cli(
+        "evaluate", "--dry-run", "--json", "--engine", "reference", "--workers", "0", "--now", NOW
+    )
+    assert json.loads(reference)["playbooks"] == summary["playbooks"]
+    code, output = cli(
+        "evaluate", "--dry-run", "--json", "--customer", "seed-00000001", "--now", NOW
+    )
+    detail = json.loads(output)["details"]
+    assert {m["playbook"] for d in detail for m in d["matches"]} == {"welcome_series"}
+    code, output = cli("explain", "seed-00000003", "--json", "--now", NOW)
+    assert code == 0, output
+    report = {p["playbook"]: p for p in json.loads(output)["playbooks"]}
+    welcome = report["welcome_series"]
+    assert welcome["matches"] is False
+    code, output = cli("explain", "nobody", "--now", NOW)
+    assert code == 1 and "no customer with id 'nobody'" in output
+
+
+def test_explain_says_which_part_is_false(env: Path) -> None:
+    cli("seed", "--customers", "10", "--now", NOW)
+    code, output = cli(
+        "explain", "seed-00000006", "--json", "--now", NOW
+    )  # a browser: never ordered
+    loyalty = next(p for p in json.loads(output)["playbooks"] if p["playbook"] == "loyalty_reward")
+    enter = loyalty["checks"][0]
+    assert enter["holds"] is False
+    assert "orders_count >= 5 is false: orders_count is 0" in enter["why"]
+
+
+def test_import_reports_bad_rows_and_is_idempotent(env: Path, tmp_path: Path) -> None:
+    customers = tmp_path / "customers.csv"
+    customers.write_text(
+        "id,email,phone,timezone,email_opt_in\n"
+        "a1,a1@example.com,+447700900001,Europe/London,true\n"
+        "a2,not-an-email,,Europe/London,true\n"
+        "a3,a3@example.com,+447700900003,Mars/Olympus,false\n"
+    )
+    code, output = cli("import", "customers", str(customers), "--now", NOW)
+    assert code == 1
+    assert "row 2" in output and "email: 'not-an-email' is not an email address" in output
+    assert "row 3" in output and "Mars/Olympus" in output
+    assert "1 customers created" in output
+    code, output = cli("import", "customers", str(customers), "--now", NOW)
+    assert "0 customers created, 0 updated, 1 unchanged" in output
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"id": "e1", "customer_id": "a1", "type": "order_placed", "occurred_at": "2026-03-01T10:00:00Z", "properties": {"amount_cents": 1999}}\n'
+        '{"id": "e2", "customer_id": "a1", "type": "ordr_placed", "occurred_at": "2026-03-01T10:00:00Z"}\n'
+    )
+    code, output = cli("import", "events", str(events), "--now", NOW)
+    assert (
+        code == 1 and "unknown event type 'ordr_placed'" in output and "1 events stored" in output
+    )
+    code, output = cli("import", "events", str(events), "--now", NOW)
+    assert "0 events stored, 1 duplicates" in output
+
+
+def test_tick_escalations_and_messages(env: Path) -> None:
+    cli("seed", "--customers", "60", "--now", NOW)
+    code, output = cli("tick", "--now", NOW)
+    assert code == 0, output
+    assert "enrolled" in output and "dispatched" in output
+    code, output = cli("escalations", "list", "--json", "--now", NOW)
+    cases = json.loads(output)
+    assert cases and all(c["status"] == "open" for c in cases)
+    first = cases[0]["id"]
+    code, output = cli("escalations", "ack", str(first), "--now", NOW)
+    assert code == 0 and f"case {first} is acknowledged" in output
+    code, output = cli("escalations", "assign", str(first), "Ana Lopes", "--now", NOW)
+    assert code == 0 and "owned by Ana Lopes" in output
+    code, output = cli("escalations", "assign", str(first), "Nobody Here", "--now", NOW)
+    assert code == 1 and "no support lead named 'Nobody Here'" in output
+    code, output = cli("escalations", "resolve", str(first), "--note", "Refunded", "--now", NOW)
+    assert code == 0 and "resolved" in output
+    code, output = cli("escalations", "resolve", str(first), "--note", "again", "--now", NOW)
+    assert code == 1 and f"cannot resolve case {first}: it is resolved" in output
+    code, output = cli("escalations", "show", "999999")
+    assert code == 1 and "no escalation case with id 999999" in output
+    code, output = cli("escalations", "show", str(first), "--json")
+    history = [h["action"] for h in json.loads(output)["history"]]
+    assert history == ["opened", "acknowledged", "assigned", "resolved"]
+    code, output = cli("messages", "list", "--status", "sent", "--json")
+    assert code == 0 and json.loads(output)
+    code, output = cli("messages", "retry", "no-such-id")
+    assert code == 1 and "no message with id 'no-such-id'" in output
+
+
+def test_preview_renders_with_real_facts(env: Path) -> None:
+    cli("seed", "--customers", "10", "--now", NOW)
+    code, output = cli("preview", "loyalty_reward", "--customer", "seed-00000004", "--now", NOW)
+    assert code == 0, output
+    assert "Subject: Thank you," in output and "orders and $" in output
+    code, output = cli("preview", "sms/last_chance", "--customer", "seed-00000004", "--now", NOW)
+    assert code == 0 and "GSM-7" in output and "segment" in output
+
+
+def test_simulate_prints_per_playbook_outcomes(env: Path) -> None:
+    cli("seed", "--customers", "80", "--now", NOW)
+    code, output = cli(
+        "simulate", "--days", "3", "--start", NOW, "--json", "--customer", "seed-00000001"
+    )
+    assert code == 0, output
+    report = json.loads(output)
+    assert report["hours"] == 72
+    welcome = report["playbooks"]["welcome_series"]
+    assert welcome["enrolled"] >= 1 and welcome["sent"]["email"] >= 1
+    assert [row["outcome"] for row in report["timeline"]][:2] == ["enrolled", "queued"]
