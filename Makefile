@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
 
-.PHONY: demo run test test-fast bench lint clean venv browser
+.PHONY: demo run test test-fast bench soak lint clean venv browser
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or 3.12 is required (durable-rules does not build on 3.13)"; exit 1; }
@@ -51,6 +51,10 @@ test-fast: venv
 
 bench: venv
 	$(BIN)/python -m bench
+
+# Ten million evaluations through durable_rules in worker processes (a few minutes).
+soak: venv
+	BENCH_EVAL_SIZES=0 BENCH_SWEEP_CUSTOMERS=0 BENCH_DISPATCH=0 BENCH_RENDER=0 BENCH_SOAK=10000000 $(BIN)/python -m bench
 
 lint: venv
 	$(BIN)/ruff check engine channels scheduler.py tests bench

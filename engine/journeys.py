@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -129,10 +129,12 @@ def apply_batch(
         attempt = BatchReport()
         try:
             _run_customer(session, rules, journey, now, attempt)
+            _write_buffers(session)
             session.flush()
             savepoint.commit()
             report.merge(attempt)
         except (LostRace, IntegrityError):
+            _drop_buffers(session)
             savepoint.rollback()
             report.lost_races += 1
     return report
@@ -526,7 +528,7 @@ def _send(
             session, enrollment, step.id, "deferred", quiet.reason, now, rules, facts, until=send_at
         )
         report.deferred[(playbook.id, "quiet hours")] += 1
-    message = _queue(session, playbook, enrollment, step, facts, send_at, now)
+    message_id = _queue(session, playbook, enrollment, step, facts, send_at, now)
     if playbook.marketing:
         journey.recent.append((send_at, channel))
     _decide(
@@ -538,7 +540,7 @@ def _send(
         now,
         rules,
         facts,
-        message_id=message.id,
+        message_id=message_id,
         until=send_at,
     )
     report.queued[(playbook.id, channel)] += 1
@@ -580,34 +582,67 @@ def _queue(
     facts: dict[str, Any],
     send_at: datetime,
     now: datetime,
-) -> Message:
+) -> str:
+    """Buffer the step's outbox row; it is written with the customer's other rows."""
     assert step.send is not None and enrollment.id is not None
     event = {
         key.removeprefix("event."): value
         for key, value in facts.items()
         if key.startswith("event.") and value is not None
     }
-    message = Message(
-        id=str(uuid.uuid4()),
-        dedupe_key=f"enrollment:{enrollment.id}:{step.id}",
-        customer_id=enrollment.customer_id,
-        enrollment_id=enrollment.id,
-        playbook=playbook.id,
-        step_id=step.id,
-        kind=playbook.kind,
-        channel=step.send.channel,
-        template=step.send.template,
-        to_address="",  # resolved from the customer at send time (consent is checked again)
-        context={"event": event},
-        priority=playbook.priority,
-        status=MessageStatus.QUEUED,
-        due_at=send_at,
-        created_at=now,
-        updated_at=now,
+    message_id = str(uuid.uuid4())
+    _buffer(session, MESSAGES).append(
+        {
+            "id": message_id,
+            "dedupe_key": f"enrollment:{enrollment.id}:{step.id}",
+            "customer_id": enrollment.customer_id,
+            "enrollment_id": enrollment.id,
+            "escalation_id": None,
+            "playbook": playbook.id,
+            "step_id": step.id,
+            "kind": playbook.kind,
+            "channel": step.send.channel,
+            "template": step.send.template,
+            # The address is resolved from the customer at send time, when consent is
+            # checked again.
+            "to_address": "",
+            "context": {"event": event},
+            "priority": playbook.priority,
+            "status": MessageStatus.QUEUED.value,
+            "due_at": send_at,
+            "attempts": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
     )
-    session.add(message)
-    session.flush()  # the unique dedupe_key settles a race here
-    return message
+    return message_id
+
+
+# Outbox and decision rows are buffered per customer and written with one executemany
+# each when the customer is done (inside its savepoint): building ORM objects row by row
+# was most of the cost of a first sweep.
+MESSAGES = "lifecycle.messages"
+DECISIONS = "lifecycle.decisions"
+
+
+def _buffer(session: Session, name: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = session.info.setdefault(name, [])
+    return rows
+
+
+def _write_buffers(session: Session) -> None:
+    """Write the customer's buffered rows; a duplicate dedupe_key raises IntegrityError."""
+    messages = session.info.pop(MESSAGES, [])
+    decisions = session.info.pop(DECISIONS, [])
+    if messages:
+        session.execute(insert(Message), messages)
+    if decisions:
+        session.execute(insert(Decision), decisions)
+
+
+def _drop_buffers(session: Session) -> None:
+    session.info.pop(MESSAGES, None)
+    session.info.pop(DECISIONS, None)
 
 
 def _advance(
@@ -646,20 +681,20 @@ def _decide(
     until: datetime | None = None,
     message_id: str | None = None,
 ) -> None:
-    session.add(
-        Decision(
-            at=now,
-            customer_id=enrollment.customer_id,
-            playbook=enrollment.playbook,
-            step_id=step_id,
-            outcome=outcome,
-            reason=reason[:500],
-            until=until,
-            enrollment_id=enrollment.id,
-            message_id=message_id,
-            rules_version=rules.version,
-            facts={k: v for k, v in facts.items() if v is not None},
-        )
+    _buffer(session, DECISIONS).append(
+        {
+            "at": now,
+            "customer_id": enrollment.customer_id,
+            "playbook": enrollment.playbook,
+            "step_id": step_id,
+            "outcome": outcome,
+            "reason": reason[:500],
+            "until": until,
+            "enrollment_id": enrollment.id,
+            "message_id": message_id,
+            "rules_version": rules.version,
+            "facts": {k: v for k, v in facts.items() if v is not None},
+        }
     )
 
 
