@@ -16,7 +16,10 @@ def parse_duration(text: object) -> timedelta:
     if match is None:
         raise DurationError(str(text))
     amount, unit = int(match.group(1)), match.group(2)
-    return timedelta(**{_UNITS[unit]: amount})
+    try:
+        return timedelta(**{_UNITS[unit]: amount})
+    except OverflowError:  # more than timedelta holds (999,999,999 days)
+        raise DurationError(str(text)) from None
 
 
 def format_duration(delta: timedelta) -> str:

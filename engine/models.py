@@ -176,6 +176,7 @@ class Escalation(SQLModel, table=True):
     owner: str | None = Field(default=None, max_length=100)
     sla_due_at: datetime
     notified_tier: int = 0  # the highest roster tier notified so far
+    breach_notified_at: datetime | None = None  # the one breach notification went out
     opened_at: datetime
     acknowledged_at: datetime | None = None
     resolved_at: datetime | None = None

@@ -76,21 +76,26 @@ def notify_new_case(
 
 
 def check_sla(session: Session, rules: RuleSet, now: datetime) -> list[Message]:
-    """Notify one tier up for every unacknowledged case past its SLA, once per tier."""
+    """Notify one tier up for every unacknowledged case past its SLA, exactly once."""
     statement = select(Escalation).where(
         Escalation.status.in_(NOTIFY_STATES),  # type: ignore[attr-defined]
         Escalation.sla_due_at <= now,
+        Escalation.breach_notified_at.is_(None),  # type: ignore[union-attr]
     )
     queued: list[Message] = []
     for case in session.scalars(statement):
-        lead = rules.roster.on_duty(case.notified_tier + 1)
-        if lead is None or lead.tier <= case.notified_tier:
-            continue  # nobody higher to tell
         from engine.escalations import add_note
 
+        case.breach_notified_at = now
+        case.updated_at = now
+        lead = rules.roster.on_duty(case.notified_tier + 1)
+        if lead is None or lead.tier <= case.notified_tier:
+            add_note(
+                session, case, now, "sla-check", "breached", "SLA passed; nobody above to notify"
+            )
+            continue
         queued.extend(_queue_for_lead(session, case, lead, "breached", lead.tier, now))
         case.notified_tier = lead.tier
-        case.updated_at = now
         add_note(
             session,
             case,

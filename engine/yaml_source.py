@@ -6,6 +6,7 @@ PyYAML node marks next to the plain data instead of throwing them away.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +15,9 @@ import yaml
 from engine.errors import SourceProblem
 
 Path_ = tuple[str | int, ...]
+
+# Where PyYAML starts a new line (its marks count lines this way).
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
 
 
 @dataclass
@@ -64,19 +68,48 @@ def load_located(path: str, text: str) -> Located:
             SourceProblem(path, line, column, f"not valid YAML: {exc.problem or exc}")
         )
         return located
+    except yaml.reader.ReaderError as exc:
+        # A control character (NUL, backspace...): PyYAML gives a character offset, not a mark.
+        before = _LINE_BREAK.split(text[: exc.position])
+        message = f"unacceptable character #x{exc.character:04x}: {exc.reason}"
+        located.problems.append(
+            SourceProblem(path, len(before), len(before[-1]) + 1, f"not valid YAML: {message}")
+        )
+        return located
     except yaml.YAMLError as exc:
         located.problems.append(SourceProblem(path, 1, 1, f"not valid YAML: {exc}"))
+        return located
+    except RecursionError:
+        located.problems.append(SourceProblem(path, 1, 1, "not valid YAML: nested too deeply"))
         return located
     if root is None:
         located.data = {}
         return located
-    located.data = _convert(root, (), located)
+    try:
+        located.data = _convert(root, (), located)
+    except RecursionError:
+        located.data = None
+        located.problems.append(SourceProblem(path, 1, 1, "not valid YAML: nested too deeply"))
     return located
 
 
-def _convert(node: yaml.Node, where: Path_, located: Located) -> Any:
+def _convert(
+    node: yaml.Node, where: Path_, located: Located, _open: frozenset[int] = frozenset()
+) -> Any:
+    if id(node) in _open:
+        # `&a [*a]`: an alias inside the value it names would make the data infinite.
+        located.problems.append(
+            SourceProblem(
+                located.path,
+                *_mark(node),
+                "not valid YAML: an alias (*name) refers to a value that contains it",
+            )
+        )
+        return None
     located.values[where] = _mark(node)
     located.nodes[where] = node
+    if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        _open = _open | {id(node)}
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -93,10 +126,10 @@ def _convert(node: yaml.Node, where: Path_, located: Located) -> Any:
                 )
                 continue
             located.keys[(*where, key)] = _mark(key_node)
-            result[key] = _convert(value_node, (*where, key), located)
+            result[key] = _convert(value_node, (*where, key), located, _open)
         return result
     if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, (*where, i), located) for i, item in enumerate(node.value)]
+        return [_convert(item, (*where, i), located, _open) for i, item in enumerate(node.value)]
     return _scalar(node, located)
 
 
@@ -110,6 +143,18 @@ def _scalar(node: yaml.Node, located: Located) -> Any:
     except yaml.constructor.ConstructorError as exc:
         located.problems.append(
             SourceProblem(located.path, *_mark(node), f"cannot read value: {exc.problem}")
+        )
+        return None
+    except (ValueError, TypeError, AttributeError, OverflowError):
+        # An explicit tag the text does not fit (`!!int twenty`, `!!timestamp soon`): PyYAML's
+        # constructors raise plain Python errors for those.
+        tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+        located.problems.append(
+            SourceProblem(
+                located.path,
+                *_mark(node),
+                f"cannot read value: {node.value!r} is not a valid {tag}",
+            )
         )
         return None
     finally:

@@ -7,9 +7,10 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
+from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-from alembic import op
+
 
 revision = "0001"
 down_revision = None
@@ -139,6 +140,7 @@ def upgrade() -> None:
         sa.Column("owner", sqlmodel.sql.sqltypes.AutoString(length=100), nullable=True),
         sa.Column("sla_due_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("notified_tier", sa.Integer(), nullable=False),
+        sa.Column("breach_notified_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("opened_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("acknowledged_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("resolved_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
