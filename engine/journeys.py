@@ -103,15 +103,60 @@ class CustomerJourney:
 def apply_batch(
     session: Session, rules: RuleSet, evaluations: Sequence[Evaluation], now: datetime
 ) -> BatchReport:
-    """Apply one batch of evaluations; commits nothing (the caller owns the transaction)."""
-    report = BatchReport()
+    """Apply one batch of evaluations; commits nothing (the caller owns the transaction).
+
+    Fast path: the whole batch in one savepoint, events claimed with one statement and
+    every outbox and decision row written with one executemany. If anything shows that
+    another evaluator got there first (a claimed event, a unique key, a guarded update),
+    the batch is rolled back and redone customer by customer, each in its own savepoint,
+    so the winner's work stands and the rest of the batch still goes through.
+    """
     by_customer: dict[str, list[Evaluation]] = defaultdict(list)
     for evaluation in evaluations:
         by_customer[evaluation.subject.customer_id].append(evaluation)
+    report = BatchReport(customers=len(by_customer))
+    journeys = _journeys_with_work(session, rules, by_customer, now)
+    if not journeys:
+        return report
+    savepoint = session.begin_nested()
+    attempt = BatchReport()
+    try:
+        _claim_events(session, [e.subject.event_id for j in journeys for e in j.events], now)
+        for journey in journeys:
+            _run_customer(session, rules, journey, now, attempt, claim_events=False)
+        _write_buffers(session)
+        session.flush()
+        savepoint.commit()
+        report.merge(attempt)
+        return report
+    except (LostRace, IntegrityError):
+        _drop_buffers(session)
+        savepoint.rollback()
+    for journey in _journeys_with_work(session, rules, by_customer, now):
+        savepoint = session.begin_nested()
+        attempt = BatchReport()
+        try:
+            _run_customer(session, rules, journey, now, attempt, claim_events=True)
+            _write_buffers(session)
+            session.flush()
+            savepoint.commit()
+            report.merge(attempt)
+        except (LostRace, IntegrityError):
+            _drop_buffers(session)
+            savepoint.rollback()
+            report.lost_races += 1
+    return report
+
+
+def _journeys_with_work(
+    session: Session, rules: RuleSet, by_customer: dict[str, list[Evaluation]], now: datetime
+) -> list[CustomerJourney]:
+    """The journey state of the batch's customers, from the database, for those with work."""
     ids = list(by_customer)
     active = _active_enrollments(session, ids)
     last_entered = _last_entered(session, ids)
     recent = _recent_marketing(session, ids, rules, now)
+    journeys = []
     for customer_id in ids:
         items = by_customer[customer_id]
         journey = CustomerJourney(
@@ -122,22 +167,27 @@ def apply_batch(
             last_entered=last_entered.get(customer_id, {}),
             recent=recent.get(customer_id, []),
         )
-        report.customers += 1
-        if not _has_work(rules, journey, now):
-            continue  # most customers of a sweep: nothing to enter, exit or send
-        savepoint = session.begin_nested()
-        attempt = BatchReport()
-        try:
-            _run_customer(session, rules, journey, now, attempt)
-            _write_buffers(session)
-            session.flush()
-            savepoint.commit()
-            report.merge(attempt)
-        except (LostRace, IntegrityError):
-            _drop_buffers(session)
-            savepoint.rollback()
-            report.lost_races += 1
-    return report
+        if _has_work(rules, journey, now):  # most customers of a sweep have none
+            journeys.append(journey)
+    return journeys
+
+
+def _claim_events(session: Session, event_ids: list[str | None], now: datetime) -> None:
+    """Mark the batch's events evaluated in one statement, or lose the race for them."""
+    wanted = {event_id for event_id in event_ids if event_id is not None}
+    if not wanted:
+        return
+    claimed = set(
+        session.scalars(
+            update(Event)
+            .where(Event.id.in_(wanted), Event.evaluated_at.is_(None))  # type: ignore[attr-defined,union-attr]
+            .values(evaluated_at=now)
+            .returning(Event.id)
+            .execution_options(synchronize_session=False)
+        )
+    )
+    if claimed != wanted:
+        raise LostRace(sorted(wanted - claimed)[:3])
 
 
 def _active_enrollments(session: Session, ids: Sequence[str]) -> dict[str, dict[str, Enrollment]]:
@@ -222,11 +272,18 @@ def _has_work(rules: RuleSet, journey: CustomerJourney, now: datetime) -> bool:
 
 
 def _run_customer(
-    session: Session, rules: RuleSet, journey: CustomerJourney, now: datetime, report: BatchReport
+    session: Session,
+    rules: RuleSet,
+    journey: CustomerJourney,
+    now: datetime,
+    report: BatchReport,
+    *,
+    claim_events: bool,
 ) -> None:
     for event_eval in journey.events:
         event_type = event_eval.subject.event_type
-        _claim_event(session, event_eval.subject.event_id, now)
+        if claim_events:
+            _claim_event(session, event_eval.subject.event_id, now)
         for playbook in rules.playbooks.values():
             if playbook.enter_on == event_type and enter_rule(playbook.id) in event_eval.fired:
                 _try_enter(session, rules, journey, playbook, event_eval, now, report)

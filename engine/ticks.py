@@ -28,7 +28,7 @@ from engine.sweep import evaluate_batches, subject_batches
 
 OVERLAP = timedelta(minutes=5)
 WATERMARK = "evaluation_watermark"
-IN_PROCESS_BELOW = 5000  # fewer customers than this: evaluating in-process beats starting workers
+IN_PROCESS_BELOW = 50_000  # fewer customers: evaluating in-process beats starting workers
 
 
 @dataclass
@@ -73,6 +73,9 @@ def evaluation_tick(
         _advance_watermark(app, now)
         return report
     if workers is None:
+        # Starting worker processes costs about a second; an incremental tick's
+        # evaluation is a small part of its time (facts and journeys dominate), so only
+        # large runs fan out.
         small = ids is not None and len(ids) < IN_PROCESS_BELOW
         workers = 0 if small else app.workers()
     batches = subject_batches(
