@@ -96,14 +96,14 @@ def render(report: dict[str, Any]) -> str:
             )
             lines.append(
                 f"| evaluation, {r['engine']}, {r['customers']:,} customers ({how}) | "
-                f"{r['per_second']:,} customers/s; peak {max(r['peak_mb'], r['peak_worker_mb'])} MB | |"
+                f"{r['per_second']:,} customers/s; peak {r['peak_total_mb']} MB (all processes) | |"
             )
         elif r["case"] == "sweep":
             db, n = r["database"], r["customers"]
             lines.append(
                 f"| first full sweep, {db}, {n:,} customers (facts, evaluation, {r['first_sweep_enrolled']:,} enrollments, "
                 f"{r['first_sweep_queued']:,} messages queued) | {r['first_sweep_seconds']} s, {r['first_sweep_per_second']:,}/s; "
-                f"peak {r['peak_mb']} MB (workers {r['peak_worker_mb']} MB) | 1M in ≤ 60 s on SQLite, ≤ 500 MB |"
+                f"peak {r['peak_total_mb']} MB (all processes) | 1M in ≤ 60 s on SQLite, ≤ 500 MB |"
             )
             lines.append(
                 f"| steady full sweep, {db}, {n:,} customers (journeys already running) | "
@@ -130,7 +130,7 @@ def render(report: dict[str, Any]) -> str:
             )
             lines.append(
                 f"| soak, {r['evaluations']:,} durable evaluations in {r['workers']} workers | "
-                f"{r['per_second']:,}/s, no crash; worker RSS {samples} | flat |"
+                f"{r['per_second']:,}/s, no crash; RSS of all processes {samples} | flat |"
             )
     return "\n".join(lines)
 

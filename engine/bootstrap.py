@@ -46,6 +46,7 @@ class App:
         """Load the rules again; on any problem the last good rules stay in force."""
         fresh = load_rules(self.settings.rules_dir, self.settings.templates_dir)
         self._rules = fresh
+        self.templates = TemplateStore(Path(self.settings.templates_dir))
         return fresh
 
     def workers(self) -> int:

@@ -254,29 +254,36 @@ class Dispatcher:
             by_channel: dict[str, list[tuple[Message, Email | Sms]]] = {}
             for message, rendered in ready:
                 by_channel.setdefault(message.channel, []).append((message, rendered))
-            futures = (
-                {
-                    channel: self._pool.submit(
-                        send_many, self.channels[channel], [r for _, r in items]
-                    )
-                    for channel, items in by_channel.items()
-                }
-                if self.config.send_threads > 0
-                else {}
-            )
-            outcomes: list[tuple[Message, Sent | ChannelError]] = []
-            for channel, items in by_channel.items():
-                results = (
-                    futures[channel].result()
-                    if futures
-                    else send_many(self.channels[channel], [r for _, r in items])
-                )
-                outcomes.extend(zip((m for m, _ in items), results, strict=True))
+            outcomes = self._send_all(by_channel)
             self._hook("sent", [m.id for m, _ in outcomes])
             for message, outcome in outcomes:
                 self._record(session, message, outcome, now, report)
             session.commit()
         return report
+
+    def _send_all(
+        self, by_channel: dict[str, list[tuple[Message, Email | Sms]]]
+    ) -> list[tuple[Message, Sent | ChannelError]]:
+        """Send every rendered message; provider calls overlap in the thread pool, each
+        thread taking a contiguous slice of a channel's messages (so identical emails
+        still batch into one SendGrid request within a slice)."""
+        threads = max(1, self.config.send_threads)
+        jobs = []
+        for channel, items in by_channel.items():
+            size = -(-len(items) // threads)
+            for start in range(0, len(items), size):
+                chunk = items[start : start + size]
+                rendered = [r for _, r in chunk]
+                if self.config.send_threads > 0:
+                    future = self._pool.submit(send_many, self.channels[channel], rendered)
+                    jobs.append((chunk, future.result))
+                else:
+                    results = send_many(self.channels[channel], rendered)
+                    jobs.append((chunk, lambda results=results: results))
+        outcomes: list[tuple[Message, Sent | ChannelError]] = []
+        for chunk, result in jobs:
+            outcomes.extend(zip((m for m, _ in chunk), result(), strict=True))
+        return outcomes
 
     def _prepare(
         self, session: Session, messages: Sequence[Message], now: datetime, report: DispatchReport

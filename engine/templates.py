@@ -64,6 +64,9 @@ class TemplateStore:
             trim_blocks=True,
             lstrip_blocks=True,
             keep_trailing_newline=False,
+            # Compiled templates are kept; a running engine picks up edits when the rules
+            # are reloaded (App.reload_rules builds a new store), not by a stat per render.
+            auto_reload=False,
         )
         self.env.filters["money"] = _money
         self.env.filters["days"] = _days
