@@ -41,6 +41,11 @@ NowOption = Annotated[
 ]
 
 
+def _print_json(payload: Any) -> None:
+    """Machine output: plain JSON on stdout, never wrapped or coloured by Rich."""
+    sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+
+
 def _app(**overrides: Any) -> App:
     return bootstrap(Settings(**overrides) if overrides else None)
 
@@ -295,7 +300,7 @@ def _print_summary(
         }
         if details:
             payload["details"] = details
-        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        _print_json(payload)
         return
     for detail in details:
         label = detail["customer"] + (
@@ -394,7 +399,7 @@ def explain(
             "playbooks": report,
             "timeline": timeline,
         }
-        sys.stdout.write(json.dumps(payload, indent=2) + "\n")
+        _print_json(payload)
         return
     out.print(f"[bold]{customer_id}[/bold] at {moment:%Y-%m-%d %H:%M} UTC")
     for entry in report:
@@ -564,9 +569,7 @@ def simulate(
     report = run_simulation(application, moment, days, seed=random_seed, customer=customer)
     elapsed = time.perf_counter() - started
     if json_output:
-        sys.stdout.write(
-            json.dumps({**report.as_dict(), "seconds": round(elapsed, 2)}, indent=2) + "\n"
-        )
+        _print_json({**report.as_dict(), "seconds": round(elapsed, 2)})
         return
     _print_simulation(report, elapsed, application.settings.outbox_dir)
 
@@ -671,7 +674,7 @@ def messages_list(
         for m in rows
     ]
     if json_output:
-        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+        _print_json(records)
         return
     table = Table()
     for column in ("id", "customer", "playbook/step", "channel", "status", "due", "tries", "note"):
@@ -842,7 +845,7 @@ def escalations_list(
             raise _fail(str(exc)) from exc
         records = [_case_record(c, moment) for c in cases]
     if json_output:
-        sys.stdout.write(json.dumps(records, indent=2) + "\n")
+        _print_json(records)
         return
     table = Table(title=f"Escalations ({status or 'not resolved'})")
     for column in ("id", "customer", "status", "priority", "owner", "SLA due", "reason"):
@@ -883,7 +886,7 @@ def escalations_show(
             for n in history(session, case_id)
         ]
     if json_output:
-        sys.stdout.write(json.dumps(record, indent=2) + "\n")
+        _print_json(record)
         return
     for key in (
         "id",
