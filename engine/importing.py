@@ -195,6 +195,9 @@ def _json_rows(path: Path) -> Iterator[_Row]:
             except ValueError as exc:
                 yield _Row(number, None, None, (f"malformed JSON: {exc}",))
                 continue
+            except RecursionError:
+                yield _Row(number, None, None, ("malformed JSON: nested too deeply",))
+                continue
             if not isinstance(data, dict):
                 what = _JSON_KINDS.get(type(data), "null")
                 problem = f"expected a JSON object {{...}}, got {what}"

@@ -7,6 +7,7 @@ a whole with a reason naming the field; an event id seen before changes nothing.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from sqlmodel import Session, col
 
 from engine.catalog import FactCatalog, FactSource, FactType
 from engine.clock import as_utc
+from engine.conditions import canonical_value
+from engine.errors import FactValueError
 from engine.models import Customer, Event
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
@@ -43,6 +46,11 @@ class CustomerIn(BaseModel):
     sms_opt_in: bool = False
     signed_up_at: datetime | None = None
     attributes: dict[str, Any] = {}
+
+    @field_validator("id", "email", "first_name", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return _no_nul(value)
 
     @field_validator("email")
     @classmethod
@@ -91,10 +99,22 @@ class EventIn(BaseModel):
     occurred_at: datetime
     properties: dict[str, Any] = {}
 
+    @field_validator("id", "customer_id", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return _no_nul(value)
+
     @field_validator("occurred_at")
     @classmethod
     def _aware(cls, value: datetime) -> datetime:
         return as_utc(value)
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL: refused here, not by the database with a 500."""
+    if isinstance(value, str) and "\x00" in value:
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    return value
 
 
 _ZONES: set[str] | None = None
@@ -129,6 +149,8 @@ def check_attributes(attributes: dict[str, Any], catalog: FactCatalog) -> list[s
             continue
         if not _has_type(value, spec.type):
             problems.append(f"attributes.{name}: expected {spec.type}, got {value!r}")
+        elif (reason := _not_a_fact(value, spec.type)) is not None:
+            problems.append(f"attributes.{name}: {reason}")
     return problems
 
 
@@ -140,7 +162,34 @@ def check_event_properties(event: EventIn, catalog: FactCatalog) -> list[str]:
         spec = catalog.get(f"event.{name}")
         if spec is not None and value is not None and not _has_type(value, spec.type):
             problems.append(f"properties.{name}: expected {spec.type}, got {value!r}")
+        elif spec is not None and (reason := _not_a_fact(value, spec.type)) is not None:
+            problems.append(f"properties.{name}: {reason}")
+        elif not _finite(value):
+            problems.append(f"properties.{name}: NaN and Infinity are not JSON values")
     return problems
+
+
+def _not_a_fact(value: Any, kind: FactType) -> str | None:
+    """Why a value of the right type still cannot be a fact (a number beyond +-2**53, text
+    too long for the rules engine): stored, it would stop every evaluation that reads it."""
+    if value is None or kind is FactType.DATE:
+        return None  # a date is written as text; _has_type checked it
+    try:
+        canonical_value("", value, kind)
+    except FactValueError as exc:
+        return exc.reason
+    return None
+
+
+def _finite(value: Any) -> bool:
+    """No NaN or Infinity anywhere in a JSON value (PostgreSQL's json refuses them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(item) for item in value.values())
+    if isinstance(value, list):
+        return all(_finite(item) for item in value)
+    return True
 
 
 def _has_type(value: Any, kind: FactType) -> bool:

@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Column, Index, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, String, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 # Statuses are stored as their plain text values (VARCHAR, not a database enum), so raw SQL,
@@ -67,7 +67,7 @@ class Customer(SQLModel, table=True):
     signed_up_at: datetime
     # Roll-ups of ingested events, maintained by engine.ingest in the event's transaction.
     orders_count: int = 0
-    total_spend_cents: int = 0
+    total_spend_cents: int = Field(default=0, sa_type=BigInteger)  # cents: past 2**31 on PostgreSQL
     last_order_at: datetime | None = None
     last_activity_at: datetime | None = None
     nps_score: int | None = None

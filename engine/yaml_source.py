@@ -145,9 +145,9 @@ def _scalar(node: yaml.Node, located: Located) -> Any:
             SourceProblem(located.path, *_mark(node), f"cannot read value: {exc.problem}")
         )
         return None
-    except (ValueError, TypeError, AttributeError, OverflowError):
-        # An explicit tag the text does not fit (`!!int twenty`, `!!timestamp soon`): PyYAML's
-        # constructors raise plain Python errors for those.
+    except Exception:
+        # An explicit tag the text does not fit (`!!int twenty`, `!!int ''`, `!!bool maybe`,
+        # `!!timestamp soon`): PyYAML's constructors raise whatever Python error they hit.
         tag = node.tag.replace("tag:yaml.org,2002:", "!!")
         located.problems.append(
             SourceProblem(

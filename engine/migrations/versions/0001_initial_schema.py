@@ -7,10 +7,9 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-
+from alembic import op
 
 revision = "0001"
 down_revision = None
@@ -37,7 +36,7 @@ def upgrade() -> None:
         sa.Column("attributes", sa.JSON(), nullable=False),
         sa.Column("signed_up_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=False),
         sa.Column("orders_count", sa.Integer(), nullable=False),
-        sa.Column("total_spend_cents", sa.Integer(), nullable=False),
+        sa.Column("total_spend_cents", sa.BigInteger(), nullable=False),
         sa.Column("last_order_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("last_activity_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True),
         sa.Column("nps_score", sa.Integer(), nullable=True),
