@@ -107,6 +107,7 @@ def build_channels(settings: Settings) -> dict[str, Any]:
             raise ConfigurationError(", ".join(missing), "required for the twilio channel")
         from channels.twilio_sms import TwilioSmsChannel
 
+        assert settings.twilio_account_sid is not None
         assert settings.twilio_auth_token is not None
         built["sms"] = TwilioSmsChannel(
             account_sid=settings.twilio_account_sid,

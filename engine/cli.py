@@ -7,14 +7,14 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypedDict
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from engine import conditions
 from engine.bootstrap import App, bootstrap
@@ -39,6 +39,40 @@ NowOption = Annotated[
     datetime | None,
     typer.Option("--now", help="Pretend it is this moment (ISO 8601, UTC if no offset)."),
 ]
+
+
+class _Check(TypedDict):
+    """One part of a playbook (enter, exit, a step guard) as `explain` reports it."""
+
+    part: str
+    condition: str
+    holds: bool
+    why: str
+
+
+class _PlaybookExplanation(TypedDict):
+    """One playbook in the `explain` report."""
+
+    playbook: str
+    matches: bool
+    event: str | None
+    journey: str | None
+    checks: list[_Check]
+
+
+class _MessageRecord(TypedDict):
+    """One outbox message as `messages` lists it."""
+
+    id: str
+    customer: str | None
+    playbook: str | None
+    step: str | None
+    channel: str
+    status: str
+    due_at: str
+    attempts: int
+    provider_id: str | None
+    last_error: str | None
 
 
 def _print_json(payload: Any) -> None:
@@ -254,9 +288,9 @@ def evaluate(
 def _mark_events_evaluated(application: App, customer: list[str] | None, moment: datetime) -> None:
     from sqlalchemy import update
 
-    statement = update(Event).where(Event.evaluated_at.is_(None))  # type: ignore[union-attr]
+    statement = update(Event).where(col(Event.evaluated_at).is_(None))
     if customer:
-        statement = statement.where(Event.customer_id.in_(customer))  # type: ignore[attr-defined]
+        statement = statement.where(col(Event.customer_id).in_(customer))
     with Session(application.db) as session:
         session.execute(statement.values(evaluated_at=moment))
         session.commit()
@@ -351,7 +385,7 @@ def explain(
             raise _fail(f"no customer with id {customer_id!r}")
         pending = _pending_events(session, customer_id)
         journeys = _journeys(session, customer_id)
-        report = []
+        report: list[_PlaybookExplanation] = []
         base = subjects_for(session, [customer_id], rules.catalog, moment)[0]
         for pid, playbook in sorted(rules.playbooks.items()):
             facts = base.facts
@@ -371,7 +405,7 @@ def explain(
             for step in playbook.steps:
                 if step.when is not None:
                     parts[f"step {step.id}"] = step.when
-            checks = []
+            checks: list[_Check] = []
             for label, condition in parts.items():
                 explanation = conditions.explain(condition, facts)
                 checks.append(
@@ -416,9 +450,9 @@ def explain(
     out.print(f"\n[bold]Timeline[/bold] ({len(timeline)} decisions)")
     for row in timeline:
         until = f" (until {row['until'][:16]})" if row["until"] else ""
-        step = f" {row['step']}" if row["step"] else ""
+        step_note = f" {row['step']}" if row["step"] else ""
         out.print(
-            f"  {row['at'][:16]}  {row['playbook']}{step}: {row['outcome']} — {row['reason']}{until}",
+            f"  {row['at'][:16]}  {row['playbook']}{step_note}: {row['outcome']} — {row['reason']}{until}",
             markup=False,
         )
 
@@ -429,8 +463,8 @@ def _timeline(session: Session, customer_id: str) -> list[dict[str, Any]]:
 
     statement = (
         select(Decision)
-        .where(Decision.customer_id == customer_id)
-        .order_by(Decision.at, Decision.id)
+        .where(col(Decision.customer_id) == customer_id)
+        .order_by(col(Decision.at), col(Decision.id))
     )
     return [
         {
@@ -451,8 +485,8 @@ def _pending_events(session: Session, customer_id: str) -> dict[str, Event]:
     """The newest not-yet-evaluated event of each type: what could still trigger an entry."""
     statement = (
         select(Event)
-        .where(Event.customer_id == customer_id, Event.evaluated_at.is_(None))  # type: ignore[union-attr]
-        .order_by(Event.occurred_at)
+        .where(col(Event.customer_id) == customer_id, col(Event.evaluated_at).is_(None))
+        .order_by(col(Event.occurred_at))
     )
     return {event.type: event for event in session.scalars(statement)}
 
@@ -462,8 +496,8 @@ def _journeys(session: Session, customer_id: str) -> dict[str, list[Any]]:
 
     statement = (
         select(Enrollment)
-        .where(Enrollment.customer_id == customer_id)
-        .order_by(Enrollment.entered_at)
+        .where(col(Enrollment.customer_id) == customer_id)
+        .order_by(col(Enrollment.entered_at))
     )
     found: dict[str, list[Any]] = {}
     for enrollment in session.scalars(statement):
@@ -651,14 +685,14 @@ def messages_list(
     from engine.models import Message
 
     application = _app()
-    statement = select(Message).order_by(Message.created_at.desc()).limit(limit)  # type: ignore[attr-defined]
+    statement = select(Message).order_by(col(Message.created_at).desc()).limit(limit)
     if status:
-        statement = statement.where(Message.status == status)
+        statement = statement.where(col(Message.status) == status)
     if customer:
-        statement = statement.where(Message.customer_id == customer)
+        statement = statement.where(col(Message.customer_id) == customer)
     with Session(application.db) as session:
         rows = list(session.scalars(statement))
-    records = [
+    records: list[_MessageRecord] = [
         {
             "id": m.id,
             "customer": m.customer_id,

@@ -34,12 +34,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from itsdangerous import URLSafeSerializer
-from sqlalchemy import Engine, select, update
+from sqlalchemy import CursorResult, Engine, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from engine.errors import ChannelError, PermanentChannelError, TemplateError
 from engine.facts import build_facts, customer_rows, open_complaint_counts, suppressed_addresses
@@ -178,16 +178,16 @@ class Dispatcher:
 
     def claim(self, now: datetime, size: int) -> list[str]:
         due = (
-            select(Message.id)
-            .where(Message.status == MessageStatus.QUEUED, Message.due_at <= now)
-            .order_by(Message.priority, Message.due_at)
+            select(col(Message.id))
+            .where(col(Message.status) == MessageStatus.QUEUED, col(Message.due_at) <= now)
+            .order_by(col(Message.priority), col(Message.due_at))
             .limit(size)
         )
         if self.db.dialect.name == "postgresql":
             due = due.with_for_update(skip_locked=True)
         statement = (
             update(Message)
-            .where(Message.id.in_(due.scalar_subquery()))  # type: ignore[attr-defined]
+            .where(col(Message.id).in_(due.scalar_subquery()))
             .values(
                 status=MessageStatus.SENDING,
                 claimed_by=self.worker_id,
@@ -196,7 +196,7 @@ class Dispatcher:
                 attempts=Message.attempts + 1,
                 updated_at=now,
             )
-            .returning(Message.id)
+            .returning(col(Message.id))
             .execution_options(synchronize_session=False)
         )
         with Session(self.db) as session:
@@ -209,32 +209,38 @@ class Dispatcher:
         report = DispatchReport()
         expired = now - self.config.lease
         with Session(self.db) as session:
-            requeued = session.execute(
-                update(Message)
-                .where(
-                    Message.status == MessageStatus.SENDING,
-                    Message.claimed_at < expired,
-                    Message.attempted_at.is_(None),
-                )  # type: ignore[union-attr,operator]
-                .values(
-                    status=MessageStatus.QUEUED,
-                    claimed_by=None,
-                    last_error="requeued: its dispatcher stopped before calling the provider",
-                    updated_at=now,
-                )
+            requeued = cast(
+                "CursorResult[Any]",
+                session.execute(
+                    update(Message)
+                    .where(
+                        col(Message.status) == MessageStatus.SENDING,
+                        col(Message.claimed_at) < expired,
+                        col(Message.attempted_at).is_(None),
+                    )
+                    .values(
+                        status=MessageStatus.QUEUED,
+                        claimed_by=None,
+                        last_error="requeued: its dispatcher stopped before calling the provider",
+                        updated_at=now,
+                    )
+                ),
             ).rowcount
-            ambiguous = session.execute(
-                update(Message)
-                .where(
-                    Message.status == MessageStatus.SENDING,
-                    Message.claimed_at < expired,
-                    Message.attempted_at.is_not(None),
-                )  # type: ignore[union-attr,operator]
-                .values(
-                    status=MessageStatus.AMBIGUOUS,
-                    last_error="ambiguous: its dispatcher stopped after calling the provider; not resent",
-                    updated_at=now,
-                )
+            ambiguous = cast(
+                "CursorResult[Any]",
+                session.execute(
+                    update(Message)
+                    .where(
+                        col(Message.status) == MessageStatus.SENDING,
+                        col(Message.claimed_at) < expired,
+                        col(Message.attempted_at).is_not(None),
+                    )
+                    .values(
+                        status=MessageStatus.AMBIGUOUS,
+                        last_error="ambiguous: its dispatcher stopped after calling the provider; not resent",
+                        updated_at=now,
+                    )
+                ),
             ).rowcount
             session.commit()
         report.requeued_after_crash = requeued
@@ -246,7 +252,7 @@ class Dispatcher:
     def _send_claimed(self, ids: list[str], now: datetime) -> DispatchReport:
         report = DispatchReport()
         with Session(self.db, expire_on_commit=False) as session:
-            messages = list(session.scalars(select(Message).where(Message.id.in_(ids))))  # type: ignore[attr-defined]
+            messages = list(session.scalars(select(Message).where(col(Message.id).in_(ids))))
             ready = self._prepare(session, messages, now, report)
             for message, _ in ready:
                 message.attempted_at = now
@@ -268,7 +274,9 @@ class Dispatcher:
         thread taking a contiguous slice of a channel's messages (so identical emails
         still batch into one SendGrid request within a slice)."""
         threads = max(1, self.config.send_threads)
-        jobs = []
+        jobs: list[
+            tuple[list[tuple[Message, Email | Sms]], Callable[..., list[Sent | ChannelError]]]
+        ] = []
         for channel, items in by_channel.items():
             size = -(-len(items) // threads)
             for start in range(0, len(items), size):
@@ -299,8 +307,10 @@ class Dispatcher:
             (s.channel, s.address)
             for s in session.scalars(
                 select(Suppression).where(
-                    Suppression.address.in_([m.to_address for m in messages if m.kind == "staff"])
-                )  # type: ignore[attr-defined]
+                    col(Suppression.address).in_(
+                        [m.to_address for m in messages if m.kind == "staff"]
+                    )
+                )
             )
         }
         ready: list[tuple[Message, Email | Sms]] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from engine.errors import IllegalTransition, InvalidChoice, NotFound
 from engine.models import Escalation, EscalationNote, EscalationStatus
@@ -24,13 +24,13 @@ def queue(session: Session, status: str | None = None) -> list[Escalation]:
     by deadline, then by priority. ``status`` None means every case not resolved."""
     statement = select(Escalation)
     if status is None:
-        statement = statement.where(Escalation.status.in_(OPEN_STATES))  # type: ignore[attr-defined]
+        statement = statement.where(col(Escalation.status).in_(OPEN_STATES))
     else:
         try:
             wanted = EscalationStatus(status)
         except ValueError as exc:
             raise InvalidChoice("status", status, [s.value for s in EscalationStatus]) from exc
-        statement = statement.where(Escalation.status == wanted)
+        statement = statement.where(col(Escalation.status) == wanted)
     cases = list(session.scalars(statement))
     cases.sort(key=lambda c: (c.sla_due_at, PRIORITY_ORDER.get(c.priority, 9), c.id or 0))
     return cases
@@ -39,9 +39,9 @@ def queue(session: Session, status: str | None = None) -> list[Escalation]:
 def open_case_for(session: Session, customer_id: str) -> Escalation | None:
     statement = (
         select(Escalation)
-        .where(Escalation.customer_id == customer_id)
-        .where(Escalation.status.in_(OPEN_STATES))  # type: ignore[attr-defined]
-        .order_by(Escalation.opened_at)
+        .where(col(Escalation.customer_id) == customer_id)
+        .where(col(Escalation.status).in_(OPEN_STATES))
+        .order_by(col(Escalation.opened_at))
         .limit(1)
     )
     return session.scalars(statement).first()
@@ -163,7 +163,7 @@ def _touch_customer(session: Session, customer_id: str, now: datetime) -> None:
 def history(session: Session, case_id: int) -> list[EscalationNote]:
     statement = (
         select(EscalationNote)
-        .where(EscalationNote.escalation_id == case_id)
-        .order_by(EscalationNote.at, EscalationNote.id)
+        .where(col(EscalationNote.escalation_id) == case_id)
+        .order_by(col(EscalationNote.at), col(EscalationNote.id))
     )
     return list(session.scalars(statement))

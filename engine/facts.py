@@ -14,28 +14,28 @@ from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import Row
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from engine.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactSource, FactType
 from engine.clock import epoch_days, whole_days_between
 from engine.models import Customer, Escalation, EscalationStatus, Event, Suppression
 
 CUSTOMER_COLUMNS = (
-    Customer.id,
-    Customer.email,
-    Customer.phone,
-    Customer.first_name,
-    Customer.timezone,
-    Customer.locale,
-    Customer.email_opt_in,
-    Customer.sms_opt_in,
-    Customer.attributes,
-    Customer.signed_up_at,
-    Customer.orders_count,
-    Customer.total_spend_cents,
-    Customer.last_order_at,
-    Customer.last_activity_at,
-    Customer.nps_score,
+    col(Customer.id),
+    col(Customer.email),
+    col(Customer.phone),
+    col(Customer.first_name),
+    col(Customer.timezone),
+    col(Customer.locale),
+    col(Customer.email_opt_in),
+    col(Customer.sms_opt_in),
+    col(Customer.attributes),
+    col(Customer.signed_up_at),
+    col(Customer.orders_count),
+    col(Customer.total_spend_cents),
+    col(Customer.last_order_at),
+    col(Customer.last_activity_at),
+    col(Customer.nps_score),
 )
 
 
@@ -56,7 +56,7 @@ class Subject:
 def customer_rows(session: Session, ids: Sequence[str]) -> list[Row[Any]]:
     if not ids:
         return []
-    statement = select(*CUSTOMER_COLUMNS).where(Customer.id.in_(ids))  # type: ignore[attr-defined]
+    statement = select(*CUSTOMER_COLUMNS).where(col(Customer.id).in_(ids))
     return list(session.execute(statement))
 
 
@@ -65,7 +65,10 @@ def iter_customer_id_batches(session: Session, batch_size: int) -> Iterator[list
     last = ""
     while True:
         statement = (
-            select(Customer.id).where(Customer.id > last).order_by(Customer.id).limit(batch_size)
+            select(col(Customer.id))
+            .where(col(Customer.id) > last)
+            .order_by(col(Customer.id))
+            .limit(batch_size)
         )
         ids = list(session.scalars(statement))
         if not ids:
@@ -78,10 +81,10 @@ def open_complaint_counts(session: Session, ids: Sequence[str]) -> dict[str, int
     if not ids:
         return {}
     statement = (
-        select(Escalation.customer_id, func.count())
-        .where(Escalation.customer_id.in_(ids))  # type: ignore[attr-defined]
-        .where(Escalation.status != EscalationStatus.RESOLVED)
-        .group_by(Escalation.customer_id)
+        select(col(Escalation.customer_id), func.count())
+        .where(col(Escalation.customer_id).in_(ids))
+        .where(col(Escalation.status) != EscalationStatus.RESOLVED)
+        .group_by(col(Escalation.customer_id))
     )
     return {customer_id: count for customer_id, count in session.execute(statement)}
 
@@ -92,9 +95,9 @@ def suppressed_addresses(session: Session, rows: Sequence[Row[Any]]) -> set[tupl
     found: set[tuple[str, str]] = set()
     for channel, addresses in (("email", emails), ("sms", phones)):
         if addresses:
-            statement = select(Suppression.channel, Suppression.address).where(
-                Suppression.channel == channel,
-                Suppression.address.in_(addresses),  # type: ignore[attr-defined]
+            statement = select(col(Suppression.channel), col(Suppression.address)).where(
+                col(Suppression.channel) == channel,
+                col(Suppression.address).in_(addresses),
             )
             found.update((c, a) for c, a in session.execute(statement))
     return found
@@ -179,6 +182,7 @@ def subjects_for(
     suppressed = suppressed_addresses(session, rows)
     by_id = {row.id: row for row in rows}
     subjects: list[Subject] = []
+    row: Row[Any] | None
     if include_sweep:
         for row in rows:
             facts = build_facts(
@@ -205,10 +209,10 @@ def pending_events(
     session: Session, ids: Sequence[str] | None = None, limit: int | None = None
 ) -> list[Event]:
     """Events not yet evaluated, oldest first (optionally only for some customers)."""
-    statement = select(Event).where(Event.evaluated_at.is_(None))  # type: ignore[union-attr]
+    statement = select(Event).where(col(Event.evaluated_at).is_(None))
     if ids is not None:
-        statement = statement.where(Event.customer_id.in_(ids))  # type: ignore[attr-defined]
-    statement = statement.order_by(Event.occurred_at, Event.id)
+        statement = statement.where(col(Event.customer_id).in_(ids))
+    statement = statement.order_by(col(Event.occurred_at), col(Event.id))
     if limit is not None:
         statement = statement.limit(limit)
     return list(session.scalars(statement))

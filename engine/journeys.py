@@ -19,11 +19,11 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import CursorResult, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from engine import conditions, escalations
 from engine.facts import Subject
@@ -180,9 +180,9 @@ def _claim_events(session: Session, event_ids: list[str | None], now: datetime) 
     claimed = set(
         session.scalars(
             update(Event)
-            .where(Event.id.in_(wanted), Event.evaluated_at.is_(None))  # type: ignore[attr-defined,union-attr]
+            .where(col(Event.id).in_(wanted), col(Event.evaluated_at).is_(None))
             .values(evaluated_at=now)
-            .returning(Event.id)
+            .returning(col(Event.id))
             .execution_options(synchronize_session=False)
         )
     )
@@ -195,8 +195,8 @@ def _active_enrollments(session: Session, ids: Sequence[str]) -> dict[str, dict[
     if not ids:
         return found
     statement = select(Enrollment).where(
-        Enrollment.customer_id.in_(ids),  # type: ignore[attr-defined]
-        Enrollment.status == EnrollmentStatus.ACTIVE,
+        col(Enrollment.customer_id).in_(ids),
+        col(Enrollment.status) == EnrollmentStatus.ACTIVE,
     )
     for enrollment in session.scalars(statement):
         found[enrollment.customer_id][enrollment.playbook] = enrollment
@@ -211,13 +211,13 @@ def _last_entered(
         return found
     statement = (
         select(
-            Enrollment.customer_id,
-            Enrollment.playbook,
-            func.max(Enrollment.entered_at),
-            func.max(Enrollment.entry_number),
+            col(Enrollment.customer_id),
+            col(Enrollment.playbook),
+            func.max(col(Enrollment.entered_at)),
+            func.max(col(Enrollment.entry_number)),
         )
-        .where(Enrollment.customer_id.in_(ids))  # type: ignore[attr-defined]
-        .group_by(Enrollment.customer_id, Enrollment.playbook)
+        .where(col(Enrollment.customer_id).in_(ids))
+        .group_by(col(Enrollment.customer_id), col(Enrollment.playbook))
     )
     for customer_id, playbook, entered, entries in session.execute(statement):
         found[customer_id][playbook] = (entered, entries)
@@ -232,11 +232,11 @@ def _recent_marketing(
     if not ids or not caps:
         return found
     horizon = now - max(cap.per for cap in caps)
-    statement = select(Message.customer_id, Message.due_at, Message.channel).where(
-        Message.customer_id.in_(ids),  # type: ignore[union-attr]
-        Message.kind == "marketing",
-        Message.status.in_(COUNTED_STATUSES),  # type: ignore[attr-defined]
-        Message.due_at > horizon,
+    statement = select(col(Message.customer_id), col(Message.due_at), col(Message.channel)).where(
+        col(Message.customer_id).in_(ids),
+        col(Message.kind) == "marketing",
+        col(Message.status).in_(COUNTED_STATUSES),
+        col(Message.due_at) > horizon,
     )
     for customer_id, due, channel in session.execute(statement):
         found[customer_id].append((due, channel))
@@ -280,6 +280,7 @@ def _run_customer(
     *,
     claim_events: bool,
 ) -> None:
+    playbook: Playbook | None
     for event_eval in journey.events:
         event_type = event_eval.subject.event_type
         if claim_events:
@@ -321,11 +322,14 @@ def _run_customer(
 
 def _claim_event(session: Session, event_id: str | None, now: datetime) -> None:
     """Mark the event evaluated, or lose the race to the evaluator that already did."""
-    result = session.execute(
-        update(Event)
-        .where(Event.id == event_id, Event.evaluated_at.is_(None))  # type: ignore[union-attr]
-        .values(evaluated_at=now)
-        .execution_options(synchronize_session=False)
+    result = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(Event)
+            .where(col(Event.id) == event_id, col(Event.evaluated_at).is_(None))
+            .values(evaluated_at=now)
+            .execution_options(synchronize_session=False)
+        ),
     )
     if result.rowcount != 1:
         raise LostRace(event_id)
@@ -400,12 +404,20 @@ def _exit_on_goal(
     report: BatchReport,
 ) -> None:
     assert playbook.exit is not None
-    cancelled = session.execute(
-        update(Message)
-        .where(Message.enrollment_id == enrollment.id, Message.status == MessageStatus.QUEUED)
-        .values(
-            status=MessageStatus.CANCELLED, last_error="journey exited on its goal", updated_at=now
-        )
+    cancelled = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(Message)
+            .where(
+                col(Message.enrollment_id) == enrollment.id,
+                col(Message.status) == MessageStatus.QUEUED,
+            )
+            .values(
+                status=MessageStatus.CANCELLED,
+                last_error="journey exited on its goal",
+                updated_at=now,
+            )
+        ),
     ).rowcount
     reason = f"goal reached: {playbook.exit.source}"
     if cancelled:
@@ -440,15 +452,18 @@ def _end(
 
 def _guarded_update(session: Session, enrollment: Enrollment, **values: Any) -> None:
     """Move an enrollment only if nobody moved it since we read it."""
-    result = session.execute(
-        update(Enrollment)
-        .where(
-            Enrollment.id == enrollment.id,
-            Enrollment.status == EnrollmentStatus.ACTIVE,
-            Enrollment.next_step == enrollment.next_step,
-        )
-        .values(**values)
-        .execution_options(synchronize_session=False)
+    result = cast(
+        "CursorResult[Any]",
+        session.execute(
+            update(Enrollment)
+            .where(
+                col(Enrollment.id) == enrollment.id,
+                col(Enrollment.status) == EnrollmentStatus.ACTIVE,
+                col(Enrollment.next_step) == enrollment.next_step,
+            )
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        ),
     )
     if result.rowcount != 1:
         raise LostRace(enrollment.id)
@@ -762,14 +777,21 @@ def due_customer_ids(session: Session, now: datetime, since: datetime | None) ->
 
     ids: set[str] = set()
     if since is not None:
-        ids.update(session.scalars(select(Customer.id).where(Customer.changed_at > since)))
-    ids.update(
-        session.scalars(select(Event.customer_id).where(Event.evaluated_at.is_(None)).distinct())
-    )  # type: ignore[union-attr]
+        ids.update(
+            session.scalars(select(col(Customer.id)).where(col(Customer.changed_at) > since))
+        )
     ids.update(
         session.scalars(
-            select(Enrollment.customer_id)
-            .where(Enrollment.status == EnrollmentStatus.ACTIVE, Enrollment.next_due_at <= now)
+            select(col(Event.customer_id)).where(col(Event.evaluated_at).is_(None)).distinct()
+        )
+    )
+    ids.update(
+        session.scalars(
+            select(col(Enrollment.customer_id))
+            .where(
+                col(Enrollment.status) == EnrollmentStatus.ACTIVE,
+                col(Enrollment.next_due_at) <= now,
+            )
             .distinct()
         )
     )

@@ -12,7 +12,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from engine.models import Escalation, EscalationStatus, Message, MessageStatus
 from engine.playbooks import Lead, RuleSet
@@ -78,9 +78,9 @@ def notify_new_case(
 def check_sla(session: Session, rules: RuleSet, now: datetime) -> list[Message]:
     """Notify one tier up for every unacknowledged case past its SLA, exactly once."""
     statement = select(Escalation).where(
-        Escalation.status.in_(NOTIFY_STATES),  # type: ignore[attr-defined]
-        Escalation.sla_due_at <= now,
-        Escalation.breach_notified_at.is_(None),  # type: ignore[union-attr]
+        col(Escalation.status).in_(NOTIFY_STATES),
+        col(Escalation.sla_due_at) <= now,
+        col(Escalation.breach_notified_at).is_(None),
     )
     queued: list[Message] = []
     for case in session.scalars(statement):

@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from engine import escalations
 from engine.bootstrap import App
@@ -110,7 +110,9 @@ class ActivityGenerator:
         self.rules = rules
         self.rng = random.Random(seed)
         with Session(app.db) as session:
-            self.customer_ids = list(session.scalars(select(Customer.id).order_by(Customer.id)))
+            self.customer_ids = list(
+                session.scalars(select(col(Customer.id)).order_by(col(Customer.id)))
+            )
         self.base = max(1, len(self.customer_ids))
         self.counter = 0
 
@@ -192,8 +194,8 @@ def resolve_old_cases(app: App, now: datetime) -> int:
     with Session(app.db) as session:
         cases = session.scalars(
             select(Escalation).where(
-                Escalation.status != EscalationStatus.RESOLVED,
-                Escalation.opened_at <= now - RESOLVE_AFTER,
+                col(Escalation.status) != EscalationStatus.RESOLVED,
+                col(Escalation.opened_at) <= now - RESOLVE_AFTER,
             )
         ).all()
         for case in cases:
@@ -230,9 +232,11 @@ def _tally(
 ) -> None:
     with Session(app.db) as session:
         rows = session.execute(
-            select(Decision.playbook, Decision.outcome, Decision.reason, func.count())
-            .where(Decision.at >= start, Decision.at <= end)
-            .group_by(Decision.playbook, Decision.outcome, Decision.reason)
+            select(
+                col(Decision.playbook), col(Decision.outcome), col(Decision.reason), func.count()
+            )
+            .where(col(Decision.at) >= start, col(Decision.at) <= end)
+            .group_by(col(Decision.playbook), col(Decision.outcome), col(Decision.reason))
         )
         for playbook, outcome, reason, count in rows:
             tally = report.playbooks[playbook]
@@ -249,13 +253,13 @@ def _tally(
             elif outcome == "escalated":
                 tally.escalated += count
         sent = session.execute(
-            select(Message.playbook, Message.channel, Message.kind, func.count())
+            select(col(Message.playbook), col(Message.channel), col(Message.kind), func.count())
             .where(
-                Message.sent_at >= start,
-                Message.sent_at <= end,
-                Message.status.in_((MessageStatus.SENT, MessageStatus.DELIVERED)),  # type: ignore[attr-defined]
+                col(Message.sent_at) >= start,
+                col(Message.sent_at) <= end,
+                col(Message.status).in_((MessageStatus.SENT, MessageStatus.DELIVERED)),
             )
-            .group_by(Message.playbook, Message.channel, Message.kind)
+            .group_by(col(Message.playbook), col(Message.channel), col(Message.kind))
         )
         for playbook, channel, kind, count in sent:
             label = channel if kind != "staff" else f"{channel} to staff"
@@ -263,8 +267,12 @@ def _tally(
         if customer:
             decisions = session.scalars(
                 select(Decision)
-                .where(Decision.customer_id == customer, Decision.at >= start, Decision.at <= end)
-                .order_by(Decision.at, Decision.id)
+                .where(
+                    col(Decision.customer_id) == customer,
+                    col(Decision.at) >= start,
+                    col(Decision.at) <= end,
+                )
+                .order_by(col(Decision.at), col(Decision.id))
             )
             report.timeline = [
                 {
