@@ -131,6 +131,8 @@ class Message(SQLModel, table=True):
         UniqueConstraint("dedupe_key", name="uq_messages_dedupe_key"),
         Index("ix_messages_status_due", "status", "due_at"),
         Index("ix_messages_customer", "customer_id", "created_at"),
+        # Exiting a journey cancels its queued messages by enrollment.
+        Index("ix_messages_enrollment", "enrollment_id", "status"),
     )
 
     id: str = Field(primary_key=True, max_length=36)

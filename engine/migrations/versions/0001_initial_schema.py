@@ -234,6 +234,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.create_index("ix_messages_customer", ["customer_id", "created_at"], unique=False)
+        batch_op.create_index("ix_messages_enrollment", ["enrollment_id", "status"], unique=False)
         batch_op.create_index(batch_op.f("ix_messages_provider_id"), ["provider_id"], unique=False)
         batch_op.create_index("ix_messages_status_due", ["status", "due_at"], unique=False)
 
@@ -243,6 +244,7 @@ def downgrade() -> None:
     with op.batch_alter_table("messages", schema=None) as batch_op:
         batch_op.drop_index("ix_messages_status_due")
         batch_op.drop_index(batch_op.f("ix_messages_provider_id"))
+        batch_op.drop_index("ix_messages_enrollment")
         batch_op.drop_index("ix_messages_customer")
 
     op.drop_table("messages")
