@@ -30,6 +30,7 @@ class Located:
     keys: dict[Path_, tuple[int, int]] = field(default_factory=dict)
     nodes: dict[Path_, yaml.Node] = field(default_factory=dict)
     problems: list[SourceProblem] = field(default_factory=list)
+    converted: int = 0  # values built so far, aliases expanded: bounded (see MAX_VALUES)
 
     def at(self, where: Path_, message: str, *, key: bool = False) -> SourceProblem:
         """A problem at the value (or the key) found at ``where``, or its nearest parent."""
@@ -90,12 +91,31 @@ def load_located(path: str, text: str) -> Located:
     except RecursionError:
         located.data = None
         located.problems.append(SourceProblem(path, 1, 1, "not valid YAML: nested too deeply"))
+    except _TooLarge:
+        located.data = None
+        located.problems.append(
+            SourceProblem(
+                path, 1, 1, f"too large: more than {MAX_VALUES:,} values once aliases are expanded"
+            )
+        )
     return located
+
+
+# A rule file has hundreds of values; aliases expanded over and over ("billion laughs")
+# could make billions. Past this many the file is refused instead of hanging the check.
+MAX_VALUES = 100_000
+
+
+class _TooLarge(Exception):
+    pass
 
 
 def _convert(
     node: yaml.Node, where: Path_, located: Located, _open: frozenset[int] = frozenset()
 ) -> Any:
+    located.converted += 1
+    if located.converted > MAX_VALUES:
+        raise _TooLarge
     if id(node) in _open:
         # `&a [*a]`: an alias inside the value it names would make the data infinite.
         located.problems.append(

@@ -163,3 +163,14 @@ def test_catalog_mistakes(rules_copy: Path) -> None:
     )
     text = "\n".join(problems_of(rules_copy))
     assert "catalog.yaml" in text and "attributes.plan.type" in text
+
+
+def test_alias_bomb_is_refused_not_expanded(rules_copy: Path) -> None:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for n in range(1, 9):
+        previous = f"*a{n - 1}"
+        lines.append(f"a{n}: &a{n} [{', '.join([previous] * 10)}]")
+    path = rules_copy / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    (problem,) = problems_of(rules_copy)
+    assert problem == f"{path}:1:1: too large: more than 100,000 values once aliases are expanded"
