@@ -18,6 +18,7 @@ from sqlmodel import Session, col
 
 from engine.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactSource, FactType
 from engine.clock import epoch_days, whole_days_between
+from engine.conditions import MAX_INT
 from engine.models import Customer, Escalation, EscalationStatus, Event, Suppression
 
 CUSTOMER_COLUMNS = (
@@ -103,6 +104,14 @@ def suppressed_addresses(session: Session, rows: Sequence[Row[Any]]) -> set[tupl
     return found
 
 
+def _whole(value: Any) -> int | None:
+    """A whole number the rules engine compares exactly, else unknown: one customer with
+    an absurd total must not stop the evaluation of everyone else."""
+    if isinstance(value, int) and not isinstance(value, bool) and -MAX_INT <= value <= MAX_INT:
+        return value
+    return None
+
+
 def attribute_value(value: Any, kind: FactType) -> Any:
     """Coerce a stored attribute to its catalog type; anything else is unknown (None)."""
     if value is None:
@@ -110,7 +119,7 @@ def attribute_value(value: Any, kind: FactType) -> Any:
     if kind is FactType.BOOL:
         return value if isinstance(value, bool) else None
     if kind in (FactType.INT, FactType.MONEY):
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        return _whole(value)
     if kind is FactType.DATE:
         try:
             return epoch_days(date.fromisoformat(str(value)))
@@ -136,8 +145,8 @@ def build_facts(
         "days_since_last_activity": whole_days_between(
             row.last_activity_at or row.signed_up_at, now
         ),
-        "orders_count": row.orders_count,
-        "total_spend_cents": row.total_spend_cents,
+        "orders_count": _whole(row.orders_count),
+        "total_spend_cents": _whole(row.total_spend_cents),
         "last_order_days_ago": (
             whole_days_between(row.last_order_at, now) if row.last_order_at is not None else None
         ),

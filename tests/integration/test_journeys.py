@@ -320,3 +320,18 @@ def test_re_evaluating_never_duplicates(app: App) -> None:
             select(func.count()).select_from(Message).where(Message.customer_id == "ka")
         )
     assert count == 1
+
+
+def test_an_absurd_total_is_unknown_and_does_not_stop_the_tick(app: App) -> None:
+    signed_up(app, "zz", START)
+    signed_up(app, "ok", START)
+    with Session(app.db) as session:
+        customer = session.get(Customer, "zz")
+        assert customer is not None
+        customer.total_spend_cents = 2**60  # beyond what the rules engine compares exactly
+        session.commit()
+    tick(app, START)
+    assert [s for s, _, _ in sent(app, "ok")] == ["welcome"]
+    assert [s for s, _, _ in sent(app, "zz")] == ["welcome"]
+    (enrolled,) = decisions(app, "zz", "enrolled")
+    assert "total_spend_cents" not in enrolled.facts  # unknown, not a crash
