@@ -197,12 +197,13 @@ def _progress() -> Progress:
     )
 
 
-def _import(kind: str, file: Path, now: datetime | None) -> None:
+def _import(kind: str, file: Path, now: datetime | None, history: bool = False) -> None:
     from engine import importing
 
     application = _app()
     rules = _rules(application)
     moment = _now(application, now)
+    options: dict[str, Any] = {"history": True} if history else {}
     run = importing.import_customers if kind == "customers" else importing.import_events
     try:
         with _progress() as progress:
@@ -213,6 +214,7 @@ def _import(kind: str, file: Path, now: datetime | None) -> None:
                 rules.catalog,
                 moment,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
+                **options,
             )
     except LifecycleError as exc:
         raise _fail(str(exc)) from exc
@@ -235,10 +237,17 @@ def import_customers(
 @import_app.command("events")
 def import_events(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+    history: Annotated[
+        bool,
+        typer.Option(
+            "--history",
+            help="Past events: update the facts but start no journey (no welcome for old sign-ups).",
+        ),
+    ] = False,
     now: NowOption = None,
 ) -> None:
     """Import events, idempotent by event id; bad rows are reported, good rows kept."""
-    _import("events", file, now)
+    _import("events", file, now, history)
 
 
 @app.command()

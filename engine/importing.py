@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -134,9 +135,12 @@ def import_events(
     progress: Progress | None = None,
     *,
     batch_size: int = BATCH_SIZE,
+    history: bool = False,
 ) -> ImportReport:
-    """Store the events in ``path`` (their customers must exist) and fold their roll-ups."""
-    return _Import(engine, Path(path), catalog, as_utc(now), progress, batch_size, _EVENTS).run()
+    """Store the events in ``path`` (their customers must exist) and fold their roll-ups;
+    ``history`` marks them evaluated, so past events start no journey."""
+    kind = _HISTORY if history else _EVENTS
+    return _Import(engine, Path(path), catalog, as_utc(now), progress, batch_size, kind).run()
 
 
 def count_rows(path: Path) -> int:
@@ -391,10 +395,15 @@ def _store_customers(
 
 
 def _store_events(
-    session: Session, batch: list[EventIn], now: datetime, report: ImportReport
+    session: Session,
+    batch: list[EventIn],
+    now: datetime,
+    report: ImportReport,
+    *,
+    history: bool = False,
 ) -> list[tuple[int, str]]:
     bad: list[tuple[int, str]] = []
-    outcomes = record_events(session, batch, now)
+    outcomes = record_events(session, batch, now, history=history)
     for index, (item, outcome) in enumerate(zip(batch, outcomes, strict=True)):
         if outcome is Recorded.STORED:
             report.created += 1
@@ -410,6 +419,14 @@ _CUSTOMERS: _Kind[CustomerIn] = _Kind(
 )
 _EVENTS: _Kind[EventIn] = _Kind(
     "events", EventIn, EVENT_COLUMNS, EVENT_COLUMNS, check_event_properties, _store_events
+)
+_HISTORY: _Kind[EventIn] = _Kind(
+    "events",
+    EventIn,
+    EVENT_COLUMNS,
+    EVENT_COLUMNS,
+    check_event_properties,
+    functools.partial(_store_events, history=True),
 )
 
 # Errors that belong to a row (a constraint, a value the column refuses); anything else,

@@ -402,8 +402,14 @@ ROLLUP_FIELDS = (
 )
 
 
-def record_events(session: Session, batch: Sequence[EventIn], now: datetime) -> list[Recorded]:
+def record_events(
+    session: Session, batch: Sequence[EventIn], now: datetime, *, history: bool = False
+) -> list[Recorded]:
     """record_event for a batch, in four statements whatever its size (for the importer).
+
+    ``history`` stores past events as already evaluated: they fold into the roll-ups (and
+    so into facts) but trigger no journey, so importing last year's sign-ups sends no
+    welcome emails.
 
     One query finds the ids already stored, one reads (and locks) the customers' roll-ups;
     the events are folded in the order given, then inserted and the roll-ups written back
@@ -438,7 +444,7 @@ def record_events(session: Session, batch: Sequence[EventIn], now: datetime) -> 
                     "properties": data.properties,
                     "occurred_at": data.occurred_at,
                     "received_at": now,
-                    "evaluated_at": None,
+                    "evaluated_at": now if history else None,
                 }
             )
             apply_rollups(folded, data.type, data.properties, data.occurred_at)

@@ -200,3 +200,24 @@ def test_simulate_prints_per_playbook_outcomes(env: Path) -> None:
     welcome = report["playbooks"]["welcome_series"]
     assert welcome["enrolled"] >= 1 and welcome["sent"]["email"] >= 1
     assert [row["outcome"] for row in report["timeline"]][:2] == ["enrolled", "queued"]
+
+
+def test_importing_history_starts_no_journey(env: Path, tmp_path: Path) -> None:
+    customers = tmp_path / "old.csv"
+    customers.write_text(
+        "id,email,email_opt_in,signed_up_at\nold1,old1@example.com,true,2025-01-10T10:00:00Z\n"
+    )
+    events = tmp_path / "old-events.jsonl"
+    events.write_text(
+        '{"id": "h1", "customer_id": "old1", "type": "signed_up", "occurred_at": "2025-01-10T10:00:00Z"}\n'
+        '{"id": "h2", "customer_id": "old1", "type": "order_placed", "occurred_at": "2025-02-01T10:00:00Z", "properties": {"amount_cents": 5000}}\n'
+    )
+    assert cli("import", "customers", str(customers), "--now", NOW)[0] == 0
+    code, output = cli("import", "events", str(events), "--history", "--now", NOW)
+    assert code == 0 and "2 events stored" in output
+    code, output = cli("evaluate", "--dry-run", "--json", "--customer", "old1", "--now", NOW)
+    (detail,) = json.loads(output)["details"]  # no pending event: only the sweep subject
+    assert detail["event"] is None
+    assert {m["playbook"] for m in detail["matches"]} == {"re_engagement"}  # the facts moved
+    code, output = cli("tick", "--now", NOW)
+    assert "1 enrolled" in output
