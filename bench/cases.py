@@ -189,6 +189,21 @@ def _database(kind: str, workdir: Path) -> str:
     return _fresh_postgres("postgresql://postgres@127.0.0.1:5432/test")
 
 
+def _drop_database(kind: str, url: str, workdir: Path) -> None:
+    """Leave nothing behind: the SQLite file's folder, or the PostgreSQL schema."""
+    import shutil
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    if kind == "postgres":
+        from sqlalchemy import create_engine, text
+
+        from engine.db import normalize_url
+
+        schema = url.rsplit("%3D", 1)[1]
+        with create_engine(normalize_url(url.split("?", 1)[0])).begin() as connection:
+            connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
 def case_sweep(count: int, database: str, changed: int) -> dict[str, Any]:
     """A full sweep from the database (facts, evaluation, journeys, outbox), twice; then an
     incremental tick after ``changed`` customers got a new event."""
@@ -235,6 +250,8 @@ def case_sweep(count: int, database: str, changed: int) -> dict[str, Any]:
     incremental = evaluation_tick(app, moment + timedelta(minutes=1))
     incremental_seconds = time.perf_counter() - t0
     j = first.journeys
+    app.db.dispose()
+    _drop_database(database, url, workdir)
     return {
         "case": "sweep",
         "database": database,
