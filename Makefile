@@ -36,7 +36,7 @@ demo: venv
 run: venv
 	$(LIFECYCLE) run
 
-# Debian's chromium for the browser tests (never `playwright install`: it downloads).
+# Debian's chromium for the browser tests (never Playwright's own browser download).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
