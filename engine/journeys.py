@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col
 
 from engine import conditions, escalations
@@ -451,24 +452,24 @@ def _end(
 
 
 def _guarded_update(session: Session, enrollment: Enrollment, **values: Any) -> None:
-    """Move an enrollment only if nobody moved it since we read it."""
-    result = cast(
-        "CursorResult[Any]",
-        session.execute(
-            update(Enrollment)
-            .where(
-                col(Enrollment.id) == enrollment.id,
-                col(Enrollment.status) == EnrollmentStatus.ACTIVE,
-                col(Enrollment.next_step) == enrollment.next_step,
-            )
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        ),
+    """Move an enrollment only if nobody moved it since we read it.
+
+    The statement runs on the connection (no ORM bookkeeping) and the in-memory object is
+    updated as already persisted, so the next flush does not write the same row again.
+    """
+    result = session.connection().execute(
+        update(Enrollment)
+        .where(
+            col(Enrollment.id) == enrollment.id,
+            col(Enrollment.status) == EnrollmentStatus.ACTIVE,
+            col(Enrollment.next_step) == enrollment.next_step,
+        )
+        .values(**values)
     )
     if result.rowcount != 1:
         raise LostRace(enrollment.id)
     for name, value in values.items():
-        setattr(enrollment, name, value)
+        set_committed_value(enrollment, name, value)
 
 
 def _run_due_steps(
