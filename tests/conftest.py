@@ -17,25 +17,17 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
+from sqlmodel import SQLModel
 
+from engine import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from engine.db import make_engine, normalize_url, upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(
     "LIFECYCLE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
-TABLES = (
-    "engine_state",
-    "webhook_receipts",
-    "decisions",
-    "messages",
-    "escalation_history",
-    "escalations",
-    "enrollments",
-    "suppressions",
-    "events",
-    "customers",
-)
+# Every table of the model, children first (for emptying a database between tests).
+TABLES = tuple(table.name for table in reversed(SQLModel.metadata.sorted_tables))
 
 
 def _postgres_available() -> bool:

@@ -26,9 +26,9 @@ import httpx
 import pytest
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session
+from sqlmodel import Session, SQLModel
 
 from channels.memory import MemoryChannel
 from engine.bootstrap import App, bootstrap
@@ -53,19 +53,6 @@ TEMPLATES = ROOT / "templates" / "messages"
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 API_KEY = "robustness-api-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-# Child tables first: emptying the database between a control run and the real one.
-TABLES = (
-    "engine_state",
-    "webhook_receipts",
-    "decisions",
-    "messages",
-    "escalation_history",
-    "escalations",
-    "enrollments",
-    "suppressions",
-    "events",
-    "customers",
-)
 
 
 # ---------------------------------------------------------------- helpers
@@ -137,9 +124,10 @@ def messages(db: Engine) -> list[Message]:
 
 
 def empty(db: Engine) -> None:
+    """Delete every row, children first: between a control run and the real one."""
     with db.begin() as connection:
-        for table in TABLES:
-            connection.execute(text(f"DELETE FROM {table}"))
+        for table in reversed(SQLModel.metadata.sorted_tables):
+            connection.execute(table.delete())
 
 
 @pytest.fixture(scope="module")
