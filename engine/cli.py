@@ -80,8 +80,8 @@ def _print_json(payload: Any) -> None:
     sys.stdout.write(json.dumps(payload, indent=2) + "\n")
 
 
-def _app(**overrides: Any) -> App:
-    return bootstrap(Settings(**overrides) if overrides else None)
+def _app() -> App:
+    return bootstrap(Settings())
 
 
 def _now(application: App, now: datetime | None) -> datetime:

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Row
 from sqlmodel import Session, col
 
-from engine.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactSource, FactType
+from engine.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
 from engine.clock import epoch_days, whole_days_between
 from engine.conditions import MAX_INT
 from engine.models import Customer, Escalation, EscalationStatus, Event, Suppression
@@ -225,7 +225,3 @@ def pending_events(
     if limit is not None:
         statement = statement.limit(limit)
     return list(session.scalars(statement))
-
-
-def attribute_names(catalog: FactCatalog) -> list[str]:
-    return [s.name for s in catalog.facts.values() if s.source is FactSource.ATTRIBUTE]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, cast
@@ -797,15 +797,3 @@ def due_customer_ids(session: Session, now: datetime, since: datetime | None) ->
         )
     )
     return sorted(ids)
-
-
-def iter_apply(
-    session_factory: Any, rules: RuleSet, batches: Iterable[list[Evaluation]], now: datetime
-) -> BatchReport:
-    """Apply evaluation batches, one transaction per batch."""
-    total = BatchReport()
-    for evaluations in batches:
-        with session_factory() as session:
-            total.merge(apply_batch(session, rules, evaluations, now))
-            session.commit()
-    return total

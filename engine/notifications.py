@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
+from engine.escalations import add_note
 from engine.models import Escalation, EscalationStatus, Message, MessageStatus
 from engine.playbooks import Lead, RuleSet
 
@@ -84,8 +85,6 @@ def check_sla(session: Session, rules: RuleSet, now: datetime) -> list[Message]:
     )
     queued: list[Message] = []
     for case in session.scalars(statement):
-        from engine.escalations import add_note
-
         case.breach_notified_at = now
         case.updated_at = now
         lead = rules.roster.on_duty(case.notified_tier + 1)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from engine.durations import format_duration
+
 
 @dataclass(frozen=True)
 class QuietHours:
@@ -176,6 +178,4 @@ def frequency_caps(
 
 
 def _span(delta: timedelta) -> str:
-    from engine.durations import format_duration
-
     return format_duration(delta)

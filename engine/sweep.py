@@ -14,7 +14,7 @@ from datetime import datetime
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from engine.evaluate import DurableEvaluator, ReferenceEvaluator, evaluate_in_workers
+from engine.evaluate import evaluate_in_workers, make_evaluator
 from engine.facts import Subject, iter_customer_id_batches, pending_events, subjects_for
 from engine.playbooks import RuleSet, enter_rule, exit_rule, step_rule
 
@@ -52,11 +52,6 @@ class Evaluation:
         return [m for m in (self.match(rules, p) for p in rules.playbooks) if m.entered]
 
 
-def make_evaluator(rules: RuleSet, engine: str) -> DurableEvaluator | ReferenceEvaluator:
-    conditions = rules.conditions()
-    return DurableEvaluator(conditions) if engine == "durable" else ReferenceEvaluator(conditions)
-
-
 def evaluate_batches(
     rules: RuleSet,
     batches: Iterable[list[Subject]],
@@ -66,7 +61,7 @@ def evaluate_batches(
 ) -> Iterator[list[Evaluation]]:
     """Evaluate batches of subjects, in order; ``workers=0`` runs in this process."""
     if workers <= 0:
-        evaluator = make_evaluator(rules, engine)
+        evaluator = make_evaluator(rules.conditions(), engine)
         for batch in batches:
             fired = evaluator.evaluate_many([(s.key, s.facts) for s in batch])
             yield [Evaluation(s, f) for s, (_, f) in zip(batch, fired, strict=True)]
