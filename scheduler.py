@@ -26,7 +26,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from engine.bootstrap import App
 from engine.errors import RulesInvalid
-from engine.ticks import dispatch_tick, evaluation_tick, sla_tick
+from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 
 log = logging.getLogger("lifecycle.scheduler")
 

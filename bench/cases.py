@@ -83,7 +83,7 @@ def peak_mb() -> dict[str, float]:
 
 
 def _rules() -> Any:
-    from engine.playbooks import load_rules
+    from engine.playbooks.loader import load_rules
 
     return load_rules(ROOT / "rules", ROOT / "templates" / "messages")
 
@@ -91,8 +91,8 @@ def _rules() -> Any:
 def fact_batches(count: int, rules: Any) -> Iterator[list[tuple[str, dict[str, Any]]]]:
     """Facts of ``count`` synthetic customers (the seeder's, built by the facts builder),
     generated batch by batch so memory stays flat."""
-    from engine.facts import build_facts
-    from engine.seed import generate_customer
+    from engine.data.facts import build_facts
+    from engine.data.seed import generate_customer
 
     for start in range(1, count + 1, BATCH):
         batch = []
@@ -104,7 +104,7 @@ def fact_batches(count: int, rules: Any) -> Iterator[list[tuple[str, dict[str, A
 
 def case_evaluate(count: int, engine: str, workers: int) -> dict[str, Any]:
     """Evaluation alone: facts generated in this process, evaluated by ``engine``."""
-    from engine.evaluate import evaluate_in_workers, make_evaluator
+    from engine.evaluation.evaluators import evaluate_in_workers, make_evaluator
 
     rules = _rules()
     conditions = rules.conditions()
@@ -174,7 +174,7 @@ def _fresh_postgres(url: str) -> str:
     """A schema of its own on the server, so the bench never touches other data."""
     from sqlalchemy import create_engine, text
 
-    from engine.db import normalize_url
+    from engine.data.db import normalize_url
 
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     with create_engine(normalize_url(url)).begin() as connection:
@@ -197,7 +197,7 @@ def _drop_database(kind: str, url: str, workdir: Path) -> None:
     if kind == "postgres":
         from sqlalchemy import create_engine, text
 
-        from engine.db import normalize_url
+        from engine.data.db import normalize_url
 
         schema = url.rsplit("%3D", 1)[1]
         with create_engine(normalize_url(url.split("?", 1)[0])).begin() as connection:
@@ -209,9 +209,9 @@ def case_sweep(count: int, database: str, changed: int) -> dict[str, Any]:
     incremental tick after ``changed`` customers got a new event."""
     from sqlmodel import Session
 
-    from engine.ingest import EventIn, record_events
-    from engine.seed import seed
-    from engine.ticks import evaluation_tick
+    from engine.data.ingest import EventIn, record_events
+    from engine.data.seed import seed
+    from engine.runners.ticks import evaluation_tick
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     url = _database(database, workdir)
@@ -274,9 +274,9 @@ def case_dispatch(count: int) -> dict[str, Any]:
     """Dispatch through the real SDKs to the fake provider running in its own process."""
     from sqlmodel import Session
 
-    from engine.ingest import CustomerIn, upsert_customer
-    from engine.models import Message, MessageStatus
-    from engine.ticks import dispatch_tick
+    from engine.data.ingest import CustomerIn, upsert_customer
+    from engine.data.models import Message, MessageStatus
+    from engine.runners.ticks import dispatch_tick
 
     port = _free_port()
     fake = subprocess.Popen(
@@ -364,7 +364,7 @@ def case_dispatch(count: int) -> dict[str, Any]:
 
 
 def case_render(count: int) -> dict[str, Any]:
-    from engine.templates import TemplateStore, sample_context
+    from engine.delivery.templates import TemplateStore, sample_context
 
     rules = _rules()
     store = TemplateStore(ROOT / "templates" / "messages")
@@ -389,7 +389,7 @@ def case_render(count: int) -> dict[str, Any]:
 
 def case_soak(count: int, workers: int) -> dict[str, Any]:
     """``count`` evaluations through durable_rules in worker processes; memory sampled."""
-    from engine.evaluate import evaluate_in_workers
+    from engine.evaluation.evaluators import evaluate_in_workers
 
     rules = _rules()
     distinct = [row for batch in fact_batches(20_000, rules) for row in batch]

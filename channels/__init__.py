@@ -1,4 +1,4 @@
-"""Channel adapters: one small protocol (``engine.outbound``), several implementations.
+"""Channel adapters: one small protocol (``engine.delivery.outbound``), several implementations.
 
 ``ConsoleChannel`` (the default, no credentials) and ``MemoryChannel`` (the tests' fake)
 are light; ``SendGridEmailChannel`` and ``TwilioSmsChannel`` import their SDKs, so they
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from channels.console import ConsoleChannel
 from channels.memory import MemoryChannel
-from engine.outbound import BatchChannel, Channel, Email, Message, Sent, Sms, send_many
+from engine.delivery.outbound import BatchChannel, Channel, Email, Message, Sent, Sms, send_many
 
 if TYPE_CHECKING:
     from channels.sendgrid_email import SendGridEmailChannel

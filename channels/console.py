@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
+from engine.delivery.outbound import Email, Sent, Sms
 from engine.errors import PermanentChannelError, TransientChannelError
-from engine.outbound import Email, Sent, Sms
 
 PREVIEW_LINES = 8
 # RFC 5322's own limit: folding a long List-Unsubscribe at 78 columns puts its value on a

@@ -18,8 +18,8 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from engine.delivery.outbound import Email, Sent, Sms
 from engine.errors import ChannelError
-from engine.outbound import Email, Sent, Sms
 
 
 @dataclass(frozen=True)

@@ -57,13 +57,13 @@ from sendgrid.helpers.mail import (
     To,
 )
 
+from engine.delivery.outbound import Email, Sent, Sms, retry_after_seconds
 from engine.errors import (
     ChannelError,
     ConfigurationError,
     PermanentChannelError,
     TransientChannelError,
 )
-from engine.outbound import Email, Sent, Sms, retry_after_seconds
 
 log = logging.getLogger(__name__)
 

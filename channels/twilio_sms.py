@@ -37,13 +37,13 @@ from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
+from engine.delivery.outbound import Email, Sent, Sms, retry_after_seconds
 from engine.errors import (
     ChannelError,
     ConfigurationError,
     PermanentChannelError,
     TransientChannelError,
 )
-from engine.outbound import Email, Sent, Sms, retry_after_seconds
 
 PROVIDER = "twilio"
 SUPPRESS_CODES = frozenset({21211, 21610, 21614})

@@ -17,11 +17,11 @@ from typing import Any
 from sqlalchemy import Engine
 
 from engine.clock import utcnow
-from engine.db import make_engine, upgrade
+from engine.data.db import make_engine, upgrade
+from engine.delivery.templates import TemplateStore
 from engine.errors import ConfigurationError
-from engine.playbooks import RuleSet, load_rules
+from engine.playbooks.loader import RuleSet, load_rules
 from engine.settings import Settings
-from engine.templates import TemplateStore
 
 
 @dataclass

@@ -19,8 +19,8 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlmodel import SQLModel
 
-from engine import models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from engine.db import make_engine, normalize_url, upgrade
+from engine.data import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from engine.data.db import make_engine, normalize_url, upgrade
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(

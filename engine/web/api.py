@@ -20,7 +20,7 @@ from pydantic import BaseModel
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
-from engine.ingest import (
+from engine.data.ingest import (
     CustomerIn,
     EventIn,
     check_attributes,
@@ -28,7 +28,7 @@ from engine.ingest import (
     record_event,
     upsert_customer,
 )
-from engine.models import Customer, Event
+from engine.data.models import Customer, Event
 from engine.web import web_state
 from engine.web.auth import api_key_problem
 

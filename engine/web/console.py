@@ -31,11 +31,8 @@ from sqlmodel import Session, col
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
 
-from engine import escalations
-from engine.catalog import FactType
-from engine.errors import IllegalTransition, InvalidChoice, NotFound, RulesInvalid
-from engine.facts import subjects_for
-from engine.models import (
+from engine.data.facts import subjects_for
+from engine.data.models import (
     Customer,
     Decision,
     Enrollment,
@@ -46,7 +43,10 @@ from engine.models import (
     MessageStatus,
     Suppression,
 )
-from engine.playbooks import RuleSet
+from engine.errors import IllegalTransition, InvalidChoice, NotFound, RulesInvalid
+from engine.escalations import cases as escalations
+from engine.language.catalog import FactType
+from engine.playbooks.loader import RuleSet
 from engine.web import WebState, web_state
 from engine.web.auth import SESSION_COOKIE, ConsoleSession, staff_of
 

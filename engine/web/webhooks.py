@@ -54,10 +54,17 @@ from channels.webhooks import (
     verify_sendgrid,
     verify_twilio,
 )
-from engine.dispatch import read_unsubscribe_token, suppress
+from engine.data.ingest import set_email_consent, set_sms_consent
+from engine.data.models import (
+    Customer,
+    Decision,
+    Message,
+    MessageStatus,
+    Suppression,
+    WebhookReceipt,
+)
+from engine.delivery.dispatch import read_unsubscribe_token, suppress
 from engine.errors import ConfigurationError, WebhookPayloadError, WebhookSignatureError
-from engine.ingest import set_email_consent, set_sms_consent
-from engine.models import Customer, Decision, Message, MessageStatus, Suppression, WebhookReceipt
 from engine.web import WebState, web_state
 
 MAX_BODY = 8 * 1024 * 1024  # SendGrid posts batches of events; far below this in practice

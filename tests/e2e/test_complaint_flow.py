@@ -20,9 +20,9 @@ from sqlmodel import Session
 
 from channels.console import ConsoleChannel
 from engine.bootstrap import App, bootstrap
-from engine.models import Escalation, EscalationStatus, Message, MessageStatus
+from engine.data.models import Escalation, EscalationStatus, Message, MessageStatus
+from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 from engine.settings import Settings
-from engine.ticks import dispatch_tick, evaluation_tick, sla_tick
 from engine.web.app import create_app
 from engine.web.auth import hash_password
 from tests.support.server import serve
@@ -179,7 +179,7 @@ def test_complaint_breach_and_resolution_through_the_engine(
     app: App, clock: Clock, tmp_path: Path
 ) -> None:
     case_id = complaint_to_breach(app, clock, tmp_path)
-    from engine import escalations
+    from engine.escalations import cases as escalations
 
     with Session(app.db) as session:
         escalations.resolve(session, case_id, "Refunded", "priya", clock.now)

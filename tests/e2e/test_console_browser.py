@@ -1,7 +1,7 @@
 """The support console in a real browser: Debian's chromium driven by Playwright.
 
 The app runs under uvicorn on a free 127.0.0.1 port over a SQLite file, with a clock
-fixed at ``now``; the cases are opened through engine.escalations, as the complaint
+fixed at ``now``; the cases are opened through engine.escalations.cases, as the complaint
 playbook opens them.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from sqlmodel import Session
 
-from engine import escalations
 from engine.bootstrap import App
-from engine.models import Customer, EscalationStatus
+from engine.data.models import Customer, EscalationStatus
+from engine.escalations import cases as escalations
 from engine.web.app import create_app
 from engine.web.auth import hash_password
 from tests.support.server import serve, web_app

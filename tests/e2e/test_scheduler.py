@@ -13,8 +13,8 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import Session
 
-from engine.db import make_engine
-from engine.models import Message
+from engine.data.db import make_engine
+from engine.data.models import Message
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,10 +20,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlmodel import Session
 
-from engine import escalations
 from engine.bootstrap import App
-from engine.errors import ConfigurationError
-from engine.models import (
+from engine.data.models import (
     Customer,
     Decision,
     Enrollment,
@@ -33,6 +31,8 @@ from engine.models import (
     Message,
     MessageStatus,
 )
+from engine.errors import ConfigurationError
+from engine.escalations import cases as escalations
 from engine.web.app import create_app
 from engine.web.auth import (
     SESSION_COOKIE,

@@ -34,6 +34,7 @@ from channels.webhooks import (
     verify_sendgrid,
     verify_twilio,
 )
+from engine.delivery.outbound import Email, Sent, Sms, send_many
 from engine.errors import (
     ChannelError,
     ConfigurationError,
@@ -42,7 +43,6 @@ from engine.errors import (
     WebhookPayloadError,
     WebhookSignatureError,
 )
-from engine.outbound import Email, Sent, Sms, send_many
 from tests.support.fake_provider import (
     FakeProvider,
     generate_sendgrid_keypair,

@@ -10,9 +10,9 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlmodel import Session
 
-from engine.db import make_engine
-from engine.models import Enrollment, Message
-from engine.seed import seed
+from engine.data.db import make_engine
+from engine.data.models import Enrollment, Message
+from engine.data.seed import seed
 
 ROOT = Path(__file__).resolve().parents[2]
 CUSTOMERS = 10_000
@@ -25,8 +25,8 @@ def _evaluate(
     results: multiprocessing.Queue,
 ) -> None:  # type: ignore[name-defined]
     from engine.bootstrap import bootstrap
+    from engine.runners.ticks import evaluation_tick
     from engine.settings import Settings
-    from engine.ticks import evaluation_tick
 
     settings = Settings(
         database_url=url, rules_dir=ROOT / "rules", templates_dir=ROOT / "templates" / "messages"

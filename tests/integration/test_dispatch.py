@@ -21,11 +21,11 @@ from sqlalchemy import Engine, select
 from sqlmodel import Session
 
 from engine.bootstrap import App, bootstrap
-from engine.dispatch import read_unsubscribe_token
-from engine.ingest import CustomerIn, upsert_customer
-from engine.models import Message, MessageStatus, Suppression
+from engine.data.ingest import CustomerIn, upsert_customer
+from engine.data.models import Message, MessageStatus, Suppression
+from engine.delivery.dispatch import read_unsubscribe_token
+from engine.runners.ticks import dispatch_tick
 from engine.settings import Settings
-from engine.ticks import dispatch_tick
 from tests.support.fake_provider import FakeProvider
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -238,7 +238,7 @@ def test_a_broken_template_fails_one_message_not_the_batch(
     (broken_dir / "email" / "tips_broken.subject").write_text("{{ customer.nickname }}\n")
     (broken_dir / "email" / "tips_broken.html").write_text("<p>x</p>\n")
     (broken_dir / "email" / "tips_broken.txt").write_text("x\n")
-    from engine.templates import TemplateStore
+    from engine.delivery.templates import TemplateStore
 
     app.templates = TemplateStore(broken_dir)
     bad = queue(app, "ann", template="tips_broken")
@@ -260,9 +260,9 @@ CHILD = textwrap.dedent(
     import os, sys
     from datetime import datetime
     from engine.bootstrap import bootstrap
-    from engine.dispatch import Dispatcher
+    from engine.delivery.dispatch import Dispatcher
     from engine.settings import Settings
-    from engine.ticks import dispatch_config
+    from engine.runners.ticks import dispatch_config
     settings = Settings.model_validate_json(sys.argv[1])
     app = bootstrap(settings, migrate=False)
     die_at = sys.argv[2]

@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlmodel import Session, col
 
-from engine.catalog import FactCatalog
+from engine.data.importing import ImportFileError, import_customers, import_events
+from engine.data.models import Customer, Event
 from engine.errors import SourceProblem
-from engine.importing import ImportFileError, import_customers, import_events
-from engine.models import Customer, Event
-from engine.playbooks import load_catalog
+from engine.language.catalog import FactCatalog
+from engine.playbooks.loader import load_catalog
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "import"
 

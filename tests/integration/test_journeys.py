@@ -17,12 +17,12 @@ from sqlalchemy import Engine, func, select
 from sqlmodel import Session
 
 from channels.memory import MemoryChannel
-from engine import escalations
 from engine.bootstrap import App, bootstrap
-from engine.ingest import CustomerIn, EventIn, record_event, set_email_consent, upsert_customer
-from engine.models import Customer, Decision, Enrollment, Escalation, Message, MessageStatus
+from engine.data.ingest import CustomerIn, EventIn, record_event, set_email_consent, upsert_customer
+from engine.data.models import Customer, Decision, Enrollment, Escalation, Message, MessageStatus
+from engine.escalations import cases as escalations
+from engine.runners.ticks import dispatch_tick, evaluation_tick
 from engine.settings import Settings
-from engine.ticks import dispatch_tick, evaluation_tick
 
 ROOT = Path(__file__).resolve().parents[2]
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # a Monday morning in London

@@ -32,15 +32,15 @@ from sqlmodel import Session, SQLModel
 
 from channels.memory import MemoryChannel
 from engine.bootstrap import App, bootstrap
-from engine.catalog import FactCatalog
-from engine.db import make_engine
+from engine.data.db import make_engine
+from engine.data.importing import ImportFileError, import_customers, import_events
+from engine.data.ingest import CustomerIn, EventIn, record_event, upsert_customer
+from engine.data.models import Customer, Enrollment, Escalation, Event, Message, MessageStatus
 from engine.errors import RulesInvalid, SourceProblem
-from engine.importing import ImportFileError, import_customers, import_events
-from engine.ingest import CustomerIn, EventIn, record_event, upsert_customer
-from engine.models import Customer, Enrollment, Escalation, Event, Message, MessageStatus
-from engine.playbooks import load_catalog
+from engine.language.catalog import FactCatalog
+from engine.playbooks.loader import load_catalog
+from engine.runners.ticks import dispatch_tick, evaluation_tick
 from engine.settings import Settings
-from engine.ticks import dispatch_tick, evaluation_tick
 from engine.web.app import create_app
 from scheduler import LifecycleScheduler
 from tests.support.fake_provider import FakeProvider

@@ -11,10 +11,8 @@ import pytest
 from sqlalchemy import Engine, func, select
 from sqlmodel import Session, col
 
-from engine.catalog import FactCatalog
-from engine.errors import SourceProblem
-from engine.facts import pending_events, subjects_for
-from engine.ingest import (
+from engine.data.facts import pending_events, subjects_for
+from engine.data.ingest import (
     CustomerIn,
     EventIn,
     Rollups,
@@ -24,9 +22,8 @@ from engine.ingest import (
     record_event,
     upsert_customer,
 )
-from engine.models import Customer, Event
-from engine.playbooks import load_catalog
-from engine.seed import (
+from engine.data.models import Customer, Event
+from engine.data.seed import (
     CYCLE,
     KINDS,
     _BulkInsert,
@@ -35,6 +32,9 @@ from engine.seed import (
     highest_seeded_number,
     seed,
 )
+from engine.errors import SourceProblem
+from engine.language.catalog import FactCatalog
+from engine.playbooks.loader import load_catalog
 
 ROLLUPS = ("orders_count", "total_spend_cents", "last_order_at", "last_activity_at", "nps_score")
 

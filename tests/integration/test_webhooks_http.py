@@ -21,8 +21,15 @@ from twilio.request_validator import RequestValidator
 
 from channels.webhooks import SENDGRID_SIGNATURE_HEADER, SENDGRID_TIMESTAMP_HEADER
 from engine.bootstrap import App
-from engine.dispatch import unsubscribe_token
-from engine.models import Customer, Decision, Message, MessageStatus, Suppression, WebhookReceipt
+from engine.data.models import (
+    Customer,
+    Decision,
+    Message,
+    MessageStatus,
+    Suppression,
+    WebhookReceipt,
+)
+from engine.delivery.dispatch import unsubscribe_token
 from engine.web.app import create_app
 from tests.support.fake_provider import (
     generate_sendgrid_keypair,

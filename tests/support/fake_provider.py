@@ -63,7 +63,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twilio.request_validator import RequestValidator
 
-from engine.sms_segments import segments
+from engine.delivery.sms_segments import segments
 
 SENDGRID_PATH = "/v3/mail/send"
 TWILIO_PREFIX = "/2010-04-01/Accounts/"

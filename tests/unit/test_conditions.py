@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import conditions as c
-from engine.catalog import FactCatalog, FactSource, FactSpec, FactType
 from engine.errors import ConditionError, FactValueError
-from engine.evaluate import DurableEvaluator, ReferenceEvaluator
+from engine.evaluation.evaluators import DurableEvaluator, ReferenceEvaluator
+from engine.language import conditions as c
+from engine.language.catalog import FactCatalog, FactSource, FactSpec, FactType
 
 CATALOG = FactCatalog.build(
     [

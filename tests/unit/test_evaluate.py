@@ -11,10 +11,8 @@ from pathlib import Path
 import durable_rules_engine
 import pytest
 
-from engine import conditions as c
-from engine.catalog import FactCatalog, FactSource, FactSpec, FactType
 from engine.errors import EvaluationWorkerCrashed, FactValueError, RuleEngineError
-from engine.evaluate import (
+from engine.evaluation.evaluators import (
     CrashTest,
     DurableEvaluator,
     ReferenceEvaluator,
@@ -22,6 +20,8 @@ from engine.evaluate import (
     evaluate_in_workers,
     make_evaluator,
 )
+from engine.language import conditions as c
+from engine.language.catalog import FactCatalog, FactSource, FactSpec, FactType
 
 CATALOG = FactCatalog.build(
     [

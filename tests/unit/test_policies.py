@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from engine.policies import (
+from engine.journeys.policies import (
     FrequencyCap,
     Proposal,
     QuietHours,

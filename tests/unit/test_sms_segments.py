@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine.sms_segments import GSM7_BASIC, GSM7_EXTENSION, SmsSegments, segments
+from engine.delivery.sms_segments import GSM7_BASIC, GSM7_EXTENSION, SmsSegments, segments
 
 
 @pytest.mark.parametrize(

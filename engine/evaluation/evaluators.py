@@ -7,7 +7,7 @@ the only way of using durable_rules 2.0.28 that stays up for millions of custome
 DESIGN.md): no session per customer, no ``durable.lang`` host and its timer threads, no
 events.
 
-``ReferenceEvaluator`` answers the same question with ``engine.conditions.evaluate``;
+``ReferenceEvaluator`` answers the same question with ``engine.language.conditions.evaluate``;
 the differential tests hold the two to the same answers, and it is the fallback engine.
 
 ``evaluate_in_workers`` runs either over batches in worker processes (the C core holds
@@ -43,8 +43,9 @@ from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 
 import durable_rules_engine
 
-from engine.catalog import FactType
-from engine.conditions import (
+from engine.errors import EvaluationWorkerCrashed, LifecycleError, RuleEngineError
+from engine.language.catalog import FactType
+from engine.language.conditions import (
     MAX_GROUPS,
     MAX_INT,
     AllOf,
@@ -57,7 +58,6 @@ from engine.conditions import (
     durable_key,
     to_durable,
 )
-from engine.errors import EvaluationWorkerCrashed, LifecycleError, RuleEngineError
 
 __all__ = [
     "CrashTest",
@@ -479,7 +479,7 @@ class DurableEvaluator:
 
 
 class ReferenceEvaluator:
-    """Evaluates in plain Python (``engine.conditions``): the oracle for the durable path,
+    """Evaluates in plain Python (``engine.language.conditions``): the oracle for the durable path,
     with the same answers and the same refusals of unsafe values."""
 
     engine = "reference"

@@ -1,7 +1,7 @@
 """Simulation: the real engine on a fake clock, over the database, hour by hour.
 
 Each simulated hour: new activity happens (sign-ups, visits, orders, NPS answers,
-complaints — drawn from a seeded random generator, ingested through engine.ingest like
+complaints — drawn from a seeded random generator, ingested through engine.data.ingest like
 real events), then the same ticks the scheduler runs: incremental evaluation, SLA check
 and dispatch (through the channels the app was built with; the console channel by
 default). A full sweep runs once a simulated day. Thirty days take seconds.
@@ -21,12 +21,19 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlmodel import Session, col
 
-from engine import escalations
 from engine.bootstrap import App
-from engine.ingest import CustomerIn, EventIn, record_event, upsert_customer
-from engine.models import Customer, Decision, Escalation, EscalationStatus, Message, MessageStatus
-from engine.playbooks import RuleSet
-from engine.ticks import dispatch_tick, evaluation_tick, sla_tick
+from engine.data.ingest import CustomerIn, EventIn, record_event, upsert_customer
+from engine.data.models import (
+    Customer,
+    Decision,
+    Escalation,
+    EscalationStatus,
+    Message,
+    MessageStatus,
+)
+from engine.escalations import cases as escalations
+from engine.playbooks.loader import RuleSet
+from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 
 # Chance per customer per simulated day.
 DAILY_RATES = {

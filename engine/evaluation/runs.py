@@ -1,7 +1,7 @@
 """Evaluation runs: facts from the database in batches, through the rules, to matches.
 
-The parent process reads the database (three queries a batch, engine.facts) and hands
-plain fact dicts to evaluation workers (engine.evaluate), which return the ids of the
+The parent process reads the database (three queries a batch, engine.data.facts) and hands
+plain fact dicts to evaluation workers (engine.evaluation.evaluators), which return the ids of the
 rules that hold. ``workers=0`` evaluates in this process, which suits a single customer.
 """
 
@@ -14,9 +14,9 @@ from datetime import datetime
 from sqlalchemy import Engine
 from sqlmodel import Session
 
-from engine.evaluate import evaluate_in_workers, make_evaluator
-from engine.facts import Subject, iter_customer_id_batches, pending_events, subjects_for
-from engine.playbooks import RuleSet, enter_rule, exit_rule, step_rule
+from engine.data.facts import Subject, iter_customer_id_batches, pending_events, subjects_for
+from engine.evaluation.evaluators import evaluate_in_workers, make_evaluator
+from engine.playbooks.loader import RuleSet, enter_rule, exit_rule, step_rule
 
 
 @dataclass(frozen=True)

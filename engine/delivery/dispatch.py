@@ -41,13 +41,18 @@ from sqlalchemy import CursorResult, Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
+from engine.data.facts import (
+    build_facts,
+    customer_rows,
+    open_complaint_counts,
+    suppressed_addresses,
+)
+from engine.data.models import Decision, Message, MessageStatus, Suppression
+from engine.delivery.outbound import Email, Sent, Sms, send_many
+from engine.delivery.templates import RenderedEmail, RenderedSms, TemplateStore
 from engine.errors import ChannelError, PermanentChannelError, TemplateError
-from engine.facts import build_facts, customer_rows, open_complaint_counts, suppressed_addresses
-from engine.models import Decision, Message, MessageStatus, Suppression
-from engine.outbound import Email, Sent, Sms, send_many
-from engine.playbooks import RuleSet
-from engine.policies import Proposal, complaint_pause, consent
-from engine.templates import RenderedEmail, RenderedSms, TemplateStore
+from engine.journeys.policies import Proposal, complaint_pause, consent
+from engine.playbooks.loader import RuleSet
 
 SERIALIZER_SALT = "unsubscribe"
 

@@ -14,9 +14,9 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
-from engine.escalations import add_note
-from engine.models import Escalation, EscalationStatus, Message, MessageStatus
-from engine.playbooks import Lead, RuleSet
+from engine.data.models import Escalation, EscalationStatus, Message, MessageStatus
+from engine.escalations.cases import add_note
+from engine.playbooks.loader import Lead, RuleSet
 
 NOTIFY_STATES = (EscalationStatus.OPEN, EscalationStatus.REOPENED)
 

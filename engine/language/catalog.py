@@ -1,6 +1,6 @@
 """The fact catalog: every name a condition may use, with its type and meaning.
 
-Built-in facts are computed from customers, orders and events by ``engine.facts``; the
+Built-in facts are computed from customers, orders and events by ``engine.data.facts``; the
 marketing team adds customer attributes and event properties in ``rules/catalog.yaml``.
 Values are always typed and encoded so that durable_rules never compares across types:
 booleans are strict ``bool``, money is integer cents, dates are whole days since the Unix

@@ -2,7 +2,7 @@
 
 One query reads the customer rows (with their event roll-ups), one counts open complaint
 cases, one finds suppressed addresses; no query is ever made per customer. Facts are plain
-typed Python values (see engine.catalog); the durable_rules encoding happens later.
+typed Python values (see engine.language.catalog); the durable_rules encoding happens later.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Row
 from sqlmodel import Session, col
 
-from engine.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
 from engine.clock import epoch_days, whole_days_between
-from engine.conditions import MAX_INT
-from engine.models import Customer, Escalation, EscalationStatus, Event, Suppression
+from engine.data.models import Customer, Escalation, EscalationStatus, Event, Suppression
+from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
+from engine.language.conditions import MAX_INT
 
 CUSTOMER_COLUMNS = (
     col(Customer.id),

@@ -43,8 +43,8 @@ from datetime import date, timedelta
 from enum import StrEnum
 from typing import Any, TypeAlias
 
-from engine.catalog import FactCatalog, FactType
 from engine.errors import ConditionError, FactValueError
+from engine.language.catalog import FactCatalog, FactType
 
 __all__ = [
     "AllOf",

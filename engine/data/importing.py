@@ -11,7 +11,7 @@ The format is chosen by the extension:
             whole cents (4999); date YYYY-MM-DD; string as written. An empty cell is absent.
 ``.jsonl``  one JSON object per line, shaped like the API's CustomerIn or EventIn.
 
-Every row goes through the same validation as the API (engine.ingest). A bad row is
+Every row goes through the same validation as the API (engine.data.ingest). A bad row is
 reported with its number (the 1-based data row; for CSV also its line in the file, the
 header being line 1) and a reason naming the field, and the good rows are kept: they are
 committed in batches, and a batch the database refuses is retried row by row, so that only
@@ -41,11 +41,9 @@ from sqlalchemy import Engine, insert, select
 from sqlalchemy.exc import DataError, IntegrityError, StatementError
 from sqlmodel import Session, col
 
-from engine.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
 from engine.clock import as_utc
-from engine.db import session_scope
-from engine.errors import ImportRowError, LifecycleError
-from engine.ingest import (
+from engine.data.db import session_scope
+from engine.data.ingest import (
     CustomerIn,
     EventIn,
     Recorded,
@@ -56,7 +54,9 @@ from engine.ingest import (
     record_events,
     validation_reason,
 )
-from engine.models import Customer
+from engine.data.models import Customer
+from engine.errors import ImportRowError, LifecycleError
+from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
 
 BATCH_SIZE = 1000
 CUSTOMER_COLUMNS = (

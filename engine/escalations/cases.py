@@ -12,8 +12,8 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlmodel import Session, col
 
+from engine.data.models import Escalation, EscalationNote, EscalationStatus
 from engine.errors import IllegalTransition, InvalidChoice, NotFound
-from engine.models import Escalation, EscalationNote, EscalationStatus
 
 OPEN_STATES = (EscalationStatus.OPEN, EscalationStatus.ACKNOWLEDGED, EscalationStatus.REOPENED)
 PRIORITY_ORDER = {"urgent": 0, "high": 1, "normal": 2, "low": 3}
@@ -153,7 +153,7 @@ def reopen(session: Session, case_id: int, note: str, actor: str, now: datetime)
 
 def _touch_customer(session: Session, customer_id: str, now: datetime) -> None:
     """The customer's facts changed (open_complaints): the next incremental tick looks again."""
-    from engine.models import Customer
+    from engine.data.models import Customer
 
     customer = session.get(Customer, customer_id)
     if customer is not None:

@@ -22,15 +22,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from engine import conditions
-from engine.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactSource, FactSpec, FactType
-from engine.conditions import Condition
-from engine.durations import parse_duration
+from engine.delivery.sms_segments import segments
+from engine.delivery.templates import TemplateStore, sample_context
 from engine.errors import ConditionError, DurationError, RulesInvalid, SourceProblem, TemplateError
-from engine.policies import FrequencyCap, Policies, QuietHours
-from engine.sms_segments import segments
-from engine.templates import TemplateStore, sample_context
-from engine.yaml_source import Located, load_located
+from engine.journeys.policies import FrequencyCap, Policies, QuietHours
+from engine.language import conditions
+from engine.language.catalog import (
+    EVENT_PROPERTY_PREFIX,
+    FactCatalog,
+    FactSource,
+    FactSpec,
+    FactType,
+)
+from engine.language.conditions import Condition
+from engine.language.durations import parse_duration
+from engine.playbooks.yaml_source import Located, load_located
 
 CHANNELS = ("email", "sms")
 PRIORITIES = ("urgent", "high", "normal", "low")
@@ -454,7 +460,7 @@ def load_roster(directory: Path, problems: list[SourceProblem]) -> Roster:
     if spec is None:
         problems.extend(located.problems)
         return Roster(())
-    from engine.ingest import E164, EMAIL
+    from engine.data.ingest import E164, EMAIL
 
     for i, lead in enumerate(spec.leads):
         if not EMAIL.match(lead.email):

@@ -32,7 +32,9 @@ class EnrollmentStatus(StrEnum):
 
 class MessageStatus(StrEnum):
     QUEUED = "queued"  # due at due_at, waiting for a dispatcher
-    SENDING = "sending"  # claimed by a dispatcher; see engine.dispatch for the recovery rule
+    SENDING = (
+        "sending"  # claimed by a dispatcher; see engine.delivery.dispatch for the recovery rule
+    )
     SENT = "sent"  # the provider accepted it
     DELIVERED = "delivered"
     FAILED = "failed"  # permanent error, or retries used up
@@ -65,7 +67,7 @@ class Customer(SQLModel, table=True):
     sms_opt_out_at: datetime | None = None  # STOP received
     attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     signed_up_at: datetime
-    # Roll-ups of ingested events, maintained by engine.ingest in the event's transaction.
+    # Roll-ups of ingested events, maintained by engine.data.ingest in the event's transaction.
     orders_count: int = 0
     total_spend_cents: int = Field(default=0, sa_type=BigInteger)  # cents: past 2**31 on PostgreSQL
     last_order_at: datetime | None = None

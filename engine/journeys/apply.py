@@ -26,9 +26,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col
 
-from engine import conditions, escalations
-from engine.facts import Subject
-from engine.models import (
+from engine.data.facts import Subject
+from engine.data.models import (
     Decision,
     Enrollment,
     EnrollmentStatus,
@@ -36,8 +35,9 @@ from engine.models import (
     Message,
     MessageStatus,
 )
-from engine.playbooks import Playbook, RuleSet, Step, enter_rule, exit_rule, step_rule
-from engine.policies import (
+from engine.escalations import cases as escalations
+from engine.evaluation.runs import Evaluation
+from engine.journeys.policies import (
     Defer,
     Proposal,
     Skip,
@@ -46,7 +46,8 @@ from engine.policies import (
     frequency_caps,
     quiet_hours,
 )
-from engine.sweep import Evaluation
+from engine.language import conditions
+from engine.playbooks.loader import Playbook, RuleSet, Step, enter_rule, exit_rule, step_rule
 
 COUNTED_STATUSES = (
     MessageStatus.QUEUED,
@@ -553,7 +554,9 @@ def _escalate(
     _decide(session, enrollment, step.id, outcome, note, now, rules, facts)
     report.escalated[playbook.id] += 1
     if opened:
-        from engine.notifications import notify_new_case  # staff notification through the outbox
+        from engine.escalations.notifications import (
+            notify_new_case,  # staff notification through the outbox
+        )
 
         notify_new_case(session, rules, case, now)
 
@@ -774,7 +777,7 @@ def _decide(
 def due_customer_ids(session: Session, now: datetime, since: datetime | None) -> list[str]:
     """Customers an incremental tick must look at: changed since the watermark, with
     pending events, or with a journey step due."""
-    from engine.models import Customer
+    from engine.data.models import Customer
 
     ids: set[str] = set()
     if since is not None:

@@ -22,7 +22,7 @@ Ids are ``seed-00000001`` for customers and ``seed-00000001-3`` for the third ev
 that customer. Seeding a database that already holds seeded customers continues after the
 highest number found, so a second run adds new customers and never collides.
 
-Roll-ups are folded with ``engine.ingest.apply_rollups`` in the order the events happened,
+Roll-ups are folded with ``engine.data.ingest.apply_rollups`` in the order the events happened,
 exactly as ingesting them one by one would, and rows go in through SQLAlchemy Core
 ``insert`` with one executemany per batch and table, one transaction per batch, so memory
 stays flat from a hundred customers to millions.
@@ -55,8 +55,8 @@ from sqlmodel import col
 from sqlmodel.sql.sqltypes import UTCDateTime
 
 from engine.clock import as_utc
-from engine.ingest import Rollups, apply_rollups
-from engine.models import Customer, Event
+from engine.data.ingest import Rollups, apply_rollups
+from engine.data.models import Customer, Event
 
 ID_PREFIX = "seed-"
 ID_DIGITS = 8

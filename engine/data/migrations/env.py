@@ -1,4 +1,4 @@
-"""Alembic environment: the engine comes from engine.db (config.attributes) or the env URL."""
+"""Alembic environment: the engine comes from engine.data.db (config.attributes) or the env URL."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 from alembic import context
 from sqlmodel import SQLModel
 
-from engine import models  # noqa: F401  (registers the tables on SQLModel.metadata)
-from engine.db import make_engine
+from engine.data import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from engine.data.db import make_engine
 
 config = context.config
 target_metadata = SQLModel.metadata

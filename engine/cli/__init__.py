@@ -16,15 +16,15 @@ from rich.table import Table
 from sqlalchemy import select
 from sqlmodel import Session, col
 
-from engine import conditions
 from engine.bootstrap import App, bootstrap
 from engine.clock import as_utc
+from engine.data.facts import subjects_for
+from engine.data.models import Customer, Event
 from engine.errors import LifecycleError, RulesInvalid
-from engine.facts import subjects_for
-from engine.models import Customer, Event
-from engine.playbooks import RuleSet, load_rules
+from engine.evaluation.runs import Summary, evaluate_batches, subject_batches
+from engine.language import conditions
+from engine.playbooks.loader import RuleSet, load_rules
 from engine.settings import Settings
-from engine.sweep import Summary, evaluate_batches, subject_batches
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 rules_app = typer.Typer(no_args_is_help=True, help="Check the rule files.")
@@ -169,7 +169,7 @@ def seed(
     now: NowOption = None,
 ) -> None:
     """Create synthetic customers with realistic histories (every playbook gets matches)."""
-    from engine.seed import seed as run_seed
+    from engine.data.seed import seed as run_seed
 
     application = _app()
     moment = _now(application, now)
@@ -198,7 +198,7 @@ def _progress() -> Progress:
 
 
 def _import(kind: str, file: Path, now: datetime | None, history: bool = False) -> None:
-    from engine import importing
+    from engine.data import importing
 
     application = _app()
     rules = _rules(application)
@@ -468,7 +468,7 @@ def explain(
 
 def _timeline(session: Session, customer_id: str) -> list[dict[str, Any]]:
     """Every decision about the customer, oldest first: the answer to "why"."""
-    from engine.models import Decision
+    from engine.data.models import Decision
 
     statement = (
         select(Decision)
@@ -501,7 +501,7 @@ def _pending_events(session: Session, customer_id: str) -> dict[str, Event]:
 
 
 def _journeys(session: Session, customer_id: str) -> dict[str, list[Any]]:
-    from engine.models import Enrollment
+    from engine.data.models import Enrollment
 
     statement = (
         select(Enrollment)
@@ -545,7 +545,7 @@ def tick(
     now: NowOption = None,
 ) -> None:
     """Run one evaluation tick, one SLA check and one dispatch, then stop."""
-    from engine.ticks import dispatch_tick, evaluation_tick, sla_tick
+    from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 
     application = _app()
     rules = _rules(application)
@@ -597,7 +597,7 @@ def simulate(
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Run the real engine on a fake clock over N days of simulated activity."""
-    from engine.simulate import simulate as run_simulation
+    from engine.usecases.simulate import simulate as run_simulation
 
     settings = Settings()
     application = bootstrap(settings)
@@ -662,7 +662,7 @@ def _print_simulation(report: Any, elapsed: float, outbox: Path) -> None:
 @app.command()
 def dispatch(now: NowOption = None) -> None:
     """Send every due outbox message once (the scheduler does this every few seconds)."""
-    from engine.ticks import dispatch_tick
+    from engine.runners.ticks import dispatch_tick
 
     application = _app()
     report = dispatch_tick(application, _now(application, now), rules=_rules(application))
@@ -691,7 +691,7 @@ def messages_list(
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """List outbox messages, newest first."""
-    from engine.models import Message
+    from engine.data.models import Message
 
     application = _app()
     statement = select(Message).order_by(col(Message.created_at).desc()).limit(limit)
@@ -741,8 +741,8 @@ def messages_retry(
     message_id: Annotated[str, typer.Argument(metavar="ID")], now: NowOption = None
 ) -> None:
     """Queue an ambiguous or failed message again (you accept it may arrive twice)."""
+    from engine.data.models import Message, MessageStatus
     from engine.errors import IllegalTransition, NotFound
-    from engine.models import Message, MessageStatus
 
     application = _app()
     moment = _now(application, now)
@@ -779,10 +779,10 @@ def preview(
     now: NowOption = None,
 ) -> None:
     """Render a template with a customer's real facts, exactly as dispatch would."""
-    from engine.dispatch import DispatchConfig, unsubscribe_token
+    from engine.delivery.dispatch import DispatchConfig, unsubscribe_token
+    from engine.delivery.sms_segments import segments
+    from engine.delivery.templates import RenderedEmail
     from engine.errors import TemplateError
-    from engine.sms_segments import segments
-    from engine.templates import RenderedEmail
 
     application = _app()
     rules = _rules(application)
@@ -877,7 +877,7 @@ def escalations_list(
     now: NowOption = None,
 ) -> None:
     """Cases by SLA urgency: overdue first, then the soonest deadline."""
-    from engine.escalations import queue
+    from engine.escalations.cases import queue
 
     application = _app()
     moment = _now(application, now)
@@ -914,7 +914,7 @@ def escalations_show(
     now: NowOption = None,
 ) -> None:
     """A case with its full history."""
-    from engine.escalations import get_case, history
+    from engine.escalations.cases import get_case, history
 
     application = _app()
     moment = _now(application, now)
@@ -955,7 +955,7 @@ def escalations_show(
 def _case_action(case_id: int, action: str, *args: Any, now: datetime | None = None) -> None:
     import getpass
 
-    from engine import escalations
+    from engine.escalations import cases as escalations
 
     application = _app()
     moment = _now(application, now)

@@ -19,12 +19,12 @@ from sqlmodel import Session
 
 from engine.bootstrap import App
 from engine.clock import as_utc
-from engine.dispatch import DispatchConfig, Dispatcher, DispatchReport
-from engine.journeys import BatchReport, apply_batch, due_customer_ids
-from engine.models import EngineState
-from engine.notifications import check_sla
-from engine.playbooks import RuleSet
-from engine.sweep import evaluate_batches, subject_batches
+from engine.data.models import EngineState
+from engine.delivery.dispatch import DispatchConfig, Dispatcher, DispatchReport
+from engine.escalations.notifications import check_sla
+from engine.evaluation.runs import evaluate_batches, subject_batches
+from engine.journeys.apply import BatchReport, apply_batch, due_customer_ids
+from engine.playbooks.loader import RuleSet
 
 OVERLAP = timedelta(minutes=5)
 WATERMARK = "evaluation_watermark"

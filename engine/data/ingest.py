@@ -21,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sqlalchemy import bindparam, insert, select, update
 from sqlmodel import Session, col
 
-from engine.catalog import FactCatalog, FactSource, FactType
 from engine.clock import as_utc
-from engine.conditions import canonical_value
+from engine.data.models import Customer, Event
 from engine.errors import FactValueError
-from engine.models import Customer, Event
+from engine.language.catalog import FactCatalog, FactSource, FactType
+from engine.language.conditions import canonical_value
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -332,7 +332,7 @@ class Rollups:
 def apply_rollups(
     customer: HasRollups, event_type: str, properties: dict[str, Any], occurred_at: datetime
 ) -> None:
-    """Fold one event into the customer's roll-ups (see engine.models.Customer).
+    """Fold one event into the customer's roll-ups (see engine.data.models.Customer).
 
     The one implementation of the roll-ups: ingestion, the importer and the seeder all call it.
     The NPS score is the last one folded, so events are folded in the order they happened.

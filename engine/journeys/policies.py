@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
-from engine.durations import format_duration
+from engine.language.durations import format_duration
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Delivery: the channel protocol, message templates, and dispatch of the outbox through the channels."""

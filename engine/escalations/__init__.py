@@ -1,0 +1,1 @@
+"""Escalations: complaint cases worked by support leads, and their notifications."""

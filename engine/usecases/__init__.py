@@ -1,0 +1,1 @@
+"""Use cases shared by several entry points (CLI, web console, scheduler)."""
