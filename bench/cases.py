@@ -104,7 +104,8 @@ def fact_batches(count: int, rules: Any) -> Iterator[list[tuple[str, dict[str, A
 
 def case_evaluate(count: int, engine: str, workers: int) -> dict[str, Any]:
     """Evaluation alone: facts generated in this process, evaluated by ``engine``."""
-    from engine.evaluation.evaluators import evaluate_in_workers, make_evaluator
+    from engine.evaluation.evaluators import make_evaluator
+    from engine.evaluation.workers import evaluate_in_workers
 
     rules = _rules()
     conditions = rules.conditions()
@@ -389,7 +390,7 @@ def case_render(count: int) -> dict[str, Any]:
 
 def case_soak(count: int, workers: int) -> dict[str, Any]:
     """``count`` evaluations through durable_rules in worker processes; memory sampled."""
-    from engine.evaluation.evaluators import evaluate_in_workers
+    from engine.evaluation.workers import evaluate_in_workers
 
     rules = _rules()
     distinct = [row for batch in fact_batches(20_000, rules) for row in batch]

@@ -20,7 +20,8 @@ from engine.clock import utcnow
 from engine.data.db import make_engine, upgrade
 from engine.delivery.templates import TemplateStore
 from engine.errors import ConfigurationError
-from engine.playbooks.loader import RuleSet, load_rules
+from engine.playbooks.loader import load_rules
+from engine.playbooks.model import RuleSet
 from engine.settings import Settings
 
 

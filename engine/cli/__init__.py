@@ -23,7 +23,8 @@ from engine.data.models import Customer, Event
 from engine.errors import LifecycleError, RulesInvalid
 from engine.evaluation.runs import Summary, evaluate_batches, subject_batches
 from engine.language import conditions
-from engine.playbooks.loader import RuleSet, load_rules
+from engine.playbooks.loader import load_rules
+from engine.playbooks.model import RuleSet
 from engine.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)

@@ -52,7 +52,7 @@ from engine.delivery.outbound import Email, Sent, Sms, send_many
 from engine.delivery.templates import RenderedEmail, RenderedSms, TemplateStore
 from engine.errors import ChannelError, PermanentChannelError, TemplateError
 from engine.journeys.policies import Proposal, complaint_pause, consent
-from engine.playbooks.loader import RuleSet
+from engine.playbooks.model import RuleSet
 
 SERIALIZER_SALT = "unsubscribe"
 

@@ -16,7 +16,7 @@ from sqlmodel import Session, col
 
 from engine.data.models import Escalation, EscalationStatus, Message, MessageStatus
 from engine.escalations.cases import add_note
-from engine.playbooks.loader import Lead, RuleSet
+from engine.playbooks.model import Lead, RuleSet
 
 NOTIFY_STATES = (EscalationStatus.OPEN, EscalationStatus.REOPENED)
 

@@ -10,10 +10,7 @@ events.
 ``ReferenceEvaluator`` answers the same question with ``engine.language.conditions.evaluate``;
 the differential tests hold the two to the same answers, and it is the fallback engine.
 
-``evaluate_in_workers`` runs either over batches in worker processes (the C core holds
-the GIL, and a worker contains a crash of the C core): results come back in batch order,
-a batch whose worker died is retried on a fresh worker, and only a batch that keeps
-killing its worker is given up, with ``EvaluationWorkerCrashed``.
+``engine.evaluation.workers`` runs either over batches in worker processes.
 
 Before rules reach durable_rules, ``RuleBundle.partitions`` checks them against the limits
 of durable's network that otherwise end in bare error codes at evaluation time (error 303:
@@ -24,26 +21,18 @@ single rule that no network can take is refused, by name, before durable_rules s
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
-import importlib
 import itertools
 import json
-import multiprocessing
 import os
-import pickle
 import re
-import signal
-from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from hashlib import sha256
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 
 import durable_rules_engine
 
-from engine.errors import EvaluationWorkerCrashed, LifecycleError, RuleEngineError
+from engine.errors import RuleEngineError
 from engine.language.catalog import FactType
 from engine.language.conditions import (
     MAX_GROUPS,
@@ -60,15 +49,12 @@ from engine.language.conditions import (
 )
 
 __all__ = [
-    "CrashTest",
     "DurableEvaluator",
     "ENGINES",
     "Evaluator",
     "ReferenceEvaluator",
     "RuleBundle",
     "create_ruleset",
-    "default_workers",
-    "evaluate_in_workers",
     "make_evaluator",
 ]
 
@@ -528,283 +514,3 @@ def make_evaluator(conditions: Mapping[str, Condition], engine: str = "durable")
     if engine == "reference":
         return ReferenceEvaluator(conditions)
     raise ValueError(f"unknown engine {engine!r}: expected one of {', '.join(ENGINES)}")
-
-
-# --------------------------------------------------------------------------- workers
-
-
-@dataclass(frozen=True)
-class CrashTest:
-    """TEST-ONLY hook: lets a row whose facts hold ``"__crash__"`` kill its worker with
-    ``os.abort()`` (SIGABRT, like the C core aborting), to exercise crash containment.
-
-    ``"__crash__": "always"`` aborts on every attempt; ``"once"`` aborts the first time
-    only, remembered by a marker file per row key in ``marker_dir``. It is honoured only
-    by workers started with ``evaluate_in_workers(..., crash_test=CrashTest(...))``; a
-    ``__crash__`` fact does nothing otherwise, so production can never trigger it.
-    """
-
-    marker_dir: str | None = None
-
-    def maybe_crash(self, rows: Iterable[Row]) -> None:
-        for key, facts in rows:
-            mode = facts.get("__crash__")
-            if mode == "always" or (mode == "once" and self._first_time(key)):
-                _abort()
-
-    def _first_time(self, key: str) -> bool:
-        if self.marker_dir is None:
-            raise ValueError("CrashTest(marker_dir=...) is needed for '__crash__': 'once'")
-        path = os.path.join(self.marker_dir, sha256(key.encode()).hexdigest())
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return False
-        return True
-
-
-def _abort() -> None:
-    try:
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file for a test crash
-    except (ImportError, ValueError, OSError):
-        pass
-    os.abort()
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """An exception raised in a worker, carried back without pickling its class's
-    constructor (Lifecycle's errors take their fields, not their message)."""
-
-    module: str
-    qualname: str
-    message: str
-    state: dict[str, object]
-
-    @classmethod
-    def of(cls, exc: BaseException) -> _Failure:
-        state = {}
-        for name, value in vars(exc).items():
-            try:
-                pickle.dumps(value)
-            except Exception:
-                value = repr(value)
-            state[name] = value
-        kind = type(exc)
-        return cls(kind.__module__, kind.__qualname__, str(exc), state)
-
-    def rebuild(self) -> BaseException:
-        try:
-            kind = getattr(importlib.import_module(self.module), self.qualname)
-            exc = kind.__new__(kind)
-            BaseException.__init__(exc, self.message)
-            exc.__dict__.update(self.state)
-            return exc  # type: ignore[no-any-return]
-        except Exception:
-            return LifecycleError(f"{self.qualname} in an evaluation worker: {self.message}")
-
-
-_worker_evaluator: Evaluator | None = None
-_worker_failure: _Failure | None = None
-_worker_crash_test: CrashTest | None = None
-
-
-def _init_worker(
-    conditions: Mapping[str, Condition], engine: str, crash_test: CrashTest | None
-) -> None:
-    global _worker_evaluator, _worker_failure, _worker_crash_test
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _worker_crash_test = crash_test
-    try:
-        _worker_evaluator = make_evaluator(conditions, engine)
-    except Exception as exc:
-        _worker_failure = _Failure.of(exc)
-
-
-def _run_batch(rows: list[Row]) -> list[Result] | _Failure:
-    if _worker_failure is not None:
-        return _worker_failure
-    assert _worker_evaluator is not None
-    try:
-        if _worker_crash_test is not None:
-            _worker_crash_test.maybe_crash(rows)
-        return _worker_evaluator.evaluate_many(rows)
-    except Exception as exc:
-        return _Failure.of(exc)
-
-
-def default_workers() -> int:
-    """One worker per core this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _context() -> multiprocessing.context.BaseContext:
-    # Never fork: the parent may have threads (the scheduler, the pool's own), and a
-    # forked child of a threaded process can deadlock. forkserver forks from a clean,
-    # single-threaded server that has already imported this module.
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-@dataclass
-class _Job:
-    index: int
-    rows: list[Row]
-    attempts: int = 0  # how many times a worker died while this batch was being evaluated
-    future: cf.Future[list[Result] | _Failure] | None = None
-    result: list[Result] | None = None
-
-
-class _Pool:
-    """Runs batches on a ProcessPoolExecutor, rebuilding it whenever a worker dies.
-
-    A dead worker breaks the whole executor, failing every unfinished batch, so after a
-    death nobody knows which batch was to blame: the unfinished ones are re-run one at a
-    time, and a batch is given up only when it has killed a worker running on its own.
-    """
-
-    def __init__(
-        self,
-        conditions: Mapping[str, Condition],
-        engine: str,
-        workers: int,
-        max_attempts: int,
-        crash_test: CrashTest | None,
-    ) -> None:
-        self.initargs = (dict(conditions), engine, crash_test)
-        self.workers = workers
-        self.max_attempts = max_attempts
-        self.executor: cf.ProcessPoolExecutor | None = None
-        self.suspects: deque[_Job] = deque()  # to re-run one at a time, after a death
-
-    def _submit(self, job: _Job) -> None:
-        if self.executor is None:
-            self.executor = cf.ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=_context(),
-                initializer=_init_worker,
-                initargs=self.initargs,
-            )
-        job.future = self.executor.submit(_run_batch, job.rows)
-
-    def _shutdown(self) -> None:
-        executor, self.executor = self.executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
-
-    def run(self, batches: Iterable[Sequence[Row]]) -> Iterator[list[Result]]:
-        source = enumerate(batches)
-        jobs: dict[int, _Job] = {}  # submitted and not yet handed back, by batch index
-        window = 2 * self.workers
-        following = 0  # the index of the next batch to hand back
-        exhausted = False
-        try:
-            while True:
-                while not exhausted and not self.suspects and len(jobs) < window:
-                    try:
-                        index, rows = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    jobs[index] = job = _Job(index, list(rows))
-                    self._submit(job)
-                head = jobs.get(following)
-                if head is None:
-                    return  # exhausted, and everything handed back
-                if head.result is not None:
-                    del jobs[following]
-                    following += 1
-                    yield head.result
-                    continue
-                running = [j.future for j in jobs.values() if j.future is not None]
-                if not running:
-                    self._submit(self.suspects[0])
-                    continue
-                cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                self._collect(jobs)
-        finally:
-            self._shutdown()
-
-    def _collect(self, jobs: Mapping[int, _Job]) -> None:
-        unfinished: list[_Job] = []
-        for job in jobs.values():
-            future = job.future
-            if future is None or not future.done():
-                continue
-            job.future = None
-            try:
-                outcome = future.result()
-            except BrokenProcessPool:
-                unfinished.append(job)
-                continue
-            if isinstance(outcome, _Failure):
-                raise outcome.rebuild()
-            job.result = outcome
-            if self.suspects and self.suspects[0] is job:
-                self.suspects.popleft()
-        if not unfinished:
-            return
-        # The executor is broken: every batch still in it fails the same way.
-        cause = self._cause()
-        for job in jobs.values():
-            if job.future is not None:
-                job.future.cancel()
-                job.future = None
-                unfinished.append(job)
-        self._shutdown()
-        alone = len(unfinished) == 1
-        for job in unfinished:
-            job.attempts += 1
-            if alone and job.attempts >= self.max_attempts:
-                first = job.rows[0][0] if job.rows else ""
-                raise EvaluationWorkerCrashed(first, len(job.rows), job.attempts, cause)
-        queued = {id(j) for j in self.suspects}
-        self.suspects.extend(j for j in unfinished if id(j) not in queued)
-        self.suspects = deque(sorted(self.suspects, key=lambda j: j.index))
-
-    def _cause(self) -> str:
-        processes = getattr(self.executor, "_processes", None) or {}
-        codes = [p.exitcode for p in list(processes.values()) if p.exitcode]
-        for code in sorted(codes, key=lambda c: c == -signal.SIGTERM):
-            if code < 0:
-                try:
-                    return f"the worker was killed by {signal.Signals(-code).name}"
-                except ValueError:
-                    return f"the worker was killed by signal {-code}"
-            return f"the worker exited with status {code}"
-        return "a worker process died abruptly"
-
-
-def evaluate_in_workers(
-    conditions: Mapping[str, Condition],
-    batches: Iterable[Sequence[Row]],
-    workers: int | None = None,
-    engine: str = "durable",
-    max_attempts: int = 3,
-    *,
-    crash_test: CrashTest | None = None,
-) -> Iterator[list[Result]]:
-    """Evaluate batches of ``(key, facts)`` rows in worker processes; yields each batch's
-    ``[(key, fired rule ids)]`` in batch order.
-
-    ``workers`` defaults to one per core; each builds its evaluator once. At most two
-    batches per worker are read ahead of the one being handed back, so memory stays flat
-    however many batches there are. A batch whose worker dies is retried on a fresh one;
-    a batch that kills a worker ``max_attempts`` times (the last time running alone)
-    raises ``EvaluationWorkerCrashed``. The rules are checked here first, so a ruleset
-    durable_rules refuses raises ``RuleEngineError`` in the caller, before any worker.
-    ``crash_test`` is a test-only hook (see ``CrashTest``).
-    """
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
-    make_evaluator(conditions, engine).close()
-    pool = _Pool(conditions, engine, workers or default_workers(), max_attempts, crash_test)
-    return pool.run(batches)

@@ -15,8 +15,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 
 from engine.data.facts import Subject, iter_customer_id_batches, pending_events, subjects_for
-from engine.evaluation.evaluators import evaluate_in_workers, make_evaluator
-from engine.playbooks.loader import RuleSet, enter_rule, exit_rule, step_rule
+from engine.evaluation.evaluators import make_evaluator
+from engine.evaluation.workers import evaluate_in_workers
+from engine.playbooks.model import RuleSet, enter_rule, exit_rule, step_rule
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from engine.journeys.policies import (
     quiet_hours,
 )
 from engine.language import conditions
-from engine.playbooks.loader import Playbook, RuleSet, Step, enter_rule, exit_rule, step_rule
+from engine.playbooks.model import Playbook, RuleSet, Step, enter_rule, exit_rule, step_rule
 
 COUNTED_STATUSES = (
     MessageStatus.QUEUED,

@@ -9,35 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from engine.language.durations import format_duration
-
-
-@dataclass(frozen=True)
-class QuietHours:
-    """Sending is allowed from ``start`` up to ``end`` local time; the rest is quiet."""
-
-    start: time
-    end: time
-
-    def __str__(self) -> str:
-        return f"{self.start:%H:%M}-{self.end:%H:%M}"
-
-
-@dataclass(frozen=True)
-class FrequencyCap:
-    channel: str  # "any", "email" or "sms"
-    max: int
-    per: timedelta
-
-
-@dataclass(frozen=True)
-class Policies:
-    quiet_hours: dict[str, QuietHours | None]
-    frequency_caps: tuple[FrequencyCap, ...]
-    brand: dict[str, str]
+from engine.playbooks.model import FrequencyCap, QuietHours
 
 
 @dataclass(frozen=True)

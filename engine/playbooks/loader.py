@@ -15,255 +15,49 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
-from dataclasses import dataclass, field
 from datetime import time, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ValidationError
 
 from engine.delivery.sms_segments import segments
 from engine.delivery.templates import TemplateStore, sample_context
 from engine.errors import ConditionError, DurationError, RulesInvalid, SourceProblem, TemplateError
-from engine.journeys.policies import FrequencyCap, Policies, QuietHours
 from engine.language import conditions
 from engine.language.catalog import (
     EVENT_PROPERTY_PREFIX,
     FactCatalog,
     FactSource,
     FactSpec,
-    FactType,
 )
 from engine.language.conditions import Condition
 from engine.language.durations import parse_duration
+from engine.playbooks.model import (
+    CHANNELS,
+    PRIORITIES,
+    Escalate,
+    FrequencyCap,
+    Lead,
+    Playbook,
+    Policies,
+    QuietHours,
+    Roster,
+    RuleSet,
+    Send,
+    Step,
+)
+from engine.playbooks.schema import (
+    CatalogSpec,
+    EscalateSpec,
+    PlaybookSpec,
+    PoliciesSpec,
+    RosterSpec,
+    SendSpec,
+)
 from engine.playbooks.yaml_source import Located, load_located
 
-CHANNELS = ("email", "sms")
-PRIORITIES = ("urgent", "high", "normal", "low")
 EVENT_ONLY_FACTS = ("event", "event_days_ago")
-
-# ---------------------------------------------------------------- schema (what a file may say)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=False)
-
-
-class SendSpec(_Strict):
-    channel: str
-    template: str
-
-
-class EscalateSpec(_Strict):
-    priority: str = "normal"
-    queue: str = "support"
-    sla: str = "24h"
-
-
-class StepSpec(_Strict):
-    id: str
-    wait: str | None = None
-    when: str | None = None
-    send: SendSpec | None = None
-    escalate: EscalateSpec | None = None
-
-
-class EnterSpec(_Strict):
-    on: str | None = None
-    when: str | None = None
-
-
-class ExitSpec(_Strict):
-    when: str
-
-
-class PlaybookSpec(_Strict):
-    playbook: str
-    stage: str
-    description: str
-    priority: int = 100
-    kind: Literal["marketing", "transactional"] = "marketing"
-    enter: EnterSpec
-    reentry: str = "never"
-    exit: ExitSpec | None = None
-    when_capped: Literal["defer", "drop"] = "defer"
-    quiet_hours: dict[str, str | None] = {}
-    sms_opt_out_hint: str | None = None
-    max_sms_segments: int = 2
-    steps: list[StepSpec]
-
-    @field_validator("steps")
-    @classmethod
-    def _at_least_one(cls, steps: list[StepSpec]) -> list[StepSpec]:
-        if not steps:
-            raise ValueError("a playbook needs at least one step")
-        return steps
-
-
-class AttributeSpec(_Strict):
-    type: FactType
-    description: str
-    example: Any = None
-
-
-class EventTypeSpec(_Strict):
-    description: str
-    properties: dict[str, AttributeSpec] = {}
-
-
-class CatalogSpec(_Strict):
-    attributes: dict[str, AttributeSpec] = {}
-    events: dict[str, EventTypeSpec] = {}
-
-
-class CapSpec(_Strict):
-    channel: Literal["any", "email", "sms"]
-    max: int
-    per: str
-
-
-class BrandSpec(_Strict):
-    name: str
-    address: str
-
-
-class LeadSpec(_Strict):
-    name: str
-    email: str
-    phone: str | None = None
-    tier: int = 1
-    on_duty: bool = True
-
-
-class RosterSpec(_Strict):
-    leads: list[LeadSpec]
-
-
-class PoliciesSpec(_Strict):
-    quiet_hours: dict[str, str | None] = {"sms": "08:00-21:00"}
-    frequency_caps: list[CapSpec] = []
-    brand: BrandSpec
-
-
-# ---------------------------------------------------------------- compiled (what the engine uses)
-
-
-@dataclass(frozen=True)
-class Lead:
-    """A support lead who is notified of cases."""
-
-    name: str
-    email: str
-    phone: str | None
-    tier: int
-    on_duty: bool
-
-
-@dataclass(frozen=True)
-class Roster:
-    leads: tuple[Lead, ...]
-
-    def on_duty(self, tier: int) -> Lead | None:
-        """The on-duty lead of ``tier``, or of the nearest tier above it that has one."""
-        for wanted in sorted({lead.tier for lead in self.leads if lead.tier >= tier}):
-            for lead in self.leads:
-                if lead.tier == wanted and lead.on_duty:
-                    return lead
-        return None
-
-    def find(self, name: str) -> Lead | None:
-        return next((lead for lead in self.leads if lead.name == name or lead.email == name), None)
-
-
-@dataclass(frozen=True)
-class Send:
-    channel: str
-    template: str
-
-
-@dataclass(frozen=True)
-class Escalate:
-    priority: str
-    queue: str
-    sla: timedelta
-
-
-@dataclass(frozen=True)
-class Step:
-    id: str
-    wait: timedelta
-    when: Condition | None
-    send: Send | None
-    escalate: Escalate | None
-
-
-@dataclass(frozen=True)
-class Playbook:
-    id: str
-    stage: str
-    description: str
-    priority: int
-    kind: str
-    enter_on: str | None
-    enter: Condition  # includes the event trigger: event == "<on>" and (<when>)
-    reentry: timedelta | None  # None: never re-enter
-    exit: Condition | None
-    when_capped: str
-    quiet_hours: dict[str, QuietHours | None]  # per-channel overrides of the policies
-    sms_opt_out_hint: str | None
-    max_sms_segments: int
-    steps: tuple[Step, ...]
-    source: str
-
-    @property
-    def marketing(self) -> bool:
-        return self.kind == "marketing"
-
-    def step_index(self, step_id: str) -> int:
-        return next(i for i, s in enumerate(self.steps) if s.id == step_id)
-
-
-def enter_rule(playbook: str) -> str:
-    return f"{playbook}.enter"
-
-
-def exit_rule(playbook: str) -> str:
-    return f"{playbook}.exit"
-
-
-def step_rule(playbook: str, step: str) -> str:
-    return f"{playbook}.step.{step}"
-
-
-@dataclass(frozen=True)
-class RuleSet:
-    """Every playbook, the catalog and the policies of one rules directory, all valid."""
-
-    playbooks: dict[str, Playbook]
-    catalog: FactCatalog
-    policies: Policies
-    version: str  # a digest of the files, recorded on every enrollment
-    roster: Roster = Roster(())
-    directory: str = ""
-    files: dict[str, str] = field(default_factory=dict)  # playbook id -> file text
-
-    def conditions(self) -> dict[str, Condition]:
-        """Every condition to evaluate, by rule id (enter, exit and each step's when)."""
-        rules: dict[str, Condition] = {}
-        for pb in self.playbooks.values():
-            rules[enter_rule(pb.id)] = pb.enter
-            if pb.exit is not None:
-                rules[exit_rule(pb.id)] = pb.exit
-            for step in pb.steps:
-                if step.when is not None:
-                    rules[step_rule(pb.id, step.id)] = step.when
-        return rules
-
-    def quiet_hours(self, playbook: Playbook, channel: str) -> QuietHours | None:
-        if channel in playbook.quiet_hours:
-            return playbook.quiet_hours[channel]
-        return self.policies.quiet_hours.get(channel)
-
 
 # ---------------------------------------------------------------- loading
 

@@ -24,7 +24,7 @@ from engine.delivery.dispatch import DispatchConfig, Dispatcher, DispatchReport
 from engine.escalations.notifications import check_sla
 from engine.evaluation.runs import evaluate_batches, subject_batches
 from engine.journeys.apply import BatchReport, apply_batch, due_customer_ids
-from engine.playbooks.loader import RuleSet
+from engine.playbooks.model import RuleSet
 
 OVERLAP = timedelta(minutes=5)
 WATERMARK = "evaluation_watermark"

@@ -32,7 +32,7 @@ from engine.data.models import (
     MessageStatus,
 )
 from engine.escalations import cases as escalations
-from engine.playbooks.loader import RuleSet
+from engine.playbooks.model import RuleSet
 from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 
 # Chance per customer per simulated day.

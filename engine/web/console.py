@@ -46,7 +46,7 @@ from engine.data.models import (
 from engine.errors import IllegalTransition, InvalidChoice, NotFound, RulesInvalid
 from engine.escalations import cases as escalations
 from engine.language.catalog import FactType
-from engine.playbooks.loader import RuleSet
+from engine.playbooks.model import RuleSet
 from engine.web import WebState, web_state
 from engine.web.auth import SESSION_COOKIE, ConsoleSession, staff_of
 

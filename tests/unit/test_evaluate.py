@@ -13,13 +13,12 @@ import pytest
 
 from engine.errors import EvaluationWorkerCrashed, FactValueError, RuleEngineError
 from engine.evaluation.evaluators import (
-    CrashTest,
     DurableEvaluator,
     ReferenceEvaluator,
     create_ruleset,
-    evaluate_in_workers,
     make_evaluator,
 )
+from engine.evaluation.workers import CrashTest, evaluate_in_workers
 from engine.language import conditions as c
 from engine.language.catalog import FactCatalog, FactSource, FactSpec, FactType
 

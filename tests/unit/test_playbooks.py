@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import RulesInvalid
-from engine.playbooks.loader import enter_rule, exit_rule, load_rules, step_rule
+from engine.playbooks.loader import load_rules
+from engine.playbooks.model import enter_rule, exit_rule, step_rule
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "templates" / "messages"

@@ -8,15 +8,14 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from engine.journeys.policies import (
-    FrequencyCap,
     Proposal,
-    QuietHours,
     complaint_pause,
     consent,
     frequency_caps,
     next_allowed,
     quiet_hours,
 )
+from engine.playbooks.model import FrequencyCap, QuietHours
 
 SMS_WINDOW = QuietHours(time(8), time(21))
 MARKETING_SMS = Proposal(channel="sms", marketing=True, priority=10)

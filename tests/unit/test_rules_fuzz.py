@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import RulesInvalid
-from engine.playbooks.loader import RuleSet, load_rules
+from engine.playbooks.loader import load_rules
+from engine.playbooks.model import RuleSet
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "rules"

@@ -1,0 +1,159 @@
+"""The compiled playbooks: what the engine runs once the rule files have been validated.
+
+Every object here is valid by construction (``engine.playbooks.loader`` builds them only
+from files that passed every check) and immutable. Rule ids (``<playbook>.enter``,
+``<playbook>.exit``, ``<playbook>.step.<id>``) name the conditions the evaluators decide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import time, timedelta
+
+from engine.language.catalog import FactCatalog
+from engine.language.conditions import Condition
+
+CHANNELS = ("email", "sms")
+PRIORITIES = ("urgent", "high", "normal", "low")
+
+
+@dataclass(frozen=True)
+class QuietHours:
+    """Sending is allowed from ``start`` up to ``end`` local time; the rest is quiet."""
+
+    start: time
+    end: time
+
+    def __str__(self) -> str:
+        return f"{self.start:%H:%M}-{self.end:%H:%M}"
+
+
+@dataclass(frozen=True)
+class FrequencyCap:
+    channel: str  # "any", "email" or "sms"
+    max: int
+    per: timedelta
+
+
+@dataclass(frozen=True)
+class Policies:
+    quiet_hours: dict[str, QuietHours | None]
+    frequency_caps: tuple[FrequencyCap, ...]
+    brand: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Lead:
+    """A support lead who is notified of cases."""
+
+    name: str
+    email: str
+    phone: str | None
+    tier: int
+    on_duty: bool
+
+
+@dataclass(frozen=True)
+class Roster:
+    leads: tuple[Lead, ...]
+
+    def on_duty(self, tier: int) -> Lead | None:
+        """The on-duty lead of ``tier``, or of the nearest tier above it that has one."""
+        for wanted in sorted({lead.tier for lead in self.leads if lead.tier >= tier}):
+            for lead in self.leads:
+                if lead.tier == wanted and lead.on_duty:
+                    return lead
+        return None
+
+    def find(self, name: str) -> Lead | None:
+        return next((lead for lead in self.leads if lead.name == name or lead.email == name), None)
+
+
+@dataclass(frozen=True)
+class Send:
+    channel: str
+    template: str
+
+
+@dataclass(frozen=True)
+class Escalate:
+    priority: str
+    queue: str
+    sla: timedelta
+
+
+@dataclass(frozen=True)
+class Step:
+    id: str
+    wait: timedelta
+    when: Condition | None
+    send: Send | None
+    escalate: Escalate | None
+
+
+@dataclass(frozen=True)
+class Playbook:
+    id: str
+    stage: str
+    description: str
+    priority: int
+    kind: str
+    enter_on: str | None
+    enter: Condition  # includes the event trigger: event == "<on>" and (<when>)
+    reentry: timedelta | None  # None: never re-enter
+    exit: Condition | None
+    when_capped: str
+    quiet_hours: dict[str, QuietHours | None]  # per-channel overrides of the policies
+    sms_opt_out_hint: str | None
+    max_sms_segments: int
+    steps: tuple[Step, ...]
+    source: str
+
+    @property
+    def marketing(self) -> bool:
+        return self.kind == "marketing"
+
+    def step_index(self, step_id: str) -> int:
+        return next(i for i, s in enumerate(self.steps) if s.id == step_id)
+
+
+def enter_rule(playbook: str) -> str:
+    return f"{playbook}.enter"
+
+
+def exit_rule(playbook: str) -> str:
+    return f"{playbook}.exit"
+
+
+def step_rule(playbook: str, step: str) -> str:
+    return f"{playbook}.step.{step}"
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """Every playbook, the catalog and the policies of one rules directory, all valid."""
+
+    playbooks: dict[str, Playbook]
+    catalog: FactCatalog
+    policies: Policies
+    version: str  # a digest of the files, recorded on every enrollment
+    roster: Roster = Roster(())
+    directory: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # playbook id -> file text
+
+    def conditions(self) -> dict[str, Condition]:
+        """Every condition to evaluate, by rule id (enter, exit and each step's when)."""
+        rules: dict[str, Condition] = {}
+        for pb in self.playbooks.values():
+            rules[enter_rule(pb.id)] = pb.enter
+            if pb.exit is not None:
+                rules[exit_rule(pb.id)] = pb.exit
+            for step in pb.steps:
+                if step.when is not None:
+                    rules[step_rule(pb.id, step.id)] = step.when
+        return rules
+
+    def quiet_hours(self, playbook: Playbook, channel: str) -> QuietHours | None:
+        if channel in playbook.quiet_hours:
+            return playbook.quiet_hours[channel]
+        return self.policies.quiet_hours.get(channel)

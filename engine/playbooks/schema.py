@@ -1,0 +1,113 @@
+"""The shape of the rule files, as pydantic models: what each YAML file may say.
+
+Pydantic checks the shape only; ``engine.playbooks.loader`` maps its errors back to
+``path:line:col`` and does every check that needs more than one field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from engine.language.catalog import FactType
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class SendSpec(_Strict):
+    channel: str
+    template: str
+
+
+class EscalateSpec(_Strict):
+    priority: str = "normal"
+    queue: str = "support"
+    sla: str = "24h"
+
+
+class StepSpec(_Strict):
+    id: str
+    wait: str | None = None
+    when: str | None = None
+    send: SendSpec | None = None
+    escalate: EscalateSpec | None = None
+
+
+class EnterSpec(_Strict):
+    on: str | None = None
+    when: str | None = None
+
+
+class ExitSpec(_Strict):
+    when: str
+
+
+class PlaybookSpec(_Strict):
+    playbook: str
+    stage: str
+    description: str
+    priority: int = 100
+    kind: Literal["marketing", "transactional"] = "marketing"
+    enter: EnterSpec
+    reentry: str = "never"
+    exit: ExitSpec | None = None
+    when_capped: Literal["defer", "drop"] = "defer"
+    quiet_hours: dict[str, str | None] = {}
+    sms_opt_out_hint: str | None = None
+    max_sms_segments: int = 2
+    steps: list[StepSpec]
+
+    @field_validator("steps")
+    @classmethod
+    def _at_least_one(cls, steps: list[StepSpec]) -> list[StepSpec]:
+        if not steps:
+            raise ValueError("a playbook needs at least one step")
+        return steps
+
+
+class AttributeSpec(_Strict):
+    type: FactType
+    description: str
+    example: Any = None
+
+
+class EventTypeSpec(_Strict):
+    description: str
+    properties: dict[str, AttributeSpec] = {}
+
+
+class CatalogSpec(_Strict):
+    attributes: dict[str, AttributeSpec] = {}
+    events: dict[str, EventTypeSpec] = {}
+
+
+class CapSpec(_Strict):
+    channel: Literal["any", "email", "sms"]
+    max: int
+    per: str
+
+
+class BrandSpec(_Strict):
+    name: str
+    address: str
+
+
+class LeadSpec(_Strict):
+    name: str
+    email: str
+    phone: str | None = None
+    tier: int = 1
+    on_duty: bool = True
+
+
+class RosterSpec(_Strict):
+    leads: list[LeadSpec]
+
+
+class PoliciesSpec(_Strict):
+    quiet_hours: dict[str, str | None] = {"sms": "08:00-21:00"}
+    frequency_caps: list[CapSpec] = []
+    brand: BrandSpec
