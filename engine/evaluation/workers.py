@@ -186,7 +186,13 @@ class _Pool:
                 initializer=_init_worker,
                 initargs=self.initargs,
             )
-        job.future = self.executor.submit(_run_batch, job.rows)
+        try:
+            job.future = self.executor.submit(_run_batch, job.rows)
+        except BrokenProcessPool as exc:
+            # A worker died before we noticed: this batch fails like the ones in flight.
+            failed: cf.Future[list[Result] | _Failure] = cf.Future()
+            failed.set_exception(exc)
+            job.future = failed
 
     def _shutdown(self) -> None:
         executor, self.executor = self.executor, None
@@ -264,9 +270,16 @@ class _Pool:
         self.suspects = deque(sorted(self.suspects, key=lambda j: j.index))
 
     def _cause(self) -> str:
-        processes = getattr(self.executor, "_processes", None) or {}
-        codes = [p.exitcode for p in list(processes.values()) if p.exitcode]
-        for code in sorted(codes, key=lambda c: c == -signal.SIGTERM):
+        processes = list((getattr(self.executor, "_processes", None) or {}).values())
+        for process in processes:
+            # The worker that crashed may not be reaped yet; without its status, the
+            # others' (255 after a broken pipe) would be taken for the cause.
+            process.join(timeout=2)
+        # 255 is what a forkserver child reports when its real status could not be read.
+        codes = [p.exitcode for p in processes if p.exitcode and p.exitcode != 255]
+        # A signal other than the SIGTERM with which the broken pool stops the other
+        # workers is the cause.
+        for code in sorted(codes, key=lambda c: (c == -signal.SIGTERM, c > 0)):
             if code < 0:
                 try:
                     return f"the worker was killed by {signal.Signals(-code).name}"

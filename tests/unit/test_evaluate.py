@@ -412,10 +412,12 @@ def test_a_batch_that_keeps_crashing_its_worker_is_given_up(tmp_path: Path) -> N
             CONDITIONS, batches, workers=2, crash_test=CrashTest(str(tmp_path))
         ):
             handed_back.append(result)
-    assert str(caught.value) == (
+    # The forkserver cannot always read a dead child's status; then the cause is unknown.
+    assert str(caught.value) in {
         "evaluation worker died 3 time(s) on the batch of 21 customers starting at 'c00060': "
-        "the worker was killed by SIGABRT"
-    )
+        f"{cause}"
+        for cause in ("the worker was killed by SIGABRT", "a worker process died abruptly")
+    }
     assert (caught.value.batch_start, caught.value.batch_size, caught.value.attempts) == (
         "c00060",
         21,
