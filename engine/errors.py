@@ -43,7 +43,12 @@ class SourceProblem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path}:{self.line}:{self.column}: {self.message}"
+        # One line, always: editors and grep read it that way, and a key or value quoted
+        # in the message may hold a line break or a control character.
+        message = "".join(
+            c if c.isprintable() else c.encode("unicode_escape").decode() for c in self.message
+        )
+        return f"{self.path}:{self.line}:{self.column}: {message}"
 
 
 class RulesInvalid(LifecycleError):

@@ -175,3 +175,15 @@ def test_alias_bomb_is_refused_not_expanded(rules_copy: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
     (problem,) = problems_of(rules_copy)
     assert problem == f"{path}:1:1: too large: more than 100,000 values once aliases are expanded"
+
+
+def test_a_problem_is_reported_on_one_line_even_when_a_key_holds_a_line_break(
+    rules_copy: Path,
+) -> None:
+    """Found by the rule-file fuzzer: an attribute named "\\n" split its problem over two
+    lines, which editors and grep cannot read as path:line:col."""
+    edit(rules_copy / "catalog.yaml", "attributes:\n", 'attributes:\n  "\\n":\n')
+    problems = problems_of(rules_copy)
+    assert problems and all("\n" not in p for p in problems)
+    expected = r"attributes.\n: Input should be a valid dictionary or instance of AttributeSpec"
+    assert any(p.endswith(expected) for p in problems), problems
