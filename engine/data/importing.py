@@ -42,7 +42,6 @@ from sqlalchemy.exc import DataError, IntegrityError, StatementError
 from sqlmodel import Session, col
 
 from engine.clock import as_utc
-from engine.data.db import session_scope
 from engine.data.ingest import (
     CustomerIn,
     EventIn,
@@ -55,6 +54,7 @@ from engine.data.ingest import (
     validation_reason,
 )
 from engine.data.models import Customer
+from engine.data.uow import unit_of_work
 from engine.errors import ImportRowError, LifecycleError
 from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
 
@@ -511,7 +511,7 @@ class _Import(Generic[Model]):
             return
         counts = _counts(self.report)
         try:
-            with session_scope(self.engine) as session:
+            with unit_of_work(self.engine) as session:
                 bad = self.kind.store(session, [model for _, model in batch], self.now, self.report)
         except _ROW_ERRORS as exc:
             _restore(self.report, counts)

@@ -48,6 +48,7 @@ from engine.data.facts import (
     suppressed_addresses,
 )
 from engine.data.models import Decision, Message, MessageStatus, Suppression
+from engine.data.uow import unit_of_work
 from engine.delivery.outbound import Email, Sent, Sms, send_many
 from engine.delivery.templates import RenderedEmail, RenderedSms, TemplateStore
 from engine.errors import ChannelError, PermanentChannelError, TemplateError
@@ -204,16 +205,15 @@ class Dispatcher:
             .returning(col(Message.id))
             .execution_options(synchronize_session=False)
         )
-        with Session(self.db) as session:
+        with unit_of_work(self.db) as session:
             ids = list(session.scalars(statement))
-            session.commit()
         return ids
 
     def recover(self, now: datetime) -> DispatchReport:
         """Apply the recovery rule to rows whose dispatcher's lease has expired."""
         report = DispatchReport()
         expired = now - self.config.lease
-        with Session(self.db) as session:
+        with unit_of_work(self.db) as session:
             requeued = cast(
                 "CursorResult[Any]",
                 session.execute(
@@ -247,7 +247,6 @@ class Dispatcher:
                     )
                 ),
             ).rowcount
-            session.commit()
         report.requeued_after_crash = requeued
         report.marked_ambiguous = ambiguous
         return report

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Engine
-from sqlmodel import Session
 
 from engine.data.facts import Subject, iter_customer_id_batches, pending_events, subjects_for
+from engine.data.uow import reading
 from engine.evaluation.evaluators import make_evaluator
 from engine.evaluation.workers import evaluate_in_workers
 from engine.playbooks.model import RuleSet, enter_rule, exit_rule, step_rule
@@ -91,7 +91,7 @@ def subject_batches(
     include_sweep: bool = True,
 ) -> Iterator[list[Subject]]:
     """Subjects for every customer (or the given ones), a batch at a time, in id order."""
-    with Session(db) as session:
+    with reading(db) as session:
         if customer_ids is not None:
             id_batches: Iterable[list[str]] = (
                 list(customer_ids[i : i + batch_size])

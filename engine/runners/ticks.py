@@ -20,6 +20,7 @@ from sqlmodel import Session
 from engine.bootstrap import App
 from engine.clock import as_utc
 from engine.data.models import EngineState
+from engine.data.uow import reading, unit_of_work
 from engine.delivery.dispatch import DispatchConfig, Dispatcher, DispatchReport
 from engine.escalations.notifications import check_sla
 from engine.evaluation.runs import evaluate_batches, subject_batches
@@ -63,7 +64,7 @@ def evaluation_tick(
     """Evaluate who needs it (or everyone, ``full``) and move their journeys on."""
     rules = rules or app.rules
     report = TickReport(started_at=now, full=full)
-    with Session(app.db) as session:
+    with reading(app.db) as session:
         mark = read_state(session, WATERMARK)
         since = as_utc(datetime.fromisoformat(mark)) if mark else None
         full = full or since is None  # the first tick ever looks at everyone
@@ -84,18 +85,16 @@ def evaluation_tick(
     for evaluations in evaluate_batches(
         rules, batches, workers=workers, engine=app.settings.engine
     ):
-        with Session(app.db) as session:
+        with unit_of_work(app.db) as session:
             report.journeys.merge(apply_batch(session, rules, evaluations, now))
-            session.commit()
     report.customers = report.journeys.customers
     _advance_watermark(app, now)
     return report
 
 
 def _advance_watermark(app: App, now: datetime) -> None:
-    with Session(app.db) as session:
+    with unit_of_work(app.db) as session:
         write_state(session, WATERMARK, (now - OVERLAP).isoformat(), now)
-        session.commit()
 
 
 def dispatch_config(app: App) -> DispatchConfig:
@@ -119,7 +118,6 @@ def dispatch_tick(app: App, now: datetime, *, rules: RuleSet | None = None) -> D
 
 def sla_tick(app: App, now: datetime, *, rules: RuleSet | None = None) -> int:
     """Notify one tier up for cases past their SLA; returns how many notifications."""
-    with Session(app.db) as session:
+    with unit_of_work(app.db) as session:
         queued = check_sla(session, rules or app.rules, now)
-        session.commit()
     return len(queued)

@@ -31,6 +31,7 @@ from engine.data.models import (
     Message,
     MessageStatus,
 )
+from engine.data.uow import reading, unit_of_work
 from engine.escalations import cases as escalations
 from engine.playbooks.model import RuleSet
 from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
@@ -116,7 +117,7 @@ class ActivityGenerator:
         self.app = app
         self.rules = rules
         self.rng = random.Random(seed)
-        with Session(app.db) as session:
+        with reading(app.db) as session:
             self.customer_ids = list(
                 session.scalars(select(col(Customer.id)).order_by(col(Customer.id)))
             )
@@ -124,13 +125,12 @@ class ActivityGenerator:
         self.counter = 0
 
     def hour(self, start: datetime, report: SimulationReport) -> None:
-        with Session(self.app.db) as session:
+        with unit_of_work(self.app.db) as session:
             for _ in range(self._count(self.base * NEW_SIGNUPS_PER_DAY / 24)):
                 self._new_customer(session, start, report)
             for kind, rate in DAILY_RATES.items():
                 for _ in range(self._count(len(self.customer_ids) * rate / 24)):
                     self._event(session, self.rng.choice(self.customer_ids), kind, start, report)
-            session.commit()
 
     def _count(self, expected: float) -> int:
         whole = int(expected)
@@ -198,7 +198,7 @@ class ActivityGenerator:
 
 def resolve_old_cases(app: App, now: datetime) -> int:
     """The simulated support lead resolves cases some hours after they open."""
-    with Session(app.db) as session:
+    with unit_of_work(app.db) as session:
         cases = session.scalars(
             select(Escalation).where(
                 col(Escalation.status) != EscalationStatus.RESOLVED,
@@ -208,7 +208,6 @@ def resolve_old_cases(app: App, now: datetime) -> int:
         for case in cases:
             assert case.id is not None
             escalations.resolve(session, case.id, "resolved in simulation", "simulated-lead", now)
-        session.commit()
     return len(cases)
 
 
@@ -237,7 +236,7 @@ def simulate(
 def _tally(
     app: App, report: SimulationReport, start: datetime, end: datetime, customer: str | None
 ) -> None:
-    with Session(app.db) as session:
+    with reading(app.db) as session:
         rows = session.execute(
             select(
                 col(Decision.playbook), col(Decision.outcome), col(Decision.reason), func.count()

@@ -43,10 +43,12 @@ from engine.data.models import (
     MessageStatus,
     Suppression,
 )
-from engine.errors import IllegalTransition, InvalidChoice, NotFound, RulesInvalid
+from engine.data.uow import reading, unit_of_work
+from engine.errors import IllegalTransition, InvalidChoice, LifecycleError, NotFound, RulesInvalid
 from engine.escalations import cases as escalations
 from engine.language.catalog import FactType
 from engine.playbooks.model import RuleSet
+from engine.usecases.messages import find_messages, parse_status
 from engine.web import WebState, web_state
 from engine.web.auth import SESSION_COOKIE, ConsoleSession, staff_of
 
@@ -304,7 +306,7 @@ def queue_page(request: Request, status: str = "") -> Response:
     web = web_state(request)
     now = web.app.clock()
     error = None
-    with Session(web.app.db) as session:
+    with reading(web.app.db) as session:
         try:
             cases = escalations.queue(session, status or None)
         except InvalidChoice as exc:
@@ -411,7 +413,7 @@ def case_page(case_id: int, request: Request) -> Response:
     web = web_state(request)
     now = web.app.clock()
     rules, rules_error = _rules(web)
-    with Session(web.app.db) as session:
+    with reading(web.app.db) as session:
         try:
             case = escalations.get_case(session, case_id)
         except NotFound as exc:
@@ -453,7 +455,7 @@ async def case_action(case_id: int, action: str, request: Request) -> Response:
     owner = text_field(form, "owner")
 
     def work() -> str:
-        with Session(web.app.db, expire_on_commit=False) as session:
+        with unit_of_work(web.app.db) as session:
             now = web.app.clock()
             if action == "acknowledge":
                 escalations.acknowledge(session, case_id, staff.name, now)
@@ -471,7 +473,6 @@ async def case_action(case_id: int, action: str, request: Request) -> Response:
             else:
                 escalations.reopen(session, case_id, note, staff.name, now)
                 done = "Reopened."
-            session.commit()
         return done
 
     try:
@@ -490,7 +491,7 @@ async def case_action(case_id: int, action: str, request: Request) -> Response:
 def customer_page(customer_id: str, request: Request) -> Response:
     staff = signed_in(request)
     web = web_state(request)
-    with Session(web.app.db) as session:
+    with reading(web.app.db) as session:
         customer = session.get(Customer, customer_id)
         if customer is None:
             return error_page(request, 404, f"no customer with id {customer_id!r}", staff)
@@ -555,7 +556,7 @@ def find_customer(request: Request, q: str = "") -> Response:
     q = q.strip()
     found: list[Customer] = []
     if q:
-        with Session(web.app.db) as session:
+        with reading(web.app.db) as session:
             if session.get(Customer, q) is not None:
                 return redirect(web, f"/console/customers/{quote(q, safe='')}")
             statement = (
@@ -585,7 +586,7 @@ def playbooks_page(request: Request) -> Response:
     rules, rules_error = _rules(web)
     if rules is None:
         return error_page(request, 503, f"The rules do not load:\n{rules_error}", staff)
-    with Session(web.app.db) as session:
+    with reading(web.app.db) as session:
         enrolled = _count_by_playbook(
             session,
             select(col(Enrollment.playbook), func.count()).group_by(col(Enrollment.playbook)),
@@ -702,7 +703,7 @@ def playbook_page(playbook_id: str, request: Request) -> Response:
     if playbook is None:
         return error_page(request, 404, f"no playbook {playbook_id!r}", staff)
     now = web.app.clock()
-    with Session(web.app.db) as session:
+    with reading(web.app.db) as session:
         enrolled = session.scalar(
             select(func.count())
             .select_from(Enrollment)
@@ -752,20 +753,11 @@ def messages_page(request: Request, status: str = MessageStatus.AMBIGUOUS.value)
     staff = signed_in(request)
     web = web_state(request)
     try:
-        wanted = MessageStatus(status)
-    except ValueError:
-        choices = ", ".join(s.value for s in MessageStatus)
-        return error_page(
-            request, 400, f"unknown message status {status!r}; use one of: {choices}", staff
-        )
-    with Session(web.app.db) as session:
-        statement = (
-            select(Message)
-            .where(col(Message.status) == wanted)
-            .order_by(col(Message.updated_at).desc())
-            .limit(PAGE_ROWS)
-        )
-        messages = list(session.scalars(statement))
+        wanted = parse_status(status)
+    except LifecycleError as exc:
+        return error_page(request, 400, str(exc), staff)
+    with reading(web.app.db) as session:
+        messages = find_messages(session, status=wanted, limit=PAGE_ROWS)
     context = {
         "section": "messages",
         "messages": messages,

@@ -175,7 +175,7 @@ def test_tick_escalations_and_messages(env: Path) -> None:
     history = [h["action"] for h in json.loads(output)["history"]]
     assert history == ["opened", "acknowledged", "assigned", "resolved"]
     code, output = cli("messages", "list", "--status", "sent", "--json")
-    assert code == 0 and json.loads(output)
+    assert code == 0 and json.loads(output), output
     code, output = cli("messages", "retry", "no-such-id")
     assert code == 1 and "no message with id 'no-such-id'" in output
 

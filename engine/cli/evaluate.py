@@ -1,0 +1,156 @@
+"""`lifecycle evaluate`: which playbooks and steps each customer matches."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from sqlmodel import col
+
+from engine.bootstrap import App
+from engine.cli.common import (
+    NowOption,
+    app,
+    fail,
+    load_app,
+    moment_of,
+    out,
+    print_json,
+    rules_of,
+)
+from engine.data.models import Event
+from engine.data.uow import unit_of_work
+from engine.errors import LifecycleError
+from engine.evaluation.runs import Summary, evaluate_batches, subject_batches
+from engine.playbooks.model import RuleSet
+
+
+@app.command()
+def evaluate(
+    customer: Annotated[
+        list[str] | None, typer.Option("--customer", help="Only this customer (repeatable).")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report only; change nothing.")
+    ] = False,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+    engine: Annotated[str, typer.Option(help="durable or reference")] = "durable",
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (0: in this process).")
+    ] = None,
+    now: NowOption = None,
+) -> None:
+    """Evaluate customers against every playbook: which playbooks and steps each matches."""
+    application = load_app()
+    rules = rules_of(application)
+    moment = moment_of(application, now)
+    count = workers if workers is not None else (0 if customer else application.workers())
+    started = time.perf_counter()
+    batches = subject_batches(
+        application.db,
+        rules,
+        moment,
+        batch_size=application.settings.batch_size,
+        customer_ids=customer,
+    )
+    summary = Summary()
+    details: list[dict[str, Any]] = []
+    try:
+        for evaluations in evaluate_batches(rules, batches, workers=count, engine=engine):
+            for evaluation in evaluations:
+                summary.add(rules, evaluation)
+                if customer:
+                    details.append(_detail(rules, evaluation))
+    except LifecycleError as exc:
+        raise fail(str(exc)) from exc
+    elapsed = time.perf_counter() - started
+    if not dry_run:
+        _mark_events_evaluated(application, customer, moment)
+    _print_summary(rules, summary, details, elapsed, json_output, dry_run)
+
+
+def _mark_events_evaluated(application: App, customer: list[str] | None, moment: datetime) -> None:
+    from sqlalchemy import update
+
+    statement = update(Event).where(col(Event.evaluated_at).is_(None))
+    if customer:
+        statement = statement.where(col(Event.customer_id).in_(customer))
+    with unit_of_work(application.db) as session:
+        session.execute(statement.values(evaluated_at=moment))
+
+
+def _detail(rules: RuleSet, evaluation: Any) -> dict[str, Any]:
+    subject = evaluation.subject
+    return {
+        "customer": subject.customer_id,
+        "event": subject.event_id,
+        "event_type": subject.event_type,
+        "matches": [
+            {"playbook": m.playbook, "steps": list(m.steps), "exit_goal_met": m.exited}
+            for m in evaluation.entered(rules)
+        ],
+    }
+
+
+def _print_summary(
+    rules: RuleSet,
+    summary: Summary,
+    details: list[dict[str, Any]],
+    elapsed: float,
+    json_output: bool,
+    dry_run: bool,
+) -> None:
+    if json_output:
+        payload = {
+            "customers": summary.customers,
+            "subjects": summary.subjects,
+            "seconds": round(elapsed, 3),
+            "dry_run": dry_run,
+            "playbooks": {
+                pid: {
+                    "matched": summary.entered.get(pid, 0),
+                    "exit_goal_met": summary.exited.get(pid, 0),
+                    "steps": {s.id: summary.steps.get(pid, {}).get(s.id, 0) for s in pb.steps},
+                }
+                for pid, pb in sorted(rules.playbooks.items())
+            },
+        }
+        if details:
+            payload["details"] = details
+        print_json(payload)
+        return
+    for detail in details:
+        label = detail["customer"] + (
+            f" (event {detail['event_type']} {detail['event']})" if detail["event"] else ""
+        )
+        if not detail["matches"]:
+            out.print(f"{label}: matches no playbook", markup=False)
+        for match in detail["matches"]:
+            out.print(
+                f"{label}: {match['playbook']} steps {', '.join(match['steps']) or '-'}",
+                markup=False,
+            )
+    table = Table(
+        title=f"Evaluation of {summary.customers} customers ({summary.subjects - summary.customers} pending events)"
+    )
+    for column in ("playbook", "stage", "matched", "steps matched", "exit goal met"):
+        table.add_column(
+            column, justify="right" if column in ("matched", "exit goal met") else "left"
+        )
+    for pid, playbook in sorted(rules.playbooks.items()):
+        steps = summary.steps.get(pid, {})
+        table.add_row(
+            pid,
+            playbook.stage,
+            str(summary.entered.get(pid, 0)),
+            ", ".join(f"{s.id} {steps.get(s.id, 0)}" for s in playbook.steps),
+            str(summary.exited.get(pid, 0)),
+        )
+    out.print(table)
+    rate = summary.subjects / elapsed if elapsed > 0 else 0.0
+    out.print(
+        f"{summary.subjects} evaluations in {elapsed:.2f}s ({rate:,.0f}/s){' (dry run)' if dry_run else ''}"
+    )

@@ -1,0 +1,81 @@
+"""`lifecycle init`, `rules check` and `facts`: the rule files and what they may use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from engine.cli.common import (
+    app,
+    err,
+    load_app,
+    out,
+    rules_of,
+)
+from engine.errors import RulesInvalid
+from engine.playbooks.loader import load_rules
+
+rules_app = typer.Typer(no_args_is_help=True, help="Check the rule files.")
+app.add_typer(rules_app, name="rules")
+
+
+@app.command()
+def init() -> None:
+    """Create or upgrade the database, and check the rules."""
+    application = load_app()
+    rules = rules_of(application)
+    out.print(f"database ready: {application.settings.database_url}")
+    out.print(f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}")
+
+
+@rules_app.command("check")
+def rules_check(
+    directory: Annotated[Path, typer.Argument(help="Rules directory.")] = Path("rules"),
+    templates: Annotated[Path, typer.Option(help="Templates directory.")] = Path(
+        "templates/messages"
+    ),
+) -> None:
+    """Validate every rule file; print each problem as path:line:col and exit 1 if any."""
+    try:
+        rules = load_rules(directory, templates)
+    except RulesInvalid as exc:
+        for problem in exc.problems:
+            out.print(str(problem), markup=False, soft_wrap=True)
+        count = len(exc.problems)
+        err.print(f"{count} problem{'s' if count != 1 else ''} found", markup=False)
+        raise typer.Exit(1) from exc
+    out.print(
+        f"{len(rules.playbooks)} playbooks ok ({', '.join(sorted(rules.playbooks))}); "
+        f"{len(rules.catalog.facts)} facts; rules version {rules.version}",
+        markup=False,
+    )
+
+
+@app.command()
+def facts(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List every fact conditions may use: built-in, attributes and event properties."""
+    rules = rules_of(load_app())
+    specs = sorted(rules.catalog.facts.values(), key=lambda s: (s.source, s.name))
+    if json_output:
+        rows = [
+            {
+                "name": s.name,
+                "type": str(s.type),
+                "source": str(s.source),
+                "description": s.description,
+            }
+            for s in specs
+        ]
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title="Fact catalog")
+    for column in ("fact", "type", "source", "description"):
+        table.add_column(column)
+    for spec in specs:
+        table.add_row(spec.name, str(spec.type), str(spec.source), spec.description)
+    out.print(table)
+    out.print(f"event types: {', '.join(sorted(rules.catalog.event_types))}")

@@ -1,0 +1,176 @@
+"""`lifecycle tick`, `run`, `dispatch`, `simulate` and `serve`: the engine at work."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from engine.bootstrap import bootstrap
+from engine.cli.common import (
+    NowOption,
+    app,
+    load_app,
+    moment_of,
+    out,
+    print_json,
+    rules_of,
+)
+from engine.clock import as_utc
+from engine.settings import Settings
+
+
+@app.command()
+def tick(
+    full: Annotated[
+        bool, typer.Option("--full", help="Evaluate every customer, not only the changed.")
+    ] = False,
+    now: NowOption = None,
+) -> None:
+    """Run one evaluation tick, one SLA check and one dispatch, then stop."""
+    from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
+
+    application = load_app()
+    rules = rules_of(application)
+    moment = moment_of(application, now)
+    started = time.perf_counter()
+    report = evaluation_tick(application, moment, full=full, rules=rules)
+    notified = sla_tick(application, moment, rules=rules)
+    sent = dispatch_tick(application, moment, rules=rules)
+    j = report.journeys
+    out.print(
+        f"evaluated {report.customers} customers: {sum(j.enrolled.values())} enrolled, "
+        f"{sum(j.queued.values())} queued, {sum(j.deferred.values())} deferred, "
+        f"{sum(j.skipped.values())} skipped, {sum(j.exited.values())} exited on goal; "
+        f"{notified} SLA notifications; dispatched {sent.total_sent} "
+        f"({sent.retried} to retry, {sent.failed} failed) in {time.perf_counter() - started:.2f}s",
+        markup=False,
+    )
+
+
+@app.command()
+def run() -> None:
+    """Start the scheduler: evaluation, dispatch and SLA ticks until SIGINT or SIGTERM."""
+    import logging
+
+    from scheduler import LifecycleScheduler
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    application = load_app()
+    rules_of(application)
+    out.print(
+        f"lifecycle scheduler running on {application.settings.database_url}; Ctrl-C stops it"
+    )
+    LifecycleScheduler(application).run_forever()
+    out.print("stopped cleanly")
+
+
+@app.command()
+def simulate(
+    days: Annotated[int, typer.Option("--days", min=1, max=366)] = 30,
+    start: Annotated[
+        datetime | None, typer.Option("--start", help="Simulated start (default: now).")
+    ] = None,
+    customer: Annotated[
+        str | None, typer.Option("--customer", help="Also print this customer's timeline.")
+    ] = None,
+    random_seed: Annotated[int, typer.Option("--seed")] = 11,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run the real engine on a fake clock over N days of simulated activity."""
+    from engine.usecases.simulate import simulate as run_simulation
+
+    settings = Settings()
+    application = bootstrap(settings)
+    if settings.email_channel == "console" and settings.sms_channel == "console":
+        from channels.console import ConsoleChannel
+
+        quiet = ConsoleChannel(Path(settings.outbox_dir), stream=None)
+        application.channels = {"email": quiet, "sms": quiet}
+    rules_of(application)
+    moment = as_utc(start) if start is not None else application.clock()
+    started = time.perf_counter()
+    report = run_simulation(application, moment, days, seed=random_seed, customer=customer)
+    elapsed = time.perf_counter() - started
+    if json_output:
+        print_json({**report.as_dict(), "seconds": round(elapsed, 2)})
+        return
+    _print_simulation(report, elapsed, application.settings.outbox_dir)
+
+
+def _print_simulation(report: Any, elapsed: float, outbox: Path) -> None:
+    data = report.as_dict()
+    out.print(
+        f"Simulated {report.hours} hours from {report.start:%Y-%m-%d %H:%M} to {report.end:%Y-%m-%d %H:%M} UTC "
+        f"in {elapsed:.1f}s: {report.new_customers} new customers, "
+        + ", ".join(f"{n} {k}" for k, n in sorted(report.events.items()))
+        + f"; {report.cases_resolved} cases resolved by the simulated lead",
+        markup=False,
+    )
+    table = Table(title="Per playbook over the simulation")
+    for column in (
+        "playbook",
+        "enrolled",
+        "sent",
+        "deferred",
+        "skipped (why)",
+        "exited on goal",
+        "completed",
+    ):
+        table.add_column(column)
+    for pid, tally in data["playbooks"].items():
+        table.add_row(
+            pid,
+            str(tally["enrolled"]),
+            ", ".join(f"{k} {v}" for k, v in sorted(tally["sent"].items())) or "0",
+            ", ".join(f"{k} {v}" for k, v in sorted(tally["deferred"].items())) or "0",
+            "\n".join(f"{k} {v}" for k, v in sorted(tally["skipped"].items())) or "0",
+            str(tally["exited_on_goal"]),
+            str(tally["completed"]),
+        )
+    out.print(table)
+    if report.timeline:
+        out.print(f"\nTimeline of the customer ({len(report.timeline)} decisions):")
+        for row in report.timeline:
+            until = f" until {row['until'][:16]}" if row["until"] else ""
+            out.print(
+                f"  {row['at'][:16]}  {row['playbook']:<22} {row['step'] or '':<18} {row['outcome']:<9} {row['reason']}{until}",
+                markup=False,
+            )
+    out.print(f"Rendered messages are under {outbox}/")
+
+
+@app.command()
+def dispatch(now: NowOption = None) -> None:
+    """Send every due outbox message once (the scheduler does this every few seconds)."""
+    from engine.runners.ticks import dispatch_tick
+
+    application = load_app()
+    report = dispatch_tick(application, moment_of(application, now), rules=rules_of(application))
+    out.print(
+        f"claimed {report.claimed}; sent {report.total_sent} ({', '.join(f'{k} {v}' for k, v in report.sent.items()) or 'none'}); "
+        f"{report.retried} to retry; {report.failed} failed; {report.cancelled} cancelled; "
+        f"{report.requeued_after_crash} requeued and {report.marked_ambiguous} marked ambiguous after a crash",
+        markup=False,
+    )
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Serve the ingest API, the provider webhooks and the support console."""
+    import uvicorn
+
+    from engine.web.app import create_app
+
+    application = load_app()
+    rules_of(application)
+    uvicorn.run(create_app(application), host=host, port=port, log_level="info")

@@ -1,0 +1,271 @@
+"""The delivery ledger: what providers tell us about messages, and what recipients ask.
+
+Shared by the web app's webhooks and unsubscribe page (and anything else that learns of a
+delivery): each function applies one verified provider event or one request to the
+messages, the suppressions and the customers' consent, in one transaction, exactly once.
+Idempotency: the provider's event key goes into ``webhook_receipts`` (unique per
+provider) in the same transaction as its effect, one savepoint per event, so a
+redelivery, even a concurrent one, has the effect of one.
+
+Error codes that mean a number will never take a message suppress it: Twilio 21610 (the
+recipient sent STOP: also withdraws SMS consent), 21211 and 21614 (not a valid mobile
+number), 30005 (unknown handset), 30006 (landline or unreachable carrier). Carrier
+filtering (30007) and temporary unreachability (30003) do not.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine, delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, col
+
+from engine.data.ingest import set_email_consent, set_sms_consent
+from engine.data.models import (
+    Customer,
+    Decision,
+    Message,
+    MessageStatus,
+    Suppression,
+    WebhookReceipt,
+)
+from engine.data.uow import unit_of_work
+from engine.delivery.dispatch import suppress
+
+if TYPE_CHECKING:
+    from channels.webhooks import SendGridEvent
+
+# Before the provider confirmed anything: a webhook about the message proves it was accepted.
+UNSETTLED = (MessageStatus.SENDING, MessageStatus.AMBIGUOUS)
+IN_FLIGHT = (MessageStatus.SENDING, MessageStatus.SENT, MessageStatus.AMBIGUOUS)
+SENDGRID_DROP_SUPPRESS = {"Bounced Address", "Unsubscribed Address", "Spam Reporting Address"}
+TWILIO_SUPPRESS_CODES = {
+    "21610": "the recipient replied STOP",
+    "21211": "not a valid phone number",
+    "21614": "not a mobile number",
+    "30005": "unknown or inactive handset",
+    "30006": "landline or unreachable carrier",
+}
+
+
+def first_time(session: Session, provider: str, key: str, now: datetime) -> bool:
+    """Record that (provider, key) was processed; False when it already was."""
+    savepoint = session.begin_nested()
+    try:
+        session.add(WebhookReceipt(provider=provider, event_key=key[:200], received_at=now))
+        session.flush()
+    except IntegrityError:
+        savepoint.rollback()
+        return False
+    savepoint.commit()
+    return True
+
+
+def _customers_with(session: Session, column: Any, value: str) -> list[Customer]:
+    return list(session.scalars(select(Customer).where(column == value)))
+
+
+def _decide(
+    session: Session,
+    customer_id: str,
+    outcome: str,
+    reason: str,
+    now: datetime,
+    message: Message | None = None,
+) -> None:
+    session.add(
+        Decision(
+            at=now,
+            customer_id=customer_id,
+            playbook=(message.playbook or "") if message is not None else "",
+            step_id=message.step_id if message is not None else None,
+            outcome=outcome,
+            reason=reason[:500],
+            enrollment_id=message.enrollment_id if message is not None else None,
+            message_id=message.id if message is not None else None,
+        )
+    )
+
+
+def _settle(message: Message, now: datetime) -> None:
+    """The provider has the message: an ambiguous or in-flight row is sent, not lost."""
+    if message.status in UNSETTLED:
+        message.status = MessageStatus.SENT
+        message.sent_at = message.sent_at or now
+        message.updated_at = now
+
+
+def _set_status(message: Message, status: MessageStatus, error: str | None, now: datetime) -> None:
+    message.status = status
+    if error:
+        message.last_error = error[:1000]
+    message.updated_at = now
+
+
+# ── SendGrid ────────────────────────────────────────────────────────────────────────
+
+
+def find_sendgrid_message(session: Session, event: SendGridEvent) -> Message | None:
+    if event.lifecycle_message_id:
+        message = session.get(Message, event.lifecycle_message_id)
+        if message is not None:
+            return message
+    if event.x_message_id:
+        statement = select(Message).where(
+            col(Message.provider_id) == event.x_message_id,
+            func.lower(col(Message.to_address)) == event.email.lower(),
+        )
+        return session.scalars(statement).first()
+    return None
+
+
+def apply_sendgrid_event(session: Session, event: SendGridEvent, now: datetime) -> None:
+    """The effect of one (new) SendGrid event on the ledger, suppressions and consent."""
+    message = find_sendgrid_message(session, event)
+    kind, reason = event.event, event.reason or ""
+    if message is not None:
+        _settle(message, now)
+        if kind == "delivered" and message.status in IN_FLIGHT:
+            _set_status(message, MessageStatus.DELIVERED, None, now)
+        elif kind == "bounce":
+            _set_status(message, MessageStatus.BOUNCED, f"sendgrid bounce: {reason}", now)
+        elif kind == "dropped" and message.status != MessageStatus.BOUNCED:
+            _set_status(message, MessageStatus.FAILED, f"sendgrid dropped: {reason}", now)
+        elif kind == "deferred":
+            message.last_error = f"sendgrid deferred: {reason}"[:1000]
+            message.updated_at = now
+        elif kind in ("open", "click") and message.customer_id and message.kind != "staff":
+            url = str(event.raw.get("url") or "")
+            why = f"sendgrid {kind}" + (f": {url}" if url else "")
+            outcome = "opened" if kind == "open" else "clicked"
+            _decide(session, message.customer_id, outcome, why, now, message)
+    suppression = _sendgrid_suppression(event)
+    if suppression is not None:
+        suppress(session, "email", event.email.lower(), suppression, "sendgrid", now)
+    if kind in ("unsubscribe", "spamreport"):
+        for customer in _customers_with(session, col(Customer.email), event.email.lower()):
+            if set_email_consent(customer, False, now):
+                customer.updated_at = now
+                _decide(
+                    session,
+                    customer.id,
+                    "unsubscribed",
+                    f"sendgrid {kind} from {event.email}",
+                    now,
+                    message,
+                )
+
+
+def _sendgrid_suppression(event: SendGridEvent) -> str | None:
+    if event.event == "bounce" and (event.bounce_type or "bounce") == "bounce":
+        return f"bounce: {event.reason or 'hard bounce'}"
+    if event.event == "spamreport":
+        return "spam report"
+    if event.event == "unsubscribe":
+        return "unsubscribed"
+    if event.event == "dropped" and event.reason in SENDGRID_DROP_SUPPRESS:
+        return f"dropped: {event.reason}"
+    return None
+
+
+def apply_sendgrid_events(db: Engine, events: list[SendGridEvent], now: datetime) -> dict[str, int]:
+    """Apply a verified batch of SendGrid events, each once; counts what was new."""
+    processed = duplicates = 0
+    with unit_of_work(db) as session:
+        for event in events:
+            if first_time(session, "sendgrid", event.sg_event_id, now):
+                apply_sendgrid_event(session, event, now)
+                processed += 1
+            else:
+                duplicates += 1
+    return {"processed": processed, "duplicates": duplicates}
+
+
+def apply_twilio_status(
+    db: Engine, sid: str, status: str, code: str, to: str, now: datetime
+) -> str:
+    """The effect of one Twilio status callback (once per sid and status)."""
+    with unit_of_work(db) as session:
+        if not first_time(session, "twilio", f"{sid}:{status}", now):
+            return "duplicate"
+        message = session.scalars(select(Message).where(col(Message.provider_id) == sid)).first()
+        if message is not None:
+            _settle(message, now)
+            if status == "delivered" and message.status in IN_FLIGHT:
+                _set_status(message, MessageStatus.DELIVERED, None, now)
+            elif status in ("undelivered", "failed") and message.status != MessageStatus.DELIVERED:
+                meaning = TWILIO_SUPPRESS_CODES.get(code, "")
+                detail = f"twilio {status}" + (f": error {code}" if code else "")
+                _set_status(
+                    message,
+                    MessageStatus.FAILED,
+                    detail + (f" ({meaning})" if meaning else ""),
+                    now,
+                )
+        number = to or (message.to_address if message is not None else "")
+        if code in TWILIO_SUPPRESS_CODES and number:
+            suppress(
+                session,
+                "sms",
+                number,
+                f"twilio error {code}: {TWILIO_SUPPRESS_CODES[code]}",
+                "twilio",
+                now,
+            )
+            if code == "21610":
+                _sms_opt_out(session, number, f"twilio error 21610 for {number}", now)
+    return "processed"
+
+
+def _sms_opt_out(session: Session, number: str, reason: str, now: datetime) -> None:
+    for customer in _customers_with(session, col(Customer.phone), number):
+        if set_sms_consent(customer, False, now):
+            customer.updated_at = now
+            _decide(session, customer.id, "unsubscribed", reason, now)
+
+
+def apply_inbound_sms(
+    db: Engine, sid: str, number: str, text: str, keyword: str, now: datetime
+) -> None:
+    """Apply an inbound SMS's STOP or START (``keyword``) once per message sid."""
+    with unit_of_work(db) as session:
+        if not first_time(session, "twilio-inbound", sid, now):
+            return
+        if keyword == "stop":
+            _sms_opt_out(session, number, f"SMS {text.strip().upper()} from {number}", now)
+            suppress(session, "sms", number, "STOP", "twilio", now)
+        elif keyword == "start":
+            for customer in _customers_with(session, col(Customer.phone), number):
+                if set_sms_consent(customer, True, now):
+                    customer.updated_at = now
+                    _decide(session, customer.id, "resubscribed", f"SMS START from {number}", now)
+            # Lift what STOP put there (ours, or Twilio's 21610 "replied STOP"), not bounces.
+            session.execute(
+                delete(Suppression).where(
+                    col(Suppression.channel) == "sms",
+                    col(Suppression.address) == number,
+                    or_(
+                        col(Suppression.reason) == "STOP",
+                        col(Suppression.reason).startswith("twilio error 21610"),
+                    ),
+                )
+            )
+
+
+def apply_unsubscribe(
+    db: Engine, customer_id: str, channel: str, message_id: str, now: datetime
+) -> bool:
+    """Withdraw the customer's consent for the channel; False when it already was."""
+    with unit_of_work(db) as session:
+        customer = session.get(Customer, customer_id)
+        if customer is None:
+            return False
+        change = set_email_consent if channel == "email" else set_sms_consent
+        if not change(customer, False, now):
+            return False
+        customer.updated_at = now
+        message = session.get(Message, message_id) if message_id else None
+        _decide(session, customer_id, "unsubscribed", f"{channel} unsubscribe link", now, message)
+    return True
