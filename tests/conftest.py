@@ -21,6 +21,7 @@ from sqlmodel import SQLModel
 
 from engine.data import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 from engine.data.db import make_engine, normalize_url, upgrade
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parent.parent
 POSTGRES_URL = os.environ.get(
@@ -102,9 +103,9 @@ def now() -> datetime:
 
 @pytest.fixture(scope="session")
 def rules_dir() -> Path:
-    return ROOT / "rules"
+    return FIXTURE_RULES
 
 
 @pytest.fixture(scope="session")
 def templates_dir() -> Path:
-    return ROOT / "templates" / "messages"
+    return FIXTURE_TEMPLATES

@@ -25,6 +25,7 @@ from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 from engine.settings import Settings
 from engine.web.app import create_app
 from engine.web.auth import hash_password
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 from tests.support.server import serve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,8 +62,8 @@ def app(db_url: str, tmp_path: Path, clock: Clock) -> Iterator[App]:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         database_url=db_url,
-        rules_dir=ROOT / "rules",
-        templates_dir=ROOT / "templates" / "messages",
+        rules_dir=FIXTURE_RULES,
+        templates_dir=FIXTURE_TEMPLATES,
         outbox_dir=tmp_path / "outbox",
         api_key=KEY,
         secret_key="complaint-flow-secret",

@@ -15,6 +15,7 @@ from sqlmodel import Session
 
 from engine.data.db import make_engine
 from engine.data.models import Message
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,6 +27,8 @@ def test_run_ticks_and_stops_cleanly_on_a_signal(tmp_path: Path, signum: signal.
         **os.environ,
         "LIFECYCLE_DATABASE_URL": url,
         "LIFECYCLE_OUTBOX_DIR": str(tmp_path / "outbox"),
+        "LIFECYCLE_RULES_DIR": str(FIXTURE_RULES),
+        "LIFECYCLE_TEMPLATES_DIR": str(FIXTURE_TEMPLATES),
     }
     cli = [sys.executable, "-c", "from engine.cli import app; app()"]
     subprocess.run(

@@ -13,6 +13,7 @@ from sqlmodel import Session
 from engine.data.db import make_engine
 from engine.data.models import Enrollment, Message
 from engine.data.seed import seed
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
 CUSTOMERS = 10_000
@@ -28,9 +29,7 @@ def _evaluate(
     from engine.runners.ticks import evaluation_tick
     from engine.settings import Settings
 
-    settings = Settings(
-        database_url=url, rules_dir=ROOT / "rules", templates_dir=ROOT / "templates" / "messages"
-    )
+    settings = Settings(database_url=url, rules_dir=FIXTURE_RULES, templates_dir=FIXTURE_TEMPLATES)
     app = bootstrap(settings, channels={}, migrate=False)
     barrier.wait()
     report = evaluation_tick(app, datetime.fromisoformat(now_iso), full=True, workers=0)

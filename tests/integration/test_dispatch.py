@@ -27,6 +27,7 @@ from engine.delivery.dispatch import read_unsubscribe_token
 from engine.runners.ticks import dispatch_tick
 from engine.settings import Settings
 from tests.support.fake_provider import FakeProvider
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
 NOW = datetime(2026, 6, 10, 12, 0, tzinfo=UTC)  # 13:00 in London: inside every window
@@ -41,8 +42,8 @@ def fake() -> Iterator[FakeProvider]:
 def settings_for(db_url: str, fake: FakeProvider, outbox: Path) -> Settings:
     return Settings(
         database_url=db_url,
-        rules_dir=ROOT / "rules",
-        templates_dir=ROOT / "templates" / "messages",
+        rules_dir=FIXTURE_RULES,
+        templates_dir=FIXTURE_TEMPLATES,
         outbox_dir=outbox,
         email_channel="sendgrid",
         sendgrid_api_key=fake.sendgrid_api_key,
@@ -234,7 +235,7 @@ def test_a_broken_template_fails_one_message_not_the_batch(
     broken_dir = tmp_path / "templates"
     import shutil
 
-    shutil.copytree(ROOT / "templates" / "messages", broken_dir)
+    shutil.copytree(FIXTURE_TEMPLATES, broken_dir)
     (broken_dir / "email" / "tips_broken.subject").write_text("{{ customer.nickname }}\n")
     (broken_dir / "email" / "tips_broken.html").write_text("<p>x</p>\n")
     (broken_dir / "email" / "tips_broken.txt").write_text("x\n")

@@ -23,6 +23,7 @@ from engine.data.models import Customer, Decision, Enrollment, Escalation, Messa
 from engine.escalations import cases as escalations
 from engine.runners.ticks import dispatch_tick, evaluation_tick
 from engine.settings import Settings
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)  # a Monday morning in London
@@ -37,8 +38,8 @@ def channel() -> MemoryChannel:
 def app(db: Engine, db_url: str, tmp_path: Path, channel: MemoryChannel) -> Iterator[App]:
     settings = Settings(
         database_url=db_url,
-        rules_dir=ROOT / "rules",
-        templates_dir=ROOT / "templates" / "messages",
+        rules_dir=FIXTURE_RULES,
+        templates_dir=FIXTURE_TEMPLATES,
         outbox_dir=tmp_path / "outbox",
     )
     yield bootstrap(settings, db=db, channels={"email": channel, "sms": channel}, migrate=False)

@@ -44,11 +44,12 @@ from engine.settings import Settings
 from engine.web.app import create_app
 from scheduler import LifecycleScheduler
 from tests.support.fake_provider import FakeProvider
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 from tests.support.server import free_port, web_app
 
 ROOT = Path(__file__).resolve().parents[2]
-RULES = ROOT / "rules"
-TEMPLATES = ROOT / "templates" / "messages"
+RULES = FIXTURE_RULES
+TEMPLATES = FIXTURE_TEMPLATES
 # A Monday in March: London is on UTC and every sending window is open.
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 API_KEY = "robustness-api-key-0123456789"

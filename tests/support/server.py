@@ -23,6 +23,7 @@ import uvicorn
 from channels.memory import MemoryChannel
 from engine.bootstrap import App, bootstrap
 from engine.settings import Settings
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -71,8 +72,8 @@ def web_app(
     channels and a clock fixed at ``now``; ``settings`` override Settings fields."""
     values: dict[str, Any] = {
         "database_url": db_url,
-        "rules_dir": ROOT / "rules",
-        "templates_dir": ROOT / "templates" / "messages",
+        "rules_dir": FIXTURE_RULES,
+        "templates_dir": FIXTURE_TEMPLATES,
         "outbox_dir": tmp_path / "outbox",
         "secret_key": "test-secret-key-not-the-default",
         **settings,

@@ -11,9 +11,10 @@ import pytest
 from engine.errors import RulesInvalid
 from engine.playbooks.loader import load_rules
 from engine.playbooks.model import enter_rule, exit_rule, step_rule
+from tests.support.paths import FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES = ROOT / "templates" / "messages"
+TEMPLATES = FIXTURE_TEMPLATES
 
 
 def test_shipped_rules_load(rules_dir: Path) -> None:

@@ -29,10 +29,11 @@ from hypothesis import strategies as st
 from engine.errors import RulesInvalid
 from engine.playbooks.loader import load_rules
 from engine.playbooks.model import RuleSet
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
-RULES = ROOT / "rules"
-TEMPLATES = ROOT / "templates" / "messages"
+RULES = FIXTURE_RULES
+TEMPLATES = FIXTURE_TEMPLATES
 RESERVED = ("catalog.yaml", "policies.yaml", "support_roster.yaml")
 SHIPPED: dict[str, str] = {
     p.name: p.read_text(encoding="utf-8") for p in sorted(RULES.glob("*.yaml"))
