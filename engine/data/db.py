@@ -14,6 +14,8 @@ from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# Execution option: how a SQLite transaction begins ("DEFERRED" or "IMMEDIATE").
+SQLITE_BEGIN = "lifecycle_sqlite_begin"
 
 
 def normalize_url(url: str) -> str:
@@ -30,11 +32,23 @@ def make_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            # pysqlite's own transaction handling begins late and never for SAVEPOINT;
+            # SQLAlchemy's documented recipe: let SQLAlchemy emit BEGIN itself (below).
+            dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection):  # type: ignore[no-untyped-def]
+            # A transaction that reads and then writes must take the write lock up front
+            # (BEGIN IMMEDIATE): upgrading a read snapshot to a write fails at once with
+            # "database is locked" when another writer committed in between, whatever
+            # the busy timeout. Writers ask for it with the execution option below.
+            mode = connection.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
+            connection.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)

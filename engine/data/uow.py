@@ -16,15 +16,20 @@ from contextlib import contextmanager
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from engine.data.db import SQLITE_BEGIN
+
 
 @contextmanager
 def unit_of_work(db: Engine) -> Iterator[Session]:
     """One transaction: committed when the block ends, rolled back if it raises.
 
-    Objects stay readable after the commit (``expire_on_commit=False``): callers hand
-    them to templates and reports once the transaction is over.
+    On SQLite it holds the write lock from its start (BEGIN IMMEDIATE), so what it reads
+    cannot go stale before it writes, and a second writer waits its turn (busy timeout)
+    instead of failing. Objects stay readable after the commit (``expire_on_commit=
+    False``): callers hand them to templates and reports once the transaction is over.
     """
     with Session(db, expire_on_commit=False) as session:
+        session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
         try:
             yield session
             session.commit()
