@@ -21,6 +21,8 @@ from engine.cli.common import (
 )
 from engine.errors import LifecycleError
 
+SEED_IN_PROCESSES_FROM = 20_000
+
 import_app = typer.Typer(no_args_is_help=True, help="Import customers or events (CSV or JSONL).")
 app.add_typer(import_app, name="import")
 
@@ -31,6 +33,10 @@ def seed(
         int, typer.Option("--customers", min=1, help="How many customers.")
     ] = 1000,
     random_seed: Annotated[int, typer.Option("--seed")] = 7,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Processes that generate and store (default: one per core)."),
+    ] = None,
     now: NowOption = None,
 ) -> None:
     """Create synthetic customers with realistic histories (every playbook gets matches)."""
@@ -45,6 +51,10 @@ def seed(
             customers,
             moment,
             seed=random_seed,
+            # Starting processes costs more than it saves on small seeds.
+            workers=workers
+            if workers is not None
+            else (application.workers() if customers >= SEED_IN_PROCESSES_FROM else 0),
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     out.print(report.summary())

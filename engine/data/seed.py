@@ -30,31 +30,27 @@ stays flat from a hundred customers to millions.
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import random
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    Column,
-    Connection,
-    Dialect,
     Engine,
     Table,
-    column,
     func,
-    insert,
     select,
 )
-from sqlalchemy import table as table_clause
 from sqlmodel import col
-from sqlmodel.sql.sqltypes import UTCDateTime
 
 from engine.clock import as_utc
+from engine.data.bulk import BulkInsert
+from engine.data.db import SQLITE_BEGIN, make_engine
 from engine.data.ingest import Rollups, apply_rollups
 from engine.data.models import Customer, Event
 
@@ -139,6 +135,18 @@ class SeedReport:
     first_id: str | None = None
     last_id: str | None = None
 
+    def add(self, batch: _Batch) -> None:
+        for kind, count in batch.kinds.items():
+            self.kinds[kind] = self.kinds.get(kind, 0) + count
+        for kind, count in batch.pending_by_type.items():
+            self.pending_by_type[kind] = self.pending_by_type.get(kind, 0) + count
+            self.pending_events += count
+        self.customers += batch.customers
+        self.events += batch.events
+        # Batches may finish in any order when several processes store them.
+        self.first_id = min(self.first_id or batch.first_id, batch.first_id)
+        self.last_id = max(self.last_id or batch.last_id, batch.last_id)
+
     def summary(self) -> str:
         if not self.customers:
             return "seeded nothing"
@@ -169,9 +177,13 @@ def seed(
     *,
     seed: int = 7,
     batch_size: int = 5000,
+    workers: int = 0,
     progress: Progress | None = None,
 ) -> SeedReport:
-    """Add ``customers`` synthetic customers and their events; see the module docstring."""
+    """Add ``customers`` synthetic customers and their events; see the module docstring.
+
+    ``workers`` processes generate and store the batches (0: this process does it all).
+    """
     if customers < 0:
         raise ValueError(f"cannot seed {customers} customers")
     if batch_size < 1:
@@ -184,85 +196,99 @@ def seed(
             f"{customer_id(10**ID_DIGITS - 1)} and {customer_id(start - 1)} is taken"
         )
     report = SeedReport()
-    insert_customers = _BulkInsert(engine, Customer.__table__)  # type: ignore[attr-defined]
-    insert_events = _BulkInsert(engine, Event.__table__)  # type: ignore[attr-defined]
-    done = 0
-    for numbers in _batches(start, customers, batch_size):
-        people = [generate_customer(n, now, seed=seed) for n in numbers]
-        events = [event for person in people for event in person.events]
-        with engine.begin() as connection:
-            insert_customers(connection, [person.row for person in people])
-            if events:
-                insert_events(connection, events)
-        for person in people:
-            report.kinds[person.kind] = report.kinds.get(person.kind, 0) + 1
-        for event in events:
-            if event["evaluated_at"] is None:
-                report.pending_events += 1
-                kind = event["type"]
-                report.pending_by_type[kind] = report.pending_by_type.get(kind, 0) + 1
-        report.customers += len(people)
-        report.events += len(events)
-        report.first_id = report.first_id or people[0].row["id"]
-        report.last_id = people[-1].row["id"]
-        done += len(people)
+    jobs = [(batch.start, len(batch)) for batch in _batches(start, customers, batch_size)]
+    for batch in _seeded(engine, jobs, now, seed, workers):
+        report.add(batch)
         if progress is not None:
-            progress(done, customers)
+            progress(report.customers, customers)
     return report
 
 
-class _BulkInsert:
-    """One Core ``insert`` executemany per batch.
-
-    On SQLite, SQLAlchemy's per-value bind processing (aware datetime to UTC, then to text;
-    JSON to text) costs more than the insert itself, so the values are encoded here, in C
-    (``isoformat``, ``json.dumps``), and inserted through an untyped table clause. That is
-    done only after checking, on a sample, that the result is exactly the text SQLAlchemy
-    would store; otherwise, and on every other database, the typed table is used.
-    """
-
-    def __init__(self, engine: Engine, table: Table) -> None:
-        self.dates = [c.name for c in table.columns if isinstance(c.type, UTCDateTime)]
-        self.documents = [c.name for c in table.columns if isinstance(c.type, JSON)]
-        self.encode = engine.dialect.name == "sqlite" and _encodes_like_sqlalchemy(
-            engine.dialect, table.c[self.dates[0]], table.c[self.documents[0]]
-        )
-        target = table_clause(table.name, *(column(c.name) for c in table.columns))
-        self.statement = insert(target if self.encode else table)
-
-    def __call__(self, connection: Connection, rows: list[dict[str, Any]]) -> None:
-        if self.encode:
-            rows = [self._encoded(row) for row in rows]
-        connection.execute(self.statement, rows)
-
-    def _encoded(self, row: dict[str, Any]) -> dict[str, Any]:
-        row = dict(row)
-        for name in self.dates:
-            if row[name] is not None:
-                row[name] = _sqlite_datetime(row[name])
-        for name in self.documents:
-            row[name] = json.dumps(row[name])
-        return row
+CUSTOMERS: Table = Customer.__table__  # type: ignore[attr-defined]
+EVENTS: Table = Event.__table__  # type: ignore[attr-defined]
+CUSTOMER_COLUMNS = tuple(c.name for c in CUSTOMERS.columns)
+EVENT_COLUMNS = tuple(c.name for c in EVENTS.columns)
 
 
-def _sqlite_datetime(moment: datetime) -> str:
-    if moment.tzinfo is not UTC:
-        moment = moment.astimezone(UTC)
-    return moment.isoformat(" ", "microseconds")[:26]  # without the "+00:00"
+@dataclass(frozen=True)
+class _Batch:
+    """What one stored batch of generated customers adds to the report."""
+
+    customers: int
+    events: int
+    kinds: dict[str, int]
+    pending_by_type: dict[str, int]
+    first_id: str
+    last_id: str
 
 
-def _encodes_like_sqlalchemy(dialect: Dialect, date: Column[Any], document: Column[Any]) -> bool:
-    moments = (
-        datetime(2001, 2, 3, 4, 5, 6, 7, tzinfo=timezone(timedelta(hours=2))),
-        datetime(2026, 3, 2, 12, 0, tzinfo=UTC),
+def seed_batch(engine: Engine, first: int, count: int, now: datetime, seed: int) -> _Batch:
+    """Generate customers ``first`` to ``first + count - 1`` and store them in one
+    transaction, with one bulk insert per table."""
+    customer_row = itemgetter(*CUSTOMER_COLUMNS)
+    event_row = itemgetter(*EVENT_COLUMNS)
+    kinds: dict[str, int] = {}
+    pending: dict[str, int] = {}
+    customers: list[tuple[Any, ...]] = []
+    events: list[tuple[Any, ...]] = []
+    for number in range(first, first + count):
+        person = generate_customer(number, now, seed=seed)
+        kinds[person.kind] = kinds.get(person.kind, 0) + 1
+        customers.append(customer_row(person.row))
+        for event in person.events:
+            events.append(event_row(event))
+            if event["evaluated_at"] is None:
+                pending[event["type"]] = pending.get(event["type"], 0) + 1
+    dialect = engine.dialect.name
+    insert_customers = BulkInsert(CUSTOMERS, CUSTOMER_COLUMNS, dialect)
+    insert_events = BulkInsert(EVENTS, EVENT_COLUMNS, dialect)
+    encoded_customers = insert_customers.encode(customers)
+    encoded_events = insert_events.encode(events)
+    with engine.connect() as connection:
+        connection = connection.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
+        with connection.begin():
+            if dialect == "sqlite":
+                # The event indexes are written in timestamp order, not key order, and
+                # the default 2 MB page cache thrashes on them.
+                connection.exec_driver_sql("PRAGMA cache_size=-131072")  # 128 MB
+            insert_customers.write(connection, encoded_customers)
+            insert_events.write(connection, encoded_events)
+    return _Batch(
+        count, len(events), kinds, pending, customer_id(first), customer_id(first + count - 1)
     )
-    value = {"text": "é", "n": 1, "list": [True, None]}
-    process_date = date.type.dialect_impl(dialect).bind_processor(dialect)
-    process_document = document.type.dialect_impl(dialect).bind_processor(dialect)
-    if process_date is None or process_document is None:
-        return False
-    same_dates = all(process_date(m) == _sqlite_datetime(m) for m in moments)
-    return same_dates and process_document(value) == json.dumps(value)
+
+
+def _seeded(
+    engine: Engine, jobs: list[tuple[int, int]], now: datetime, seed: int, workers: int
+) -> Iterator[_Batch]:
+    """Store every batch, here or in ``workers`` processes (each with its own connection:
+    generating a history costs more than storing it, and SQLite takes one writer at a
+    time, so the writes of one process overlap the generation of the other)."""
+    if workers <= 0 or len(jobs) < 2:
+        for first, count in jobs:
+            yield seed_batch(engine, first, count, now, seed)
+        return
+    url = engine.url.render_as_string(hide_password=False)
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(url,)
+    ) as pool:
+        futures = [pool.submit(_worker_batch, first, count, now, seed) for first, count in jobs]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+_worker_engine: Engine | None = None
+
+
+def _init_worker(url: str) -> None:
+    global _worker_engine
+    _worker_engine = make_engine(url)
+
+
+def _worker_batch(first: int, count: int, now: datetime, seed: int) -> _Batch:
+    assert _worker_engine is not None
+    return seed_batch(_worker_engine, first, count, now, seed)
 
 
 def _batches(start: int, count: int, size: int) -> Iterator[range]:

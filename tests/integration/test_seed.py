@@ -26,7 +26,6 @@ from engine.data.models import Customer, Event
 from engine.data.seed import (
     CYCLE,
     KINDS,
-    _BulkInsert,
     customer_id,
     generate_customer,
     highest_seeded_number,
@@ -280,5 +279,22 @@ def test_seeded_times_compare_in_sql_as_in_python(db: Engine, now: datetime) -> 
         )
     assert recent == sum(e["occurred_at"] >= day_ago for p in people for e in p.events) > 0
     assert quiet == sum(p.row["last_activity_at"] < month_ago for p in people) > 0
-    events = Event.__table__  # type: ignore[attr-defined]
-    assert _BulkInsert(db, events).encode is (db.dialect.name == "sqlite")  # the fast path
+
+
+def test_seeding_in_worker_processes_stores_the_same_customers(db: Engine, now: datetime) -> None:
+    """Batches stored by two processes, in whatever order they finish, give the same rows
+    (and the same report) as one process storing them in order."""
+    report = seed(db, 30, now, batch_size=7, workers=2)
+    assert (report.customers, report.first_id, report.last_id) == (
+        30,
+        "seed-00000001",
+        "seed-00000030",
+    )
+    expected = [generate_customer(n, now) for n in range(1, 31)]
+    assert report.events == sum(len(p.events) for p in expected)
+    with Session(db) as session:
+        stored = {c.id: c for c in session.scalars(select(Customer))}
+        events = session.scalar(select(func.count()).select_from(Event))
+    assert sorted(stored) == [p.row["id"] for p in expected]
+    assert events == report.events
+    assert all(stored[p.row["id"]].orders_count == p.row["orders_count"] for p in expected)
