@@ -7,12 +7,13 @@ typed Python values (see engine.language.catalog); the durable_rules encoding ha
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
-from typing import Any
+from datetime import UTC, date, datetime
+from typing import Any, NamedTuple
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.engine import Row
 from sqlmodel import Session, col
 
@@ -48,6 +49,7 @@ class Subject:
     facts: dict[str, Any]
     event_id: str | None = None
     event_type: str | None = None
+    occurred_at: datetime | None = None  # of the event
 
     @property
     def key(self) -> str:
@@ -59,6 +61,130 @@ def customer_rows(session: Session, ids: Sequence[str]) -> list[Row[Any]]:
         return []
     statement = select(*CUSTOMER_COLUMNS).where(col(Customer.id).in_(ids))
     return list(session.execute(statement))
+
+
+CUSTOMER_FIELDS = (
+    "id",
+    "email",
+    "phone",
+    "first_name",
+    "timezone",
+    "locale",
+    "email_opt_in",
+    "sms_opt_in",
+    "attributes",
+    "signed_up_at",
+    "orders_count",
+    "total_spend_cents",
+    "last_order_at",
+    "last_activity_at",
+    "nps_score",
+)
+_DATE_FIELDS = frozenset({"signed_up_at", "last_order_at", "last_activity_at"})
+_BOOL_FIELDS = frozenset({"email_opt_in", "sms_opt_in", "email_suppressed", "phone_suppressed"})
+# The row, and what the facts need of other tables, in one query: each subquery is one
+# index lookup (suppressions by address, escalations by customer).
+_SELECT_CUSTOMERS = (
+    "SELECT "
+    + ", ".join(f"c.{name}" for name in CUSTOMER_FIELDS)
+    + ", EXISTS (SELECT 1 FROM suppressions s WHERE s.channel = 'email' AND s.address = c.email)"
+    + ", EXISTS (SELECT 1 FROM suppressions s WHERE s.channel = 'sms' AND s.address = c.phone)"
+    + ", (SELECT count(*) FROM escalations e WHERE e.customer_id = c.id"
+    + "   AND e.status != 'resolved')"
+    + " FROM customers c WHERE "
+)
+
+
+class CustomerRow(NamedTuple):
+    """A customer's columns as the facts need them (the same values as the ORM's)."""
+
+    id: str
+    email: str | None
+    phone: str | None
+    first_name: str | None
+    timezone: str
+    locale: str
+    email_opt_in: bool
+    sms_opt_in: bool
+    attributes: dict[str, Any]
+    signed_up_at: datetime
+    orders_count: int
+    total_spend_cents: int
+    last_order_at: datetime | None
+    last_activity_at: datetime | None
+    nps_score: int | None
+    email_suppressed: bool = False
+    phone_suppressed: bool = False
+    open_complaints: int = 0
+
+
+assert CustomerRow._fields[: len(CUSTOMER_FIELDS)] == CUSTOMER_FIELDS
+assert tuple(c.key for c in CUSTOMER_COLUMNS) == CUSTOMER_FIELDS  # type: ignore[union-attr]
+
+
+def _decoder(index: int, name: str) -> Callable[[Any], Any] | None:
+    if name in _DATE_FIELDS:
+        return _instant
+    if name in _BOOL_FIELDS:
+        return bool
+    if name == "attributes":
+        return _document
+    return None
+
+
+def _instant(value: Any) -> datetime | None:
+    # SQLite hands back UTCDateTime's text ("2026-03-02 09:00:00.000000", UTC); PostgreSQL
+    # an aware datetime already.
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _document(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+_DECODERS = tuple(
+    (i, decode) for i, name in enumerate(CustomerRow._fields) if (decode := _decoder(i, name))
+)
+
+
+def _decoded(values: Sequence[Any]) -> CustomerRow:
+    decoded = list(values)
+    for i, decode in _DECODERS:
+        decoded[i] = decode(decoded[i])
+    return CustomerRow._make(decoded)
+
+
+def read_customers(
+    session: Session,
+    *,
+    ids: Sequence[str] | None = None,
+    after: str | None = None,
+    upto: str | None = None,
+) -> list[CustomerRow]:
+    """Customer rows for the facts, by ids or by an id range (``after`` exclusive, ``upto``
+    inclusive), in id order, decoded without SQLAlchemy's per-value processing."""
+    params: dict[str, Any] = {}
+    if ids is not None:
+        if not ids:
+            return []
+        clause = "c.id IN :ids"
+        params["ids"] = list(ids)
+        statement = text(_SELECT_CUSTOMERS + clause + " ORDER BY c.id").bindparams(
+            bindparam("ids", expanding=True)
+        )
+    else:
+        parts = []
+        if after is not None:
+            parts.append("c.id > :after")
+            params["after"] = after
+        if upto is not None:
+            parts.append("c.id <= :upto")
+            params["upto"] = upto
+        where = " AND ".join(parts) or "1 = 1"
+        statement = text(_SELECT_CUSTOMERS + where + " ORDER BY c.id")
+    return [_decoded(values) for values in session.execute(statement, params)]
 
 
 def iter_customer_id_batches(session: Session, batch_size: int) -> Iterator[list[str]]:
@@ -90,7 +216,7 @@ def open_complaint_counts(session: Session, ids: Sequence[str]) -> dict[str, int
     return {customer_id: count for customer_id, count in session.execute(statement)}
 
 
-def suppressed_addresses(session: Session, rows: Sequence[Row[Any]]) -> set[tuple[str, str]]:
+def suppressed_addresses(session: Session, rows: Sequence[Any]) -> set[tuple[str, str]]:
     emails = [row.email for row in rows if row.email]
     phones = [row.phone for row in rows if row.phone]
     found: set[tuple[str, str]] = set()
@@ -129,7 +255,7 @@ def attribute_value(value: Any, kind: FactType) -> Any:
 
 
 def build_facts(
-    row: Row[Any] | Customer,
+    row: Any,
     catalog: FactCatalog,
     now: datetime,
     *,
@@ -137,43 +263,82 @@ def build_facts(
     suppressed: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
     event: Event | None = None,
 ) -> dict[str, Any]:
-    """Every catalog fact for one customer at ``now`` (and for ``event`` when given)."""
-    has_email = bool(row.email) and ("email", row.email) not in suppressed
-    has_phone = bool(row.phone) and ("sms", row.phone) not in suppressed
-    facts: dict[str, Any] = {
-        "days_since_signup": whole_days_between(row.signed_up_at, now),
-        "days_since_last_activity": whole_days_between(
-            row.last_activity_at or row.signed_up_at, now
-        ),
-        "orders_count": _whole(row.orders_count),
-        "total_spend_cents": _whole(row.total_spend_cents),
-        "last_order_days_ago": (
-            whole_days_between(row.last_order_at, now) if row.last_order_at is not None else None
-        ),
-        "nps_score": row.nps_score,
-        "open_complaints": open_complaints,
-        "email_opt_in": bool(row.email_opt_in),
-        "sms_opt_in": bool(row.sms_opt_in),
-        "has_email": has_email,
-        "has_phone": has_phone,
-        "locale": row.locale,
-        "timezone": row.timezone,
-        "event": None,
-        "event_days_ago": None,
-    }
-    attributes = row.attributes or {}
-    for spec in catalog.attributes():
-        facts[spec.name] = attribute_value(attributes.get(spec.name), spec.type)
-    event_specs = catalog.event_properties()
-    for spec in event_specs:
-        facts[spec.name] = None
-    if event is not None:
+    """Every catalog fact for one customer at ``now`` (and for ``event`` when given).
+
+    ``row`` is anything with the customer's columns as attributes (a ``CustomerRow``, a
+    row of ``customer_rows``, a ``Customer``)."""
+    shape = _FactShape.of(catalog)
+    return shape.facts(row, now, open_complaints, suppressed, event)
+
+
+@dataclass(frozen=True)
+class _FactShape:
+    """The catalog's attributes and event properties, looked up once per batch."""
+
+    attributes: tuple[tuple[str, FactType], ...]
+    properties: tuple[tuple[str, str, FactType], ...]  # (fact name, property, type)
+
+    @classmethod
+    def of(cls, catalog: FactCatalog) -> _FactShape:
+        return cls(
+            tuple((s.name, s.type) for s in catalog.attributes()),
+            tuple(
+                (s.name, s.name.removeprefix(EVENT_PROPERTY_PREFIX), s.type)
+                for s in catalog.event_properties()
+            ),
+        )
+
+    def row_facts(self, row: CustomerRow, now: datetime, event: Event | None) -> dict[str, Any]:
+        suppressed: set[tuple[str, str]] = set()
+        if row.email_suppressed and row.email:
+            suppressed.add(("email", row.email))
+        if row.phone_suppressed and row.phone:
+            suppressed.add(("sms", row.phone))
+        return self.facts(row, now, row.open_complaints, suppressed, event)
+
+    def facts(
+        self,
+        row: Any,
+        now: datetime,
+        open_complaints: int,
+        suppressed: set[tuple[str, str]] | frozenset[tuple[str, str]],
+        event: Event | None,
+    ) -> dict[str, Any]:
+        email, phone = row.email, row.phone
+        signed_up = row.signed_up_at
+        last_order = row.last_order_at
+        facts: dict[str, Any] = {
+            "days_since_signup": whole_days_between(signed_up, now),
+            "days_since_last_activity": whole_days_between(row.last_activity_at or signed_up, now),
+            "orders_count": _whole(row.orders_count),
+            "total_spend_cents": _whole(row.total_spend_cents),
+            "last_order_days_ago": (
+                whole_days_between(last_order, now) if last_order is not None else None
+            ),
+            "nps_score": row.nps_score,
+            "open_complaints": open_complaints,
+            "email_opt_in": bool(row.email_opt_in),
+            "sms_opt_in": bool(row.sms_opt_in),
+            "has_email": bool(email) and ("email", email) not in suppressed,
+            "has_phone": bool(phone) and ("sms", phone) not in suppressed,
+            "locale": row.locale,
+            "timezone": row.timezone,
+            "event": None,
+            "event_days_ago": None,
+        }
+        attributes = row.attributes or {}
+        for name, kind in self.attributes:
+            facts[name] = attribute_value(attributes.get(name), kind)
+        if event is None:
+            for name, _, _ in self.properties:
+                facts[name] = None
+            return facts
         facts["event"] = event.type
         facts["event_days_ago"] = whole_days_between(event.occurred_at, now)
-        for spec in event_specs:
-            prop = spec.name.removeprefix(EVENT_PROPERTY_PREFIX)
-            facts[spec.name] = attribute_value(event.properties.get(prop), spec.type)
-    return facts
+        properties = event.properties
+        for name, prop, kind in self.properties:
+            facts[name] = attribute_value(properties.get(prop), kind)
+        return facts
 
 
 def subjects_for(
@@ -186,32 +351,57 @@ def subjects_for(
     include_sweep: bool = True,
 ) -> list[Subject]:
     """Subjects for a batch: one per customer (a sweep) plus one per pending event."""
-    rows = customer_rows(session, ids)
-    complaints = open_complaint_counts(session, ids)
-    suppressed = suppressed_addresses(session, rows)
-    by_id = {row.id: row for row in rows}
+    rows = read_customers(session, ids=ids)
+    return _subjects(session, rows, catalog, now, events, include_sweep)
+
+
+def subjects_in_range(
+    session: Session,
+    catalog: FactCatalog,
+    now: datetime,
+    *,
+    after: str | None,
+    upto: str | None,
+    with_events: bool = True,
+) -> list[Subject]:
+    """Subjects for every customer with an id in (``after``, ``upto``], and for their
+    pending events (``with_events``): a shard of a sweep."""
+    rows = read_customers(session, after=after, upto=upto)
+    events = pending_events_in_range(session, after, upto) if with_events else []
+    return _subjects(session, rows, catalog, now, events, True)
+
+
+def _subjects(
+    session: Session,
+    rows: Sequence[CustomerRow],
+    catalog: FactCatalog,
+    now: datetime,
+    events: Sequence[Event],
+    include_sweep: bool,
+) -> list[Subject]:
+    shape = _FactShape.of(catalog)
     subjects: list[Subject] = []
-    row: Row[Any] | None
     if include_sweep:
         for row in rows:
-            facts = build_facts(
-                row, catalog, now, open_complaints=complaints.get(row.id, 0), suppressed=suppressed
-            )
-            subjects.append(Subject(row.id, facts))
+            subjects.append(Subject(row.id, shape.row_facts(row, now, None)))
+    by_id = {row.id: row for row in rows}
     for event in events:
-        row = by_id.get(event.customer_id)
-        if row is None:
+        found = by_id.get(event.customer_id)
+        if found is None:
             continue
-        facts = build_facts(
-            row,
-            catalog,
-            now,
-            open_complaints=complaints.get(row.id, 0),
-            suppressed=suppressed,
-            event=event,
-        )
-        subjects.append(Subject(row.id, facts, event.id, event.type))
+        facts = shape.row_facts(found, now, event)
+        subjects.append(Subject(found.id, facts, event.id, event.type, event.occurred_at))
     return subjects
+
+
+def pending_events_in_range(session: Session, after: str | None, upto: str | None) -> list[Event]:
+    """Events not yet evaluated of customers with ids in (``after``, ``upto``], oldest first."""
+    statement = select(Event).where(col(Event.evaluated_at).is_(None))
+    if after is not None:
+        statement = statement.where(col(Event.customer_id) > after)
+    if upto is not None:
+        statement = statement.where(col(Event.customer_id) <= upto)
+    return list(session.scalars(statement.order_by(col(Event.occurred_at), col(Event.id))))
 
 
 def pending_events(
