@@ -90,8 +90,8 @@ class LifecycleScheduler:
         log.info(
             "evaluate: %d customers, %d enrolled, %d queued",
             report.customers,
-            sum(report.journeys.enrolled.values()),
-            sum(report.journeys.queued.values()),
+            report.journeys.total("enrolled"),
+            report.journeys.total("queued"),
         )
 
     def full_sweep(self) -> None:

@@ -43,9 +43,10 @@ def tick(
     sent = dispatch_tick(application, moment, rules=rules)
     j = report.journeys
     out.print(
-        f"evaluated {report.customers} customers: {sum(j.enrolled.values())} enrolled, "
-        f"{sum(j.queued.values())} queued, {sum(j.deferred.values())} deferred, "
-        f"{sum(j.skipped.values())} skipped, {sum(j.exited.values())} exited on goal; "
+        f"evaluated {report.customers} customers: {j.total('enrolled')} enrolled, "
+        f"{j.total('queued')} queued, {j.total('deferred')} deferred, "
+        f"{j.total('skipped')} skipped, {j.total('converted')} reached their goal, "
+        f"{j.total('exited')} no longer eligible; "
         f"{notified} SLA notifications; dispatched {sent.total_sent} "
         f"({sent.retried} to retry, {sent.failed} failed) in {time.perf_counter() - started:.2f}s",
         markup=False,

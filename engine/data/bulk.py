@@ -26,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Connection, Table
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlmodel.sql.sqltypes import UTCDateTime
 
 
@@ -102,9 +103,15 @@ class BulkInsert:
             connection.exec_driver_sql(self.statement, encoded)  # type: ignore[arg-type]
             return len(encoded)
         driver: Any = connection.connection.dbapi_connection  # a psycopg Connection
-        with driver.cursor() as cursor, cursor.copy(self.statement) as copy:
-            for row in encoded:
-                copy.write_row(row)
+        dbapi: Any = connection.dialect.dbapi
+        try:
+            with driver.cursor() as cursor, cursor.copy(self.statement) as copy:
+                for row in encoded:
+                    copy.write_row(row)
+        except dbapi.Error as exc:
+            # COPY bypasses SQLAlchemy: raise what it would (IntegrityError on a unique
+            # key, OperationalError on a deadlock...), so callers handle both paths alike.
+            raise DBAPIError.instance(self.statement, None, exc, dbapi.Error) from exc
         return len(encoded)
 
 

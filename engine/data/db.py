@@ -46,8 +46,9 @@ def make_engine(url: str) -> Engine:
             # A transaction that reads and then writes must take the write lock up front
             # (BEGIN IMMEDIATE): upgrading a read snapshot to a write fails at once with
             # "database is locked" when another writer committed in between, whatever
-            # the busy timeout. Writers ask for it with the execution option below.
-            mode = connection.get_execution_options().get(SQLITE_BEGIN, "DEFERRED")
+            # the busy timeout. So every transaction does, unless it says it only reads
+            # (engine.data.uow.reading sets the execution option below to DEFERRED).
+            mode = connection.get_execution_options().get(SQLITE_BEGIN, "IMMEDIATE")
             connection.exec_driver_sql(f"BEGIN {mode}")
 
         return engine

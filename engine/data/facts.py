@@ -19,6 +19,7 @@ from sqlmodel import Session, col
 
 from engine.clock import epoch_days, whole_days_between
 from engine.data.models import Customer, Escalation, EscalationStatus, Event, Suppression
+from engine.evaluation.model import Subject
 from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
 from engine.language.conditions import MAX_INT
 
@@ -39,21 +40,6 @@ CUSTOMER_COLUMNS = (
     col(Customer.last_activity_at),
     col(Customer.nps_score),
 )
-
-
-@dataclass(frozen=True)
-class Subject:
-    """One thing to evaluate: a customer's facts, and the event that triggered it if any."""
-
-    customer_id: str
-    facts: dict[str, Any]
-    event_id: str | None = None
-    event_type: str | None = None
-    occurred_at: datetime | None = None  # of the event
-
-    @property
-    def key(self) -> str:
-        return f"{self.customer_id}|{self.event_id}" if self.event_id else self.customer_id
 
 
 def customer_rows(session: Session, ids: Sequence[str]) -> list[Row[Any]]:

@@ -13,41 +13,31 @@ from one indexed query instead of an aggregate over the whole events table.
 from __future__ import annotations
 
 from datetime import datetime
-from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Column, Index, String, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
-# Statuses are stored as their plain text values (VARCHAR, not a database enum), so raw SQL,
-# reports and later additions need no type migration.
+from engine.statuses import EnrollmentStatus, EscalationStatus, MessageStatus
 
+__all__ = [
+    "Customer",
+    "Decision",
+    "EngineState",
+    "Enrollment",
+    "EnrollmentStatus",
+    "Escalation",
+    "EscalationNote",
+    "EscalationStatus",
+    "Event",
+    "Message",
+    "MessageStatus",
+    "Suppression",
+    "WebhookReceipt",
+]
 
-class EnrollmentStatus(StrEnum):
-    ACTIVE = "active"  # waiting for its next step
-    COMPLETED = "completed"  # every step done
-    EXITED = "exited"  # goal reached: pending steps cancelled
-    CANCELLED = "cancelled"  # consent withdrawn or the playbook was removed
-
-
-class MessageStatus(StrEnum):
-    QUEUED = "queued"  # due at due_at, waiting for a dispatcher
-    SENDING = (
-        "sending"  # claimed by a dispatcher; see engine.delivery.dispatch for the recovery rule
-    )
-    SENT = "sent"  # the provider accepted it
-    DELIVERED = "delivered"
-    FAILED = "failed"  # permanent error, or retries used up
-    BOUNCED = "bounced"
-    CANCELLED = "cancelled"  # journey exited, consent withdrawn before sending
-    AMBIGUOUS = "ambiguous"  # a dispatcher died after the provider may have accepted it
-
-
-class EscalationStatus(StrEnum):
-    OPEN = "open"
-    ACKNOWLEDGED = "acknowledged"
-    RESOLVED = "resolved"
-    REOPENED = "reopened"
+# Statuses (engine.statuses) are stored as their plain text values (VARCHAR, not a
+# database enum), so raw SQL, reports and later additions need no type migration.
 
 
 class Customer(SQLModel, table=True):
@@ -82,7 +72,17 @@ class Customer(SQLModel, table=True):
 
 class Event(SQLModel, table=True):
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_customer_occurred", "customer_id", "occurred_at"),)
+    __table_args__ = (
+        Index("ix_events_customer_occurred", "customer_id", "occurred_at"),
+        # The events still to evaluate, by customer: a sweep reads them shard by shard.
+        Index(
+            "ix_events_pending",
+            "customer_id",
+            "occurred_at",
+            sqlite_where=text("evaluated_at IS NULL"),
+            postgresql_where=text("evaluated_at IS NULL"),
+        ),
+    )
 
     id: str = Field(primary_key=True, max_length=128)  # the sender's id: ingestion is idempotent
     customer_id: str = Field(foreign_key="customers.id", max_length=64)
@@ -90,7 +90,7 @@ class Event(SQLModel, table=True):
     properties: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     occurred_at: datetime
     received_at: datetime
-    evaluated_at: datetime | None = Field(default=None, index=True)  # None: not yet evaluated
+    evaluated_at: datetime | None = None  # None: not yet evaluated
 
 
 class Enrollment(SQLModel, table=True):
@@ -112,8 +112,16 @@ class Enrollment(SQLModel, table=True):
     status: EnrollmentStatus = Field(default=EnrollmentStatus.ACTIVE, sa_type=String(16))
     active_key: str | None = Field(default=None, max_length=140)
     entry_number: int = 1
-    next_step: int = 0  # index into the playbook's steps
+    # The id of the step to run next (of the rules in force when it runs); None once every
+    # step has run, while the journey waits for its last message's due time to complete.
+    step_id: str | None = Field(default=None, max_length=64)
     next_due_at: datetime | None = None
+    # Bumped by every change: a writer moves the row only from the version it read, so an
+    # evaluator that lost a race to another changes nothing.
+    version: int = 0
+    # Messages this enrollment queued (one that queued none and was left starts no re-entry
+    # cooldown: engine.journeys.plan, "Re-entry").
+    queued_count: int = 0
     rules_version: str = Field(max_length=64)
     trigger_event_id: str | None = Field(default=None, max_length=128)
     # Why the next step is being held back (complaint pause, frequency cap...), so a
@@ -138,7 +146,8 @@ class Message(SQLModel, table=True):
     )
 
     id: str = Field(primary_key=True, max_length=36)
-    dedupe_key: str = Field(max_length=200)  # "enrollment:<id>:<step>" or "case:<id>:<what>"
+    # "journey:<customer>:<playbook>:<entry>:<step>" or "case:...": see engine.journeys.plan
+    dedupe_key: str = Field(max_length=200)
     customer_id: str | None = Field(default=None, max_length=64)
     enrollment_id: int | None = Field(default=None, foreign_key="enrollments.id")
     escalation_id: int | None = Field(default=None)

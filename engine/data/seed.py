@@ -50,7 +50,7 @@ from sqlmodel import col
 
 from engine.clock import as_utc
 from engine.data.bulk import BulkInsert
-from engine.data.db import SQLITE_BEGIN, make_engine
+from engine.data.db import make_engine
 from engine.data.ingest import Rollups, apply_rollups
 from engine.data.models import Customer, Event
 
@@ -244,15 +244,13 @@ def seed_batch(engine: Engine, first: int, count: int, now: datetime, seed: int)
     insert_events = BulkInsert(EVENTS, EVENT_COLUMNS, dialect)
     encoded_customers = insert_customers.encode(customers)
     encoded_events = insert_events.encode(events)
-    with engine.connect() as connection:
-        connection = connection.execution_options(**{SQLITE_BEGIN: "IMMEDIATE"})
-        with connection.begin():
-            if dialect == "sqlite":
-                # The event indexes are written in timestamp order, not key order, and
-                # the default 2 MB page cache thrashes on them.
-                connection.exec_driver_sql("PRAGMA cache_size=-131072")  # 128 MB
-            insert_customers.write(connection, encoded_customers)
-            insert_events.write(connection, encoded_events)
+    with engine.begin() as connection:
+        if dialect == "sqlite":
+            # The event indexes are written in timestamp order, not key order, and the
+            # default 2 MB page cache thrashes on them.
+            connection.exec_driver_sql("PRAGMA cache_size=-131072")  # 128 MB
+        insert_customers.write(connection, encoded_customers)
+        insert_events.write(connection, encoded_events)
     return _Batch(
         count, len(events), kinds, pending, customer_id(first), customer_id(first + count - 1)
     )

@@ -44,4 +44,6 @@ def reading(db: Engine) -> Iterator[Session]:
     block rolls back whatever it did. (Objects stay readable after the block: closing,
     unlike an explicit rollback, does not expire them.)"""
     with Session(db, expire_on_commit=False) as session:
+        # On SQLite, a reader takes no lock: writers go on while it reads its snapshot.
+        session.connection(execution_options={SQLITE_BEGIN: "DEFERRED"})
         yield session

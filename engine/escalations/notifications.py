@@ -1,8 +1,9 @@
 """Staff notifications about escalation cases, queued in the outbox like any message.
 
-A new case notifies the on-duty lead of tier 1; an SLA breach notifies the on-duty lead
-one tier above the highest tier notified so far, exactly once per breach: the outbox's
-unique ``dedupe_key`` (``case:<id>:<what>:<tier>:<channel>``) makes a repeat impossible.
+A new case notifies the on-duty lead of tier 1 (decided by the journey planner, with the
+case's other effects); an SLA breach notifies the on-duty lead one tier above the highest
+tier notified so far, exactly once per breach: the outbox's unique ``dedupe_key``
+(``case:<id>:breached:<tier>:<channel>``) makes a repeat impossible.
 """
 
 from __future__ import annotations
@@ -64,16 +65,6 @@ def _queue_for_lead(
         except IntegrityError:
             nested.rollback()  # already notified for this case, tier and channel
     return queued
-
-
-def notify_new_case(
-    session: Session, rules: RuleSet, case: Escalation, now: datetime
-) -> list[Message]:
-    lead = rules.roster.on_duty(1)
-    if lead is None:
-        return []
-    case.notified_tier = max(case.notified_tier, lead.tier)
-    return _queue_for_lead(session, case, lead, "opened", lead.tier, now)
 
 
 def check_sla(session: Session, rules: RuleSet, now: datetime) -> list[Message]:

@@ -13,44 +13,12 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 
-from engine.data.facts import Subject, iter_customer_id_batches, pending_events, subjects_for
+from engine.data.facts import iter_customer_id_batches, pending_events, subjects_for
 from engine.data.uow import reading
 from engine.evaluation.evaluators import make_evaluator
+from engine.evaluation.model import Evaluation, Subject
 from engine.evaluation.workers import evaluate_in_workers
-from engine.playbooks.model import RuleSet, enter_rule, exit_rule, step_rule
-
-
-@dataclass(frozen=True)
-class PlaybookMatch:
-    """What one subject matched in one playbook."""
-
-    playbook: str
-    entered: bool  # the enter condition (with its event trigger) holds
-    exited: bool  # the exit goal holds
-    steps: tuple[str, ...]  # steps whose own condition holds (steps without one always do)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    subject: Subject
-    fired: frozenset[str]
-
-    def match(self, rules: RuleSet, playbook_id: str) -> PlaybookMatch:
-        playbook = rules.playbooks[playbook_id]
-        steps = tuple(
-            s.id
-            for s in playbook.steps
-            if s.when is None or step_rule(playbook.id, s.id) in self.fired
-        )
-        return PlaybookMatch(
-            playbook=playbook.id,
-            entered=enter_rule(playbook.id) in self.fired,
-            exited=exit_rule(playbook.id) in self.fired,
-            steps=steps,
-        )
-
-    def entered(self, rules: RuleSet) -> list[PlaybookMatch]:
-        return [m for m in (self.match(rules, p) for p in rules.playbooks) if m.entered]
+from engine.playbooks.model import RuleSet
 
 
 def evaluate_batches(

@@ -7,7 +7,7 @@ facts, the customer's recent messages and the time.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -44,7 +44,7 @@ class Proposal:
     priority: int
 
 
-def consent(proposal: Proposal, facts: dict[str, object]) -> Skip | None:
+def consent(proposal: Proposal, facts: Mapping[str, object]) -> Skip | None:
     """Email needs an unrevoked opt-in (for marketing) and an unsuppressed address; SMS
     needs an explicit opt-in with no STOP since, and an unsuppressed number."""
     if proposal.channel == "email":
@@ -60,7 +60,7 @@ def consent(proposal: Proposal, facts: dict[str, object]) -> Skip | None:
     return None
 
 
-def complaint_pause(proposal: Proposal, facts: dict[str, object], now: datetime) -> Defer | None:
+def complaint_pause(proposal: Proposal, facts: Mapping[str, object], now: datetime) -> Defer | None:
     """No marketing while a complaint case is open; the step waits for its resolution."""
     open_cases = facts.get("open_complaints") or 0
     if proposal.marketing and isinstance(open_cases, int) and open_cases > 0:

@@ -372,6 +372,9 @@ def _compile_playbook(
     exit_condition = (
         checker.compile(("exit", "when"), spec.exit.when, allow_event=False) if spec.exit else None
     )
+    goal = (
+        checker.compile(("goal", "when"), spec.goal.when, allow_event=False) if spec.goal else None
+    )
     reentry: timedelta | None = None
     if spec.reentry != "never":
         text = (
@@ -414,6 +417,7 @@ def _compile_playbook(
         enter=enter,
         reentry=reentry,
         exit=exit_condition,
+        goal=goal,
         when_capped=spec.when_capped,
         quiet_hours=quiet,
         sms_opt_out_hint=spec.sms_opt_out_hint,

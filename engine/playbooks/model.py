@@ -2,7 +2,8 @@
 
 Every object here is valid by construction (``engine.playbooks.loader`` builds them only
 from files that passed every check) and immutable. Rule ids (``<playbook>.enter``,
-``<playbook>.exit``, ``<playbook>.step.<id>``) name the conditions the evaluators decide.
+``<playbook>.exit``, ``<playbook>.goal``, ``<playbook>.step.<id>``) name the conditions the
+evaluators decide.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ class Playbook:
     enter_on: str | None
     enter: Condition  # includes the event trigger: event == "<on>" and (<when>)
     reentry: timedelta | None  # None: never re-enter
-    exit: Condition | None
+    exit: Condition | None  # no longer eligible: the journey ends, queued messages cancelled
+    goal: Condition | None  # reached: the journey ends as converted, queued messages cancelled
     when_capped: str
     quiet_hours: dict[str, QuietHours | None]  # per-channel overrides of the policies
     sms_opt_out_hint: str | None
@@ -113,8 +115,15 @@ class Playbook:
     def marketing(self) -> bool:
         return self.kind == "marketing"
 
-    def step_index(self, step_id: str) -> int:
-        return next(i for i, s in enumerate(self.steps) if s.id == step_id)
+    def step(self, step_id: str) -> Step | None:
+        """The step with this id, or None when the playbook has none (any more)."""
+        return next((s for s in self.steps if s.id == step_id), None)
+
+    def step_after(self, step_id: str) -> Step | None:
+        """The step that follows ``step_id``, or None after the last one."""
+        ids = [s.id for s in self.steps]
+        index = ids.index(step_id) + 1
+        return self.steps[index] if index < len(self.steps) else None
 
 
 def enter_rule(playbook: str) -> str:
@@ -123,6 +132,10 @@ def enter_rule(playbook: str) -> str:
 
 def exit_rule(playbook: str) -> str:
     return f"{playbook}.exit"
+
+
+def goal_rule(playbook: str) -> str:
+    return f"{playbook}.goal"
 
 
 def step_rule(playbook: str, step: str) -> str:
@@ -142,12 +155,14 @@ class RuleSet:
     files: dict[str, str] = field(default_factory=dict)  # playbook id -> file text
 
     def conditions(self) -> dict[str, Condition]:
-        """Every condition to evaluate, by rule id (enter, exit and each step's when)."""
+        """Every condition to evaluate, by rule id (enter, exit, goal, each step's when)."""
         rules: dict[str, Condition] = {}
         for pb in self.playbooks.values():
             rules[enter_rule(pb.id)] = pb.enter
             if pb.exit is not None:
                 rules[exit_rule(pb.id)] = pb.exit
+            if pb.goal is not None:
+                rules[goal_rule(pb.id)] = pb.goal
             for step in pb.steps:
                 if step.when is not None:
                     rules[step_rule(pb.id, step.id)] = step.when

@@ -45,6 +45,10 @@ class ExitSpec(_Strict):
     when: str
 
 
+class GoalSpec(_Strict):
+    when: str
+
+
 class PlaybookSpec(_Strict):
     playbook: str
     stage: str
@@ -54,6 +58,7 @@ class PlaybookSpec(_Strict):
     enter: EnterSpec
     reentry: str = "never"
     exit: ExitSpec | None = None
+    goal: GoalSpec | None = None
     when_capped: Literal["defer", "drop"] = "defer"
     quiet_hours: dict[str, str | None] = {}
     sms_opt_out_hint: str | None = None

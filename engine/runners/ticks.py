@@ -24,7 +24,9 @@ from engine.data.uow import reading, unit_of_work
 from engine.delivery.dispatch import DispatchConfig, Dispatcher, DispatchReport
 from engine.escalations.notifications import check_sla
 from engine.evaluation.runs import evaluate_batches, subject_batches
-from engine.journeys.apply import BatchReport, apply_batch, due_customer_ids
+from engine.journeys.plan import JourneyReport
+from engine.journeys.run import advance_journeys
+from engine.journeys.store import due_customer_ids
 from engine.playbooks.model import RuleSet
 
 OVERLAP = timedelta(minutes=5)
@@ -36,7 +38,7 @@ IN_PROCESS_BELOW = 50_000  # fewer customers: evaluating in-process beats starti
 class TickReport:
     started_at: datetime
     customers: int = 0
-    journeys: BatchReport = field(default_factory=BatchReport)
+    journeys: JourneyReport = field(default_factory=JourneyReport)
     full: bool = False
 
 
@@ -85,8 +87,7 @@ def evaluation_tick(
     for evaluations in evaluate_batches(
         rules, batches, workers=workers, engine=app.settings.engine
     ):
-        with unit_of_work(app.db) as session:
-            report.journeys.merge(apply_batch(session, rules, evaluations, now))
+        report.journeys.merge(advance_journeys(app.db, rules, evaluations, now))
     report.customers = report.journeys.customers
     _advance_watermark(app, now)
     return report

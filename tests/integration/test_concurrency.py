@@ -33,9 +33,7 @@ def _evaluate(
     app = bootstrap(settings, channels={}, migrate=False)
     barrier.wait()
     report = evaluation_tick(app, datetime.fromisoformat(now_iso), full=True, workers=0)
-    results.put(
-        (report.customers, sum(report.journeys.queued.values()), report.journeys.lost_races)
-    )
+    results.put((report.customers, report.journeys.total("queued"), report.journeys.lost_races))
 
 
 @pytest.mark.postgres

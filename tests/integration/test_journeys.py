@@ -150,9 +150,9 @@ def test_an_order_on_day_one_stops_the_welcome_series(app: App) -> None:
     add_event(app, "bo", "order_placed", START + timedelta(days=1, hours=1), amount_cents=4200)
     run_hours(app, START + timedelta(days=1, hours=1), 24 * 6)
     assert [s for s, _, _ in sent(app, "bo")] == ["welcome"]
-    (exited,) = decisions(app, "bo", "exited")
-    assert exited.reason == "goal reached: orders_count >= 1"
-    assert exited.facts["orders_count"] == 1
+    (converted,) = decisions(app, "bo", "converted")
+    assert converted.reason == "goal reached: orders_count >= 1"
+    assert converted.facts["orders_count"] == 1
 
 
 def test_re_engagement_is_not_reentered_inside_its_cooldown(app: App) -> None:
@@ -163,7 +163,7 @@ def test_re_engagement_is_not_reentered_inside_its_cooldown(app: App) -> None:
     assert len(decisions(app, "cy", "enrolled")) == 1
     add_event(app, "cy", "site_visit", START + timedelta(days=1))  # back: goal reached
     tick(app, START + timedelta(days=1, hours=1))
-    assert len(decisions(app, "cy", "exited")) == 1
+    assert len(decisions(app, "cy", "converted")) == 1
     # Quiet again for 40 days: eligible by condition, but inside the 90-day cooldown.
     tick(app, START + timedelta(days=41, hours=2), full=True)
     tick(app, START + timedelta(days=60), full=True)

@@ -10,7 +10,7 @@ import pytest
 
 from engine.errors import RulesInvalid
 from engine.playbooks.loader import load_rules
-from engine.playbooks.model import enter_rule, exit_rule, step_rule
+from engine.playbooks.model import enter_rule, exit_rule, goal_rule, step_rule
 from tests.support.paths import FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +34,8 @@ def test_shipped_rules_load(rules_dir: Path) -> None:
     assert welcome.enter.source == 'event == "signed_up" and (email_opt_in)'
     conditions = rules.conditions()
     assert enter_rule("welcome_series") in conditions
-    assert exit_rule("welcome_series") in conditions
+    assert goal_rule("welcome_series") in conditions
+    assert exit_rule("referral_ask") in conditions
     assert step_rule("welcome_series", "first_order_offer") in conditions
     assert len(rules.version) == 12
     assert rules.roster.on_duty(1) is not None and rules.roster.on_duty(1).name == "Priya Shah"

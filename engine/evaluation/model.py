@@ -1,0 +1,63 @@
+"""What evaluation takes and gives, as plain data: subjects in, the rules that hold out.
+
+No I/O here: the facts builder (engine.data.facts) makes subjects, the evaluators decide
+which rules fire, and the journey planner reads evaluations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from engine.playbooks.model import RuleSet, enter_rule, exit_rule, goal_rule, step_rule
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One thing to evaluate: a customer's facts, and the event that triggered it if any."""
+
+    customer_id: str
+    facts: dict[str, Any]
+    event_id: str | None = None
+    event_type: str | None = None
+    occurred_at: datetime | None = None  # of the event
+
+    @property
+    def key(self) -> str:
+        return f"{self.customer_id}|{self.event_id}" if self.event_id else self.customer_id
+
+
+@dataclass(frozen=True)
+class PlaybookMatch:
+    """What one subject matched in one playbook."""
+
+    playbook: str
+    entered: bool  # the enter condition (with its event trigger) holds
+    exited: bool  # the exit condition holds: no longer eligible
+    goal: bool  # the goal holds
+    steps: tuple[str, ...]  # steps whose own condition holds (steps without one always do)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    subject: Subject
+    fired: frozenset[str]
+
+    def match(self, rules: RuleSet, playbook_id: str) -> PlaybookMatch:
+        playbook = rules.playbooks[playbook_id]
+        steps = tuple(
+            s.id
+            for s in playbook.steps
+            if s.when is None or step_rule(playbook.id, s.id) in self.fired
+        )
+        return PlaybookMatch(
+            playbook=playbook.id,
+            entered=enter_rule(playbook.id) in self.fired,
+            exited=exit_rule(playbook.id) in self.fired,
+            goal=goal_rule(playbook.id) in self.fired,
+            steps=steps,
+        )
+
+    def entered(self, rules: RuleSet) -> list[PlaybookMatch]:
+        return [m for m in (self.match(rules, p) for p in rules.playbooks) if m.entered]

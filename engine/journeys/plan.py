@@ -1,0 +1,790 @@
+"""The journey planner: evaluations and a snapshot of journey state in, effects out.
+
+``plan(snapshot, evaluations, rules, now) -> Plan`` decides every rule of a journey and
+does nothing else: no database, no clock, no randomness (message ids are derived from
+their dedupe keys), so every rule is a unit test of plain data. engine.journeys.store
+loads the snapshot and writes the plan.
+
+Per customer, in this order (the batch's events first, in the order they happened, so a
+complaint that arrives with an entry pauses it):
+
+1. each pending event: playbooks entered on that event type whose enter rule holds are
+   entered (re-entry permitting) and their due steps run at once with the event's facts;
+2. the sweep: playbooks without an event trigger whose enter rule holds are entered;
+3. each active journey, by playbook priority (a frequency cap lets the lower number go
+   first): its playbook or step removed → cancelled; goal reached → converted; exit
+   condition holds → exited (no longer eligible); otherwise its due steps run.
+
+A step either is skipped (its ``when`` is false, or consent is missing: the journey goes
+on), held (an open complaint case pauses marketing; a frequency cap defers it; the step
+stays due), dropped (a cap with ``when_capped: drop``: the journey ends, so no later step
+follows up on a message that was never sent), or done (an escalation, a message queued,
+deferred to the next allowed minute by quiet hours). After the last step the journey
+completes when its last message is due, not before: until then it can still convert or
+exit, which cancels that message.
+
+Re-entry: a playbook is entered again only after its ``reentry`` cooldown, counted from
+the latest entry that counts: one that queued a message, ran to completion, or had its
+message dropped by a cap. An entry that ended before queueing anything because the
+customer left (exited, converted) or the rules changed (cancelled) starts no cooldown:
+a referral ask paused by a complaint and then left is asked again once the case is
+resolved.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any
+
+from engine.evaluation.model import Evaluation
+from engine.journeys.effects import (
+    CancelQueued,
+    CaseNote,
+    ClaimEvents,
+    CustomerPlan,
+    CustomerSnapshot,
+    Decide,
+    Effect,
+    Enroll,
+    Entries,
+    JoinCase,
+    Journey,
+    JourneyState,
+    Move,
+    OpenCaseEffect,
+    Plan,
+    Queue,
+    Ref,
+    TouchCustomer,
+)
+from engine.journeys.policies import (
+    Proposal,
+    Skip,
+    complaint_pause,
+    consent,
+    frequency_caps,
+    quiet_hours,
+)
+from engine.language import conditions
+from engine.playbooks.model import (
+    Playbook,
+    RuleSet,
+    Step,
+    enter_rule,
+    exit_rule,
+    goal_rule,
+    step_rule,
+)
+from engine.statuses import EnrollmentStatus
+
+__all__ = ["has_work", "message_id_for", "plan"]
+
+# Message ids are derived from the dedupe key: the same step of the same enrollment gets
+# the same id in every process, so even the primary key refuses a second copy.
+_MESSAGE_NAMESPACE = uuid.UUID("6f4c1a52-54d1-4f0e-9a4c-6b1f3c0e9d27")
+PRIORITY_ORDER = {"urgent": 0, "high": 1, "normal": 2, "low": 3}
+# Endings that start a re-entry cooldown even when nothing was queued (module docstring).
+COOLDOWN_ENDINGS = (EnrollmentStatus.COMPLETED, EnrollmentStatus.DROPPED)
+REMOVED_PLAYBOOK_PRIORITY = 10**6
+
+
+def message_id_for(dedupe_key: str) -> str:
+    return str(uuid.uuid5(_MESSAGE_NAMESPACE, dedupe_key))
+
+
+def journey_dedupe_key(customer_id: str, playbook: str, entry_number: int, step_id: str) -> str:
+    return f"journey:{customer_id}:{playbook}:{entry_number}:{step_id}"
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def plan(
+    snapshot: Mapping[str, CustomerSnapshot],
+    evaluations: Sequence[Evaluation],
+    rules: RuleSet,
+    now: datetime,
+) -> Plan:
+    """Decide everything for the customers of ``evaluations``; see the module docstring."""
+    customers = []
+    for customer_id, (sweep, events) in _by_customer(evaluations).items():
+        known = snapshot.get(customer_id) or CustomerSnapshot(customer_id)
+        planner = _CustomerPlanner(known, rules, now, sweep)
+        planner.run(events)
+        customers.append(planner.result())
+    return Plan(tuple(customers))
+
+
+def has_work(
+    snapshot: CustomerSnapshot,
+    evaluations: Sequence[Evaluation],
+    rules: RuleSet,
+    now: datetime,
+) -> bool:
+    """Whether planning the customer can change anything (most of a sweep cannot): the
+    store loads the rest of the snapshot only for those that can."""
+    sweep = next((e for e in evaluations if e.subject.event_id is None), None)
+    if len(evaluations) > (1 if sweep is not None else 0):
+        return True  # pending events are consumed, whatever they lead to
+    for playbook_id, journey in snapshot.active.items():
+        playbook = rules.playbooks.get(playbook_id)
+        if playbook is None or journey.due_at is None or journey.due_at <= now:
+            return True
+        if journey.step_id is not None and playbook.step(journey.step_id) is None:
+            return True
+        if sweep is not None and (
+            exit_rule(playbook_id) in sweep.fired or goal_rule(playbook_id) in sweep.fired
+        ):
+            return True
+    if sweep is None:
+        return False
+    return any(
+        playbook.enter_on is None
+        and playbook.id not in snapshot.active
+        and enter_rule(playbook.id) in sweep.fired
+        and _may_enter(playbook, snapshot.entries.get(playbook.id), now)
+        and not _ends_at_once(playbook, sweep.fired)
+        for playbook in rules.playbooks.values()
+    )
+
+
+def _by_customer(
+    evaluations: Sequence[Evaluation],
+) -> dict[str, tuple[Evaluation | None, list[Evaluation]]]:
+    grouped: dict[str, tuple[Evaluation | None, list[Evaluation]]] = {}
+    for evaluation in evaluations:
+        customer_id = evaluation.subject.customer_id
+        sweep, events = grouped.get(customer_id, (None, []))
+        if evaluation.subject.event_id is None:
+            sweep = evaluation
+        else:
+            events.append(evaluation)
+        grouped[customer_id] = (sweep, events)
+    for _, events in grouped.values():
+        events.sort(key=_event_order)
+    return grouped
+
+
+def _event_order(evaluation: Evaluation) -> tuple[datetime, str]:
+    subject = evaluation.subject
+    assert subject.occurred_at is not None and subject.event_id is not None
+    return (subject.occurred_at, subject.event_id)
+
+
+def _may_enter(playbook: Playbook, entries: Entries | None, now: datetime) -> bool:
+    """Re-entry: never, or after the cooldown since the latest entry that sent something."""
+    if entries is None or entries.cooldown_from is None:
+        return True
+    return playbook.reentry is not None and now >= entries.cooldown_from + playbook.reentry
+
+
+def _ends_at_once(playbook: Playbook, fired: frozenset[str]) -> bool:
+    """Entering would only end again: the goal is reached, or the customer is not eligible."""
+    return exit_rule(playbook.id) in fired or goal_rule(playbook.id) in fired
+
+
+# ---------------------------------------------------------------- one customer
+
+
+@dataclass
+class _Working:
+    """An enrollment while the plan is being made: the row as read (or new) and where it
+    stands now."""
+
+    playbook: Playbook | None
+    ref: Ref
+    state: JourneyState
+    entry_number: int
+    trigger_event_id: str | None
+    read: Journey | None = None  # None: created by this plan
+    entered_at: datetime | None = None  # new ones only
+
+    @property
+    def active(self) -> bool:
+        return self.state.status is EnrollmentStatus.ACTIVE
+
+    def effect(self, customer_id: str, rules: RuleSet) -> Effect | None:
+        if self.read is None:
+            assert isinstance(self.ref, str) and self.playbook and self.entered_at
+            return Enroll(
+                key=self.ref,
+                customer_id=customer_id,
+                playbook=self.playbook.id,
+                entry_number=self.entry_number,
+                trigger_event_id=self.trigger_event_id,
+                entered_at=self.entered_at,
+                rules_version=rules.version,
+                state=self.state,
+            )
+        read = self.read
+        before = JourneyState(
+            EnrollmentStatus.ACTIVE,
+            read.step_id,
+            read.due_at,
+            read.hold_reason,
+            read.queued_count,
+        )
+        if self.state == before:
+            return None
+        if not self.active:
+            kind = "end"
+        elif self.state.step_id != read.step_id:
+            kind = "advance"
+        else:
+            kind = "hold"
+        return Move(read.id, read.version, kind, self.state)
+
+
+@dataclass
+class _Case:
+    """The customer's open case as the plan goes: read, or opened by this plan."""
+
+    ref: Ref
+    priority: str
+    opened: OpenCaseEffect | None = None  # when opened by this plan
+    raised_to: str | None = None  # a repeat complaint's higher priority
+
+
+class _CustomerPlanner:
+    def __init__(
+        self,
+        snapshot: CustomerSnapshot,
+        rules: RuleSet,
+        now: datetime,
+        sweep: Evaluation | None,
+    ) -> None:
+        self.customer_id = snapshot.customer_id
+        self.rules = rules
+        self.now = now
+        self.sweep = sweep
+        self.entries = dict(snapshot.entries)
+        self.recent = list(snapshot.recent)
+        self.case: _Case | None = (
+            _Case(snapshot.open_case.id, snapshot.open_case.priority)
+            if snapshot.open_case is not None
+            else None
+        )
+        self.journeys: dict[str, _Working] = {
+            playbook_id: self._working(journey) for playbook_id, journey in snapshot.active.items()
+        }
+        self.effects: list[Effect] = []
+        self.tally: list[tuple[str, str, str]] = []
+        self._documents: dict[int, dict[str, Any]] = {}
+
+    def _working(self, journey: Journey) -> _Working:
+        state = JourneyState(
+            EnrollmentStatus.ACTIVE,
+            journey.step_id,
+            journey.due_at,
+            journey.hold_reason,
+            journey.queued_count,
+        )
+        return _Working(
+            playbook=self.rules.playbooks.get(journey.playbook),
+            ref=journey.id,
+            state=state,
+            entry_number=journey.entry_number,
+            trigger_event_id=journey.trigger_event_id,
+            read=journey,
+        )
+
+    # ------------------------------------------------------------ the order of things
+
+    def run(self, events: Sequence[Evaluation]) -> None:
+        claimed = tuple(e.subject.event_id for e in events if e.subject.event_id is not None)
+        if claimed:
+            self.effects.append(ClaimEvents(claimed))
+        for event in events:
+            for playbook in self._by_priority(self.rules.playbooks.values()):
+                if playbook.enter_on == event.subject.event_type and (
+                    enter_rule(playbook.id) in event.fired
+                ):
+                    self._enter(playbook, event)
+        if self.sweep is not None:
+            for playbook in self._by_priority(self.rules.playbooks.values()):
+                if playbook.enter_on is None and enter_rule(playbook.id) in self.sweep.fired:
+                    self._enter(playbook, self.sweep)
+        for working in sorted(self.journeys.values(), key=self._priority_of):
+            if working.active:
+                self._move_on(working)
+
+    def result(self) -> CustomerPlan:
+        effects = list(self.effects)
+        for working in self.journeys.values():
+            effect = working.effect(self.customer_id, self.rules)
+            if effect is not None:
+                effects.append(effect)
+        if self.case is not None:
+            if self.case.opened is not None:
+                opened = self.case.opened
+                priority = self.case.raised_to or opened.priority
+                effects.append(replace(opened, priority=priority))
+            elif self.case.raised_to is not None:
+                assert isinstance(self.case.ref, int)
+                effects.append(JoinCase(self.case.ref, self.case.raised_to))
+        return CustomerPlan(self.customer_id, tuple(effects), tuple(self.tally))
+
+    @staticmethod
+    def _by_priority(playbooks: Any) -> list[Playbook]:
+        return sorted(playbooks, key=lambda p: (p.priority, p.id))
+
+    @staticmethod
+    def _priority_of(working: _Working) -> tuple[int, str]:
+        if working.playbook is None:
+            return (REMOVED_PLAYBOOK_PRIORITY, str(working.ref))
+        return (working.playbook.priority, working.playbook.id)
+
+    # ------------------------------------------------------------ entering
+
+    def _enter(self, playbook: Playbook, evaluation: Evaluation) -> None:
+        current = self.journeys.get(playbook.id)
+        if current is not None and current.active:
+            return  # already on this journey (a repeat complaint is handled by its case)
+        if not _may_enter(playbook, self.entries.get(playbook.id), self.now):
+            return  # inside the re-entry cooldown; `lifecycle explain` shows it
+        sweep_fired = self.sweep.fired if self.sweep is not None else frozenset()
+        if _ends_at_once(playbook, sweep_fired):
+            return
+        previous = self.entries.get(playbook.id)
+        number = (previous.last_number if previous else 0) + 1
+        first = playbook.steps[0]
+        subject = evaluation.subject
+        working = _Working(
+            playbook=playbook,
+            ref=f"{self.customer_id}|{playbook.id}|{number}",
+            state=JourneyState(EnrollmentStatus.ACTIVE, first.id, self.now + first.wait, None, 0),
+            entry_number=number,
+            trigger_event_id=subject.event_id,
+            entered_at=self.now,
+        )
+        self.journeys[playbook.id] = working
+        self.entries[playbook.id] = Entries(number, previous.cooldown_from if previous else None)
+        reason = playbook.enter.source
+        if subject.event_id is not None:
+            reason = f"{subject.event_type} event {subject.event_id}; {reason}"
+        self._decide(working, None, "enrolled", reason, subject.facts)
+        self.tally.append(("enrolled", playbook.id, ""))
+        if subject.event_id is not None and self.sweep is not None:
+            # The event's properties matter to this journey's first steps (the complaint
+            # reason in the apology, the case): run them now, with the event's facts.
+            self._run_due(working, subject.facts, evaluation.fired | self.sweep.fired)
+
+    # ------------------------------------------------------------ moving on
+
+    def _move_on(self, working: _Working) -> None:
+        playbook = working.playbook
+        facts = self.sweep.subject.facts if self.sweep is not None else {}
+        if playbook is None:
+            self._end(working, EnrollmentStatus.CANCELLED, "the playbook was removed", facts)
+            return
+        step_id = _resolve_step(playbook, working.state.step_id)
+        if step_id != working.state.step_id:
+            working.state = replace(working.state, step_id=step_id)
+        if step_id is not None and playbook.step(step_id) is None:
+            reason = f"its next step {step_id!r} is no longer in the playbook"
+            self._end(working, EnrollmentStatus.CANCELLED, reason, facts)
+            return
+        if self.sweep is None:
+            return  # no current facts for this customer in this batch: steps wait
+        fired = self.sweep.fired
+        if playbook.goal is not None and goal_rule(playbook.id) in fired:
+            self._finish_early(working, EnrollmentStatus.CONVERTED, "goal reached", playbook, facts)
+            return
+        if playbook.exit is not None and exit_rule(playbook.id) in fired:
+            self._finish_early(
+                working, EnrollmentStatus.EXITED, "no longer eligible", playbook, facts
+            )
+            return
+        self._run_due(working, facts, fired)
+
+    def _finish_early(
+        self,
+        working: _Working,
+        status: EnrollmentStatus,
+        why: str,
+        playbook: Playbook,
+        facts: Mapping[str, Any],
+    ) -> None:
+        condition = playbook.goal if status is EnrollmentStatus.CONVERTED else playbook.exit
+        assert condition is not None
+        reason = f"{why}: {condition.source}"
+        self.effects.append(CancelQueued(working.ref, self.customer_id, f"journey {status}: {why}"))
+        self._end(working, status, reason, facts)
+
+    def _run_due(self, working: _Working, facts: Mapping[str, Any], fired: frozenset[str]) -> None:
+        playbook = working.playbook
+        assert playbook is not None
+        while working.active and working.state.due_at is not None:
+            if working.state.due_at > self.now:
+                return
+            step_id = working.state.step_id
+            if step_id is None:
+                self._end(working, EnrollmentStatus.COMPLETED, "every step done", facts)
+                return
+            step = playbook.step(step_id)
+            assert step is not None
+            if not self._run_step(working, playbook, step, facts, fired):
+                return  # held: the step stays due and is tried again on a later tick
+
+    def _run_step(
+        self,
+        working: _Working,
+        playbook: Playbook,
+        step: Step,
+        facts: Mapping[str, Any],
+        fired: frozenset[str],
+    ) -> bool:
+        """Run one due step; False when it is held back (it stays the next step)."""
+        if step.when is not None and step_rule(playbook.id, step.id) not in fired:
+            why = conditions.explain(step.when, facts).summary
+            self._decide(working, step.id, "skipped", f"condition false: {why}", facts)
+            self.tally.append(("skipped", playbook.id, "condition false"))
+            self._advance(working, playbook, step, None, facts)
+            return True
+        if step.escalate is not None:
+            self._escalate(working, playbook, step, facts)
+        send_at: datetime | None = None
+        if step.send is not None:
+            outcome = self._send(working, playbook, step, facts)
+            if outcome == "held" or outcome == "dropped":
+                return False
+            send_at = outcome if isinstance(outcome, datetime) else None
+        self._advance(working, playbook, step, send_at, facts)
+        return True
+
+    def _advance(
+        self,
+        working: _Working,
+        playbook: Playbook,
+        step: Step,
+        send_at: datetime | None,
+        facts: Mapping[str, Any],
+    ) -> None:
+        following = playbook.step_after(step.id)
+        if following is not None:
+            working.state = replace(
+                working.state,
+                step_id=following.id,
+                due_at=self.now + following.wait,
+                hold_reason=None,
+            )
+            return
+        if send_at is not None and send_at > self.now:
+            # The last message waits (quiet hours): the journey completes when it is due.
+            working.state = replace(working.state, step_id=None, due_at=send_at, hold_reason=None)
+            return
+        self._end(working, EnrollmentStatus.COMPLETED, "every step done", facts)
+
+    def _end(
+        self,
+        working: _Working,
+        status: EnrollmentStatus,
+        reason: str,
+        facts: Mapping[str, Any],
+    ) -> None:
+        working.state = replace(
+            working.state,
+            status=status,
+            due_at=None,
+            hold_reason=None,
+            ended_at=self.now,
+            end_reason=reason[:200],
+        )
+        self._decide(working, None, str(status), reason, facts)
+        if working.playbook is not None:
+            self.tally.append((str(status), working.playbook.id, ""))
+        if status in COOLDOWN_ENDINGS:
+            self._start_cooldown(working)
+
+    def _start_cooldown(self, working: _Working) -> None:
+        """The entry counts for re-entry (see the module docstring)."""
+        if working.playbook is None:
+            return
+        entered_at = working.entered_at or (working.read.entered_at if working.read else self.now)
+        self.entries[working.playbook.id] = Entries(working.entry_number, entered_at)
+
+    # ------------------------------------------------------------ sending
+
+    def _send(
+        self, working: _Working, playbook: Playbook, step: Step, facts: Mapping[str, Any]
+    ) -> datetime | str | None:
+        """Queue the step's message through the policies: the time it is queued for,
+        "held" (the step stays due) or "dropped" (the journey ended), or None when it was
+        skipped (no consent: the journey goes on)."""
+        assert step.send is not None
+        channel = step.send.channel
+        proposal = Proposal(
+            channel=channel, marketing=playbook.marketing, priority=playbook.priority
+        )
+        refused = consent(proposal, facts)
+        if isinstance(refused, Skip):
+            self._decide(working, step.id, "skipped", refused.reason, facts)
+            self.tally.append(("skipped", playbook.id, refused.reason))
+            return None
+        paused = complaint_pause(proposal, self._complaint_facts(facts), self.now)
+        if paused is not None:
+            self._hold(working, step, paused.reason, None, facts, "complaint pause")
+            return "held"
+        capped = frequency_caps(proposal, self.now, self.rules.policies.frequency_caps, self.recent)
+        if capped is not None:
+            if playbook.when_capped == "drop":
+                reason = f"dropped by {capped.reason}"
+                self._decide(working, step.id, "skipped", reason, facts)
+                self.tally.append(("skipped", playbook.id, "frequency cap (dropped)"))
+                self._end(
+                    working,
+                    EnrollmentStatus.DROPPED,
+                    f"its {step.id!r} message was dropped by a frequency cap, so no later "
+                    "step follows up on it",
+                    facts,
+                )
+                return "dropped"
+            self._hold(working, step, capped.reason, capped.until, facts, "frequency cap")
+            return "held"
+        send_at = self.now
+        quiet = quiet_hours(
+            self.now, self.rules.quiet_hours(playbook, channel), str(facts.get("timezone") or "UTC")
+        )
+        if quiet is not None:
+            send_at = quiet.until
+            self._decide(working, step.id, "deferred", quiet.reason, facts, until=send_at)
+            self.tally.append(("deferred", playbook.id, "quiet hours"))
+        self._queue(working, playbook, step, facts, send_at)
+        return send_at
+
+    def _complaint_facts(self, facts: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The facts as the complaint pause sees them: a case this plan opened counts."""
+        if self.case is not None and self.case.opened is not None:
+            return {**facts, "open_complaints": max(1, int(facts.get("open_complaints") or 0))}
+        return facts
+
+    def _hold(
+        self,
+        working: _Working,
+        step: Step,
+        reason: str,
+        until: datetime | None,
+        facts: Mapping[str, Any],
+        tally: str,
+    ) -> None:
+        """Keep the step due; a decision is written only when the reason for holding
+        changes, not on every tick."""
+        state = working.state
+        due = until if until is not None else state.due_at
+        if state.hold_reason != reason:
+            self._decide(working, step.id, "deferred", reason, facts, until=until)
+            assert working.playbook is not None
+            self.tally.append(("deferred", working.playbook.id, tally))
+        working.state = replace(state, hold_reason=reason[:200], due_at=due)
+
+    def _queue(
+        self,
+        working: _Working,
+        playbook: Playbook,
+        step: Step,
+        facts: Mapping[str, Any],
+        send_at: datetime,
+    ) -> None:
+        assert step.send is not None
+        key = journey_dedupe_key(self.customer_id, playbook.id, working.entry_number, step.id)
+        message_id = message_id_for(key)
+        event = {
+            name.removeprefix("event."): value
+            for name, value in facts.items()
+            if name.startswith("event.") and value is not None
+        }
+        self.effects.append(
+            Queue(
+                message_id=message_id,
+                dedupe_key=key,
+                customer_id=self.customer_id,
+                enrollment=working.ref,
+                case=None,
+                playbook=playbook.id,
+                step_id=step.id,
+                kind=playbook.kind,
+                channel=step.send.channel,
+                template=step.send.template,
+                # The address is resolved from the customer at send time, when consent is
+                # checked again.
+                to_address="",
+                context={"event": event},
+                priority=playbook.priority,
+                due_at=send_at,
+            )
+        )
+        working.state = replace(working.state, queued_count=working.state.queued_count + 1)
+        self._start_cooldown(working)
+        if playbook.marketing:
+            self.recent.append((send_at, step.send.channel))
+        detail = f"{step.send.channel} {step.send.template}"
+        self._decide(
+            working, step.id, "queued", detail, facts, until=send_at, message_id=message_id
+        )
+        self.tally.append(("queued", playbook.id, step.send.channel))
+
+    # ------------------------------------------------------------ escalating
+
+    def _escalate(
+        self, working: _Working, playbook: Playbook, step: Step, facts: Mapping[str, Any]
+    ) -> None:
+        escalate = step.escalate
+        assert escalate is not None
+        reason = str(facts.get("event.reason") or f"{playbook.id} step {step.id}")[:500]
+        self.tally.append(("escalated", playbook.id, ""))
+        if self.case is not None:
+            case = self.case
+            self.effects.append(
+                CaseNote(case.ref, playbook.id, "joined", f"repeat complaint: {reason}")
+            )
+            current = case.raised_to or case.priority
+            if PRIORITY_ORDER.get(escalate.priority, 9) < PRIORITY_ORDER.get(current, 9):
+                case.raised_to = escalate.priority
+            label = f"case {case.ref}" if isinstance(case.ref, int) else "the case opened now"
+            note = f"joined {label} (repeat complaint)"
+            self._decide(working, step.id, "escalated", note, facts)
+            return
+        sla_due_at = self.now + escalate.sla
+        key = f"case:{self.customer_id}:{working.trigger_event_id or working.ref}"
+        lead = self.rules.roster.on_duty(1)
+        opened = OpenCaseEffect(
+            key=key,
+            customer_id=self.customer_id,
+            reason=reason,
+            trigger_event_id=working.trigger_event_id,
+            priority=escalate.priority,
+            queue=escalate.queue,
+            sla_due_at=sla_due_at,
+            notified_tier=lead.tier if lead is not None else 0,
+        )
+        self.case = _Case(key, escalate.priority, opened=opened)
+        self.effects.append(CaseNote(key, playbook.id, "opened", reason))
+        self.effects.append(TouchCustomer(self.customer_id))
+        note = (
+            f"case opened ({escalate.priority}, queue {escalate.queue}); "
+            f"SLA {sla_due_at:%Y-%m-%d %H:%M} UTC"
+        )
+        if lead is None:
+            note += "; nobody on duty to notify"
+        self._decide(working, step.id, "escalated", note, facts)
+        if lead is not None:
+            self._notify_lead(opened, lead.name, lead.tier, lead.email, lead.phone)
+
+    def _notify_lead(
+        self, case: OpenCaseEffect, name: str, tier: int, email: str, phone: str | None
+    ) -> None:
+        """The on-duty lead hears of a new case by email (and SMS with a phone), through
+        the outbox like any message; the store writes the case's id into the context."""
+        targets = [("email", email)] + ([("sms", phone)] if phone else [])
+        for channel, address in targets:
+            key = f"{case.key}:opened:{tier}:{channel}"
+            self.effects.append(
+                Queue(
+                    message_id=message_id_for(key),
+                    dedupe_key=key,
+                    customer_id=self.customer_id,
+                    enrollment=None,
+                    case=case.key,
+                    playbook="complaint_escalation",
+                    step_id="opened",
+                    kind="staff",
+                    channel=channel,
+                    template="case_opened",
+                    to_address=address,
+                    context={
+                        "case": {
+                            "reason": case.reason,
+                            "priority": case.priority,
+                            "queue": case.queue,
+                            "sla_due_at": case.sla_due_at.strftime("%Y-%m-%d %H:%M UTC"),
+                            "customer_id": case.customer_id,
+                        },
+                        "lead": {"name": name, "tier": tier},
+                    },
+                    priority=0,
+                    due_at=self.now,
+                )
+            )
+
+    # ------------------------------------------------------------ the audit log
+
+    def _decide(
+        self,
+        working: _Working,
+        step_id: str | None,
+        outcome: str,
+        reason: str,
+        facts: Mapping[str, Any],
+        *,
+        until: datetime | None = None,
+        message_id: str | None = None,
+    ) -> None:
+        playbook = working.playbook.id if working.playbook is not None else _playbook_of(working)
+        self.effects.append(
+            Decide(
+                customer_id=self.customer_id,
+                playbook=playbook,
+                step_id=step_id,
+                outcome=outcome,
+                reason=reason[:500],
+                enrollment=working.ref,
+                facts=self._document(facts),
+                until=until,
+                message_id=message_id,
+            )
+        )
+
+    def _document(self, facts: Mapping[str, Any]) -> dict[str, Any]:
+        """The facts a decision saw, without the unknown ones; one dict per facts object,
+        so the store encodes it once for all of the customer's decisions."""
+        document = self._documents.get(id(facts))
+        if document is None:
+            document = {k: v for k, v in facts.items() if v is not None}
+            self._documents[id(facts)] = document
+        return document
+
+
+def _playbook_of(working: _Working) -> str:
+    return working.read.playbook if working.read is not None else ""
+
+
+def _resolve_step(playbook: Playbook, step_id: str | None) -> str | None:
+    """An enrollment of the first schema knew its step by position ("#2"): the step at
+    that position of the rules in force, or the marker itself when there is none (which
+    then ends the journey as a removed step)."""
+    if step_id is None or not step_id.startswith("#"):
+        return step_id
+    try:
+        position = int(step_id[1:])
+    except ValueError:
+        return step_id
+    return playbook.steps[position].id if 0 <= position < len(playbook.steps) else step_id
+
+
+@dataclass
+class JourneyReport:
+    """What a tick did to journeys, per playbook (and channel or reason)."""
+
+    customers: int = 0
+    lost_races: int = 0  # customers another evaluator moved first (planned again alone)
+    counts: dict[tuple[str, str, str], int] = field(default_factory=dict)
+
+    def add(self, customer: CustomerPlan) -> None:
+        for entry in customer.tally:
+            self.counts[entry] = self.counts.get(entry, 0) + 1
+
+    def merge(self, other: JourneyReport) -> None:
+        self.customers += other.customers
+        self.lost_races += other.lost_races
+        for entry, count in other.counts.items():
+            self.counts[entry] = self.counts.get(entry, 0) + count
+
+    def total(self, kind: str) -> int:
+        return sum(n for (k, _, _), n in self.counts.items() if k == kind)
+
+    def by(self, kind: str) -> dict[tuple[str, str], int]:
+        """``{(playbook, detail): count}`` of one kind (enrolled, queued, deferred...)."""
+        return {(p, d): n for (k, p, d), n in self.counts.items() if k == kind}

@@ -1,0 +1,699 @@
+"""The journey store: snapshots of a batch in a few queries, plans written set-based.
+
+Reading (``load_journeys``, ``load_context``) is two plus two queries a batch whatever
+its size; writing a plan (``write``) is a handful of statements a batch: one UPDATE ...
+RETURNING each to claim the events and to move the enrollments (guarded by the version
+each was read at), one bulk insert per table for new enrollments, messages, cases, case
+notes and decisions (engine.data.bulk: executemany on SQLite, COPY on PostgreSQL). No ORM
+object is built per row.
+
+Races are settled by the database, not by locks held while planning: planning reads in
+its own transaction, and the write checks that nothing moved since. A customer whose
+events were already claimed, whose enrollment moved (its version changed), or whose new
+rows collide with a unique key (``active_key``, the entry number, a message's
+``dedupe_key``) lost the race to another evaluator: everything of that customer is left
+out (the rest of the batch is written) and ``write`` returns them, to be planned again
+alone from a fresh snapshot (engine.journeys.run).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Table, bindparam, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlmodel import Session
+
+from engine.data.bulk import BulkInsert, Encoded, encode_json, sqlite_datetime
+from engine.data.models import Decision, Enrollment, Escalation, EscalationNote, Message
+from engine.journeys.effects import (
+    CancelQueued,
+    CaseNote,
+    ClaimEvents,
+    CustomerSnapshot,
+    Decide,
+    Enroll,
+    Entries,
+    JoinCase,
+    Journey,
+    Move,
+    OpenCase,
+    OpenCaseEffect,
+    Plan,
+    Queue,
+    Ref,
+    TouchCustomer,
+)
+from engine.playbooks.model import RuleSet
+from engine.statuses import EnrollmentStatus, EscalationStatus, MessageStatus
+
+COUNTED_STATUSES = (
+    MessageStatus.QUEUED,
+    MessageStatus.SENDING,
+    MessageStatus.SENT,
+    MessageStatus.DELIVERED,
+)
+OPEN_CASE_STATES = (
+    EscalationStatus.OPEN,
+    EscalationStatus.ACKNOWLEDGED,
+    EscalationStatus.REOPENED,
+)
+_CHUNK = 1000  # rows per statement: far below either database's limit on parameters
+ENROLLMENTS: Table = Enrollment.__table__  # type: ignore[attr-defined]
+MESSAGES: Table = Message.__table__  # type: ignore[attr-defined]
+CASES: Table = Escalation.__table__  # type: ignore[attr-defined]
+NOTES: Table = EscalationNote.__table__  # type: ignore[attr-defined]
+DECISIONS: Table = Decision.__table__  # type: ignore[attr-defined]
+_DEADLOCK = "40P01"
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_journeys(session: Session, ids: Sequence[str]) -> dict[str, CustomerSnapshot]:
+    """Active enrollments and past entries of the customers: two queries."""
+    active: dict[str, dict[str, Journey]] = defaultdict(dict)
+    entries: dict[str, dict[str, Entries]] = defaultdict(dict)
+    if ids:
+        for row in session.execute(_ACTIVE, {"ids": list(ids)}):
+            journey = Journey(
+                id=row.id,
+                playbook=row.playbook,
+                step_id=row.step_id,
+                due_at=_instant(row.next_due_at),
+                version=row.version,
+                hold_reason=row.hold_reason,
+                entry_number=row.entry_number,
+                entered_at=_required(row.entered_at),
+                queued_count=row.queued_count,
+                trigger_event_id=row.trigger_event_id,
+            )
+            active[row.customer_id][row.playbook] = journey
+        for row in session.execute(_ENTRIES, {"ids": list(ids)}):
+            entries[row.customer_id][row.playbook] = Entries(
+                row.last_number, _instant(row.cooldown_from)
+            )
+    return {
+        customer_id: CustomerSnapshot(customer_id, active[customer_id], entries[customer_id])
+        for customer_id in ids
+    }
+
+
+def load_context(
+    session: Session,
+    snapshots: Mapping[str, CustomerSnapshot],
+    ids: Sequence[str],
+    rules: RuleSet,
+    now: datetime,
+) -> dict[str, CustomerSnapshot]:
+    """The rest of the snapshot of the customers with work: their recent marketing
+    messages (for the frequency caps) and their open case. Two queries."""
+    recent: dict[str, list[tuple[datetime, str]]] = defaultdict(list)
+    cases: dict[str, OpenCase] = {}
+    caps = rules.policies.frequency_caps
+    if ids and caps:
+        horizon = now - max(cap.per for cap in caps)
+        params = {"ids": list(ids), "horizon": _param(session, horizon)}
+        for row in session.execute(_RECENT, params):
+            recent[row.customer_id].append((_required(row.due_at), row.channel))
+    if ids:
+        for row in session.execute(_OPEN_CASES, {"ids": list(ids)}):
+            cases.setdefault(row.customer_id, OpenCase(row.id, row.priority))
+    return {
+        customer_id: replace(
+            snapshots[customer_id],
+            recent=tuple(recent.get(customer_id, ())),
+            open_case=cases.get(customer_id),
+        )
+        for customer_id in ids
+    }
+
+
+_ACTIVE = text(
+    "SELECT id, customer_id, playbook, step_id, next_due_at, version, hold_reason, "
+    "entry_number, entered_at, queued_count, trigger_event_id FROM enrollments "
+    "WHERE customer_id IN :ids AND status = 'active'"
+).bindparams(bindparam("ids", expanding=True))
+_ENTRIES = text(
+    "SELECT customer_id, playbook, max(entry_number) AS last_number, "
+    # The entries that count for re-entry: engine.journeys.plan, "Re-entry".
+    "max(CASE WHEN queued_count > 0 OR status IN ('active', 'completed', 'dropped') "
+    "THEN entered_at END) AS cooldown_from "
+    "FROM enrollments WHERE customer_id IN :ids GROUP BY customer_id, playbook"
+).bindparams(bindparam("ids", expanding=True))
+_RECENT = text(
+    "SELECT customer_id, due_at, channel FROM messages WHERE customer_id IN :ids "
+    "AND kind = 'marketing' AND status IN ('queued', 'sending', 'sent', 'delivered') "
+    "AND due_at > :horizon"
+).bindparams(bindparam("ids", expanding=True))
+_OPEN_CASES = text(
+    "SELECT id, customer_id, priority FROM escalations WHERE customer_id IN :ids "
+    "AND status IN ('open', 'acknowledged', 'reopened') ORDER BY opened_at, id"
+).bindparams(bindparam("ids", expanding=True))
+
+
+def _instant(value: Any) -> datetime | None:
+    if value is None or isinstance(value, datetime):
+        return value.astimezone(UTC) if value is not None else None
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+def _required(value: Any) -> datetime:
+    moment = _instant(value)
+    assert moment is not None
+    return moment
+
+
+def _param(session: Session, moment: datetime) -> Any:
+    """A datetime as a raw statement compares it: SQLite stores UTCDateTime as text."""
+    if session.get_bind().dialect.name == "sqlite":
+        return sqlite_datetime(moment)
+    return moment
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass
+class Written:
+    """What ``write`` wrote, and who was left out because they lost a race."""
+
+    lost: list[str] = field(default_factory=list)
+    cancelled: int = 0  # queued messages cancelled by journeys that ended
+
+
+def write(session: Session, plan: Plan, rules: RuleSet, now: datetime) -> Written:
+    """Write ``plan`` in the session's transaction, leaving out the customers who lost a
+    race (each attempt runs in a savepoint, so what is left out leaves no trace)."""
+    written = Written()
+    remaining = plan
+    while remaining.customers:
+        savepoint = session.begin_nested()
+        try:
+            lost, cancelled = _write_all(session, remaining, rules, now)
+        except IntegrityError:
+            savepoint.rollback()
+            lost = _colliding(session, remaining)
+            if not lost:
+                raise  # a conflict no customer explains is a bug: fail loudly
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != _DEADLOCK:
+                raise
+            savepoint.rollback()  # PostgreSQL broke a deadlock between two evaluators
+            continue
+        else:
+            if not lost:
+                savepoint.commit()
+                written.cancelled = cancelled
+                return written
+            savepoint.rollback()
+        written.lost.extend(lost)
+        remaining = remaining.without(lost)
+    return written
+
+
+def _write_all(
+    session: Session, plan: Plan, rules: RuleSet, now: datetime
+) -> tuple[list[str], int]:
+    """Guards first (claims, moves), then inserts; returns the customers whose guards
+    failed (the caller rolls back) and how many queued messages were cancelled."""
+    claims: dict[str, str] = {}
+    moves: list[tuple[str, Move]] = []
+    for customer in plan.customers:
+        for effect in customer.effects:
+            if isinstance(effect, ClaimEvents):
+                claims.update((event_id, customer.customer_id) for event_id in effect.event_ids)
+            elif isinstance(effect, Move):
+                moves.append((customer.customer_id, effect))
+    lost = set(_claim(session, claims, now))
+    lost.update(_move(session, moves, now))
+    if lost:
+        return sorted(lost), 0
+    dialect = session.get_bind().dialect.name
+    connection = session.connection()
+    enrollment_ids = _insert_enrollments(session, dialect, plan)
+    case_ids = _insert_cases(session, dialect, plan, now)
+    refs = {**enrollment_ids, **case_ids}
+    cancelled_rows = _cancel_queued(session, plan, now)
+    messages = (_message_row(e, refs, now) for e in plan.effects() if isinstance(e, Queue))
+    _insert(dialect, connection, MESSAGES, _MESSAGE_COLUMNS, messages)
+    notes = (
+        (_resolve(e.case, refs), now, e.actor, e.action, e.note[:2000])
+        for e in plan.effects()
+        if isinstance(e, CaseNote)
+    )
+    _insert(dialect, connection, NOTES, _NOTE_COLUMNS, notes)
+    _join_cases(session, [e for e in plan.effects() if isinstance(e, JoinCase)], now)
+    _touch(session, {e.customer_id for e in plan.effects() if isinstance(e, TouchCustomer)}, now)
+    documents: dict[int, Encoded] = {}
+    decisions = [e for e in plan.effects() if isinstance(e, Decide)]
+    rows = [_decision_row(d, refs, rules.version, now, documents) for d in decisions]
+    rows.extend(_cancelled_decisions(cancelled_rows, rules.version, now))
+    _insert(dialect, connection, DECISIONS, _DECISION_COLUMNS, rows)
+    return [], len(cancelled_rows)
+
+
+# Statements ------------------------------------------------------------------
+
+
+def _claim(session: Session, claims: Mapping[str, str], now: datetime) -> list[str]:
+    """Mark the events evaluated; the customers of events another evaluator claimed lost."""
+    if not claims:
+        return []
+    ids = list(claims)
+    claimed: set[str] = set()
+    for chunk in _chunks(ids):
+        statement = text(
+            "UPDATE events SET evaluated_at = :now WHERE id IN :ids AND evaluated_at IS NULL "
+            "RETURNING id"
+        ).bindparams(bindparam("ids", expanding=True))
+        claimed.update(
+            session.execute(statement, {"now": _param(session, now), "ids": chunk}).scalars()
+        )
+    return sorted({claims[event_id] for event_id in ids if event_id not in claimed})
+
+
+def _move(session: Session, moves: Sequence[tuple[str, Move]], now: datetime) -> list[str]:
+    """One guarded UPDATE ... FROM (VALUES ...) RETURNING per chunk: an enrollment moves
+    only from the version the plan read; the customers of those that did not lost."""
+    if not moves:
+        return []
+    dialect = session.get_bind().dialect.name
+    moved: set[int] = set()
+    for chunk in _chunks(sorted(moves, key=lambda m: m[1].enrollment_id)):
+        params: list[Any] = []
+        for _, move in chunk:
+            state = move.state
+            params.extend(
+                (
+                    move.enrollment_id,
+                    move.version,
+                    str(state.status),
+                    state.step_id,
+                    _value(dialect, state.due_at),
+                    state.hold_reason,
+                    state.queued_count,
+                    _value(dialect, state.ended_at),
+                    state.end_reason,
+                )
+            )
+        statement = _move_statement(dialect, len(chunk))
+        moved.update(session.connection().exec_driver_sql(statement, tuple(params)).scalars())
+    return sorted({customer for customer, move in moves if move.enrollment_id not in moved})
+
+
+def _move_statement(dialect: str, rows: int) -> str:
+    mark = "?" if dialect == "sqlite" else "%s"
+    if dialect == "sqlite":
+        casts = ["{}"] * 9
+    else:
+        casts = [
+            "CAST({} AS INTEGER)",
+            "CAST({} AS INTEGER)",
+            "CAST({} AS VARCHAR)",
+            "CAST({} AS VARCHAR)",
+            "CAST({} AS TIMESTAMP WITH TIME ZONE)",
+            "CAST({} AS VARCHAR)",
+            "CAST({} AS INTEGER)",
+            "CAST({} AS TIMESTAMP WITH TIME ZONE)",
+            "CAST({} AS VARCHAR)",
+        ]
+    names = (
+        "id",
+        "version",
+        "status",
+        "step_id",
+        "due_at",
+        "hold_reason",
+        "queued_count",
+        "ended_at",
+        "end_reason",
+    )
+    row = "(" + ", ".join(mark for _ in names) + ")"
+    columns = ", ".join(
+        cast.format(f"column{i + 1}") + f" AS {name}"
+        for i, (cast, name) in enumerate(zip(casts, names, strict=True))
+    )
+    values = ", ".join(row for _ in range(rows))
+    return (
+        "UPDATE enrollments SET status = v.status, step_id = v.step_id, "
+        "next_due_at = v.due_at, hold_reason = v.hold_reason, queued_count = v.queued_count, "
+        "ended_at = v.ended_at, end_reason = v.end_reason, "
+        "active_key = CASE WHEN v.status = 'active' THEN enrollments.active_key END, "
+        "version = enrollments.version + 1 "
+        f"FROM (SELECT {columns} FROM (VALUES {values}) AS w) AS v "
+        "WHERE enrollments.id = v.id AND enrollments.version = v.version "
+        "AND enrollments.status = 'active' RETURNING enrollments.id"
+    )
+
+
+def _insert_enrollments(session: Session, dialect: str, plan: Plan) -> dict[str, int]:
+    enrolls = [e for e in plan.effects() if isinstance(e, Enroll)]
+    if not enrolls:
+        return {}
+    ids = _allocate(session, dialect, "enrollments", len(enrolls))
+    refs = {e.key: i for e, i in zip(enrolls, ids, strict=True)}
+    rows = (
+        (
+            refs[e.key],
+            e.customer_id,
+            e.playbook,
+            str(e.state.status),
+            f"{e.customer_id}|{e.playbook}" if e.state.status is EnrollmentStatus.ACTIVE else None,
+            e.entry_number,
+            e.state.step_id,
+            e.state.due_at,
+            0,
+            e.state.queued_count,
+            e.rules_version,
+            e.trigger_event_id,
+            e.state.hold_reason,
+            e.entered_at,
+            e.state.ended_at,
+            e.state.end_reason,
+        )
+        for e in enrolls
+    )
+    _insert(dialect, session.connection(), ENROLLMENTS, _ENROLLMENT_COLUMNS, rows)
+    return refs
+
+
+def _insert_cases(session: Session, dialect: str, plan: Plan, now: datetime) -> dict[str, int]:
+    cases = [e for e in plan.effects() if isinstance(e, OpenCaseEffect)]
+    if not cases:
+        return {}
+    ids = _allocate(session, dialect, "escalations", len(cases))
+    refs = {c.key: i for c, i in zip(cases, ids, strict=True)}
+    rows = (
+        (
+            refs[c.key],
+            c.customer_id,
+            c.reason,
+            c.trigger_event_id,
+            c.priority,
+            c.queue,
+            str(EscalationStatus.OPEN),
+            c.sla_due_at,
+            c.notified_tier,
+            now,
+            now,
+        )
+        for c in cases
+    )
+    _insert(dialect, session.connection(), CASES, _CASE_COLUMNS, rows)
+    return refs
+
+
+def _allocate(session: Session, dialect: str, table: str, count: int) -> list[int]:
+    """Ids for new rows, known before they are inserted (so the rows that refer to them
+    go in with the same bulk insert). SQLite: the transaction holds the write lock
+    (BEGIN IMMEDIATE), so nobody else takes the ids above the highest. PostgreSQL: the
+    table's sequence hands them out, concurrently safe."""
+    if dialect == "sqlite":
+        highest = session.connection().exec_driver_sql(f"SELECT coalesce(max(id), 0) FROM {table}")
+        first = int(highest.scalar_one()) + 1
+        return list(range(first, first + count))
+    statement = text(
+        f"SELECT nextval(pg_get_serial_sequence('{table}', 'id')) FROM generate_series(1, :n)"
+    )
+    return [int(i) for i in session.execute(statement, {"n": count}).scalars()]
+
+
+def _cancel_queued(session: Session, plan: Plan, now: datetime) -> list[Any]:
+    """Cancel what ending journeys still have queued; returns the cancelled rows."""
+    by_reason: dict[str, list[int]] = defaultdict(list)
+    for effect in plan.effects():
+        if isinstance(effect, CancelQueued):
+            assert isinstance(effect.enrollment, int), "a journey of this plan queued nothing yet"
+            by_reason[effect.reason].append(effect.enrollment)
+    cancelled: list[Any] = []
+    for reason, ids in by_reason.items():
+        for chunk in _chunks(ids):
+            statement = text(
+                "UPDATE messages SET status = 'cancelled', last_error = :reason, "
+                "updated_at = :now WHERE enrollment_id IN :ids AND status = 'queued' "
+                "RETURNING id, customer_id, playbook, step_id, enrollment_id"
+            ).bindparams(bindparam("ids", expanding=True))
+            params = {"reason": reason, "now": _param(session, now), "ids": chunk}
+            cancelled.extend((reason, row) for row in session.execute(statement, params))
+    return cancelled
+
+
+def _cancelled_decisions(
+    cancelled: Iterable[Any], rules_version: str, now: datetime
+) -> list[tuple[Any, ...]]:
+    return [
+        (
+            now,
+            row.customer_id,
+            row.playbook or "",
+            row.step_id,
+            "cancelled",
+            reason,
+            None,
+            row.enrollment_id,
+            row.id,
+            rules_version,
+            _EMPTY,
+        )
+        for reason, row in cancelled
+    ]
+
+
+def _join_cases(session: Session, joins: Sequence[JoinCase], now: datetime) -> None:
+    for join in joins:
+        session.execute(
+            text("UPDATE escalations SET priority = :priority, updated_at = :now WHERE id = :id"),
+            {"priority": join.priority, "now": _param(session, now), "id": join.case_id},
+        )
+
+
+def _touch(session: Session, customer_ids: set[str], now: datetime) -> None:
+    if not customer_ids:
+        return
+    statement = text("UPDATE customers SET changed_at = :now WHERE id IN :ids").bindparams(
+        bindparam("ids", expanding=True)
+    )
+    session.execute(statement, {"now": _param(session, now), "ids": sorted(customer_ids)})
+
+
+def _colliding(session: Session, plan: Plan) -> list[str]:
+    """After a unique-key violation: the customers whose new rows collide with rows that
+    exist (another evaluator entered them, or queued their message, first)."""
+    active_keys: dict[str, str] = {}
+    entries: dict[tuple[str, str, int], str] = {}
+    dedupe: dict[str, str] = {}
+    for effect in plan.effects():
+        if isinstance(effect, Enroll):
+            entries[(effect.customer_id, effect.playbook, effect.entry_number)] = effect.customer_id
+            active_keys[f"{effect.customer_id}|{effect.playbook}"] = effect.customer_id
+        elif isinstance(effect, Queue):
+            dedupe[effect.dedupe_key] = effect.customer_id
+    lost: set[str] = set()
+    for chunk in _chunks(list(active_keys)):
+        statement = text("SELECT active_key FROM enrollments WHERE active_key IN :keys").bindparams(
+            bindparam("keys", expanding=True)
+        )
+        lost.update(active_keys[k] for k in session.execute(statement, {"keys": chunk}).scalars())
+    customers = sorted({c for c, _, _ in entries})
+    for chunk in _chunks(customers):
+        statement = text(
+            "SELECT customer_id, playbook, entry_number FROM enrollments WHERE customer_id IN :ids"
+        ).bindparams(bindparam("ids", expanding=True))
+        for row in session.execute(statement, {"ids": chunk}):
+            found = entries.get((row.customer_id, row.playbook, row.entry_number))
+            if found is not None:
+                lost.add(found)
+    for chunk in _chunks(list(dedupe)):
+        statement = text("SELECT dedupe_key FROM messages WHERE dedupe_key IN :keys").bindparams(
+            bindparam("keys", expanding=True)
+        )
+        lost.update(dedupe[k] for k in session.execute(statement, {"keys": chunk}).scalars())
+    return sorted(lost)
+
+
+# Rows ------------------------------------------------------------------------
+
+_ENROLLMENT_COLUMNS = (
+    "id",
+    "customer_id",
+    "playbook",
+    "status",
+    "active_key",
+    "entry_number",
+    "step_id",
+    "next_due_at",
+    "version",
+    "queued_count",
+    "rules_version",
+    "trigger_event_id",
+    "hold_reason",
+    "entered_at",
+    "ended_at",
+    "end_reason",
+)
+_CASE_COLUMNS = (
+    "id",
+    "customer_id",
+    "reason",
+    "trigger_event_id",
+    "priority",
+    "queue",
+    "status",
+    "sla_due_at",
+    "notified_tier",
+    "opened_at",
+    "updated_at",
+)
+_NOTE_COLUMNS = ("escalation_id", "at", "actor", "action", "note")
+_MESSAGE_COLUMNS = (
+    "id",
+    "dedupe_key",
+    "customer_id",
+    "enrollment_id",
+    "escalation_id",
+    "playbook",
+    "step_id",
+    "kind",
+    "channel",
+    "template",
+    "to_address",
+    "context",
+    "priority",
+    "status",
+    "due_at",
+    "attempts",
+    "created_at",
+    "updated_at",
+)
+_DECISION_COLUMNS = (
+    "at",
+    "customer_id",
+    "playbook",
+    "step_id",
+    "outcome",
+    "reason",
+    "until",
+    "enrollment_id",
+    "message_id",
+    "rules_version",
+    "facts",
+)
+_EMPTY = Encoded("{}")
+
+
+def _message_row(message: Queue, refs: Mapping[str, int], now: datetime) -> tuple[Any, ...]:
+    case = _resolve(message.case, refs) if message.case is not None else None
+    context = message.context
+    if case is not None and "case" in context:
+        # A staff notification about a case this plan opened: its id is known only now.
+        context = {**context, "case": {**context["case"], "id": case}}
+    return (
+        message.message_id,
+        message.dedupe_key,
+        message.customer_id,
+        _resolve(message.enrollment, refs) if message.enrollment is not None else None,
+        case,
+        message.playbook,
+        message.step_id,
+        message.kind,
+        message.channel,
+        message.template,
+        message.to_address,
+        context,
+        message.priority,
+        str(MessageStatus.QUEUED),
+        message.due_at,
+        0,
+        now,
+        now,
+    )
+
+
+def _decision_row(
+    decision: Decide,
+    refs: Mapping[str, int],
+    rules_version: str,
+    now: datetime,
+    documents: dict[int, Encoded],
+) -> tuple[Any, ...]:
+    facts = decision.facts
+    document = documents.get(id(facts))
+    if document is None:
+        document = documents[id(facts)] = encode_json(facts)
+    return (
+        now,
+        decision.customer_id,
+        decision.playbook,
+        decision.step_id,
+        decision.outcome,
+        decision.reason,
+        decision.until,
+        _resolve(decision.enrollment, refs) if decision.enrollment is not None else None,
+        decision.message_id,
+        rules_version,
+        document,
+    )
+
+
+def _resolve(ref: Ref, refs: Mapping[str, int]) -> int:
+    return ref if isinstance(ref, int) else refs[ref]
+
+
+# Helpers ---------------------------------------------------------------------
+
+_BULK: dict[tuple[str, str, tuple[str, ...]], BulkInsert] = {}
+
+
+def _bulk(dialect: str, table: Table, columns: tuple[str, ...]) -> BulkInsert:
+    key = (dialect, table.name, columns)
+    found = _BULK.get(key)
+    if found is None:
+        found = _BULK[key] = BulkInsert(table, columns, dialect)
+    return found
+
+
+def _insert(
+    dialect: str,
+    connection: Any,
+    table: Table,
+    columns: tuple[str, ...],
+    rows: Iterable[Sequence[Any]],
+) -> None:
+    bulk = _bulk(dialect, table, columns)
+    bulk.write(connection, bulk.encode(rows))
+
+
+def _value(dialect: str, moment: datetime | None) -> Any:
+    if moment is None:
+        return None
+    return sqlite_datetime(moment) if dialect == "sqlite" else moment
+
+
+def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+__all__ = ["Written", "due_customer_ids", "load_context", "load_journeys", "write"]
+
+
+def due_customer_ids(session: Session, now: datetime, since: datetime | None) -> list[str]:
+    """Customers an incremental tick must look at: changed since the watermark, with
+    pending events, or with a journey step due. Three indexed queries."""
+    ids: set[str] = set()
+    if since is not None:
+        changed = text("SELECT id FROM customers WHERE changed_at > :since")
+        ids.update(session.execute(changed, {"since": _param(session, since)}).scalars())
+    pending = text("SELECT DISTINCT customer_id FROM events WHERE evaluated_at IS NULL")
+    ids.update(session.execute(pending).scalars())
+    due = text(
+        "SELECT DISTINCT customer_id FROM enrollments "
+        "WHERE status = 'active' AND next_due_at <= :now"
+    )
+    ids.update(session.execute(due, {"now": _param(session, now)}).scalars())
+    return sorted(ids)
