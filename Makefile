@@ -28,7 +28,7 @@ demo: venv
 	@echo "== 2. seeding 2,000 synthetic customers into demo.db"
 	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) seed --customers 2000 --now 2026-03-02T09:00:00
 	@echo "== 3. evaluating every customer against every playbook (durable_rules)"
-	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --dry-run --now 2026-03-02T09:00:00
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --now 2026-03-02T09:00:00
 	@echo "== 4. thirty simulated days of journeys on a fake clock (console channel, files in outbox/)"
 	LIFECYCLE_DATABASE_URL=$(DEMO_DB) COLUMNS=120 $(LIFECYCLE) simulate --days 30 --start 2026-03-02T09:00:00 --customer seed-00000001
 	@echo "Explore it: export LIFECYCLE_DATABASE_URL=$(DEMO_DB); $(LIFECYCLE) explain seed-00000001"
