@@ -13,6 +13,7 @@ the text to a person and act on the parts.
     ├── EvaluationWorkerCrashed    a worker process died while evaluating a batch
     ├── TemplateError              a message template is missing or does not render
     ├── ImportRowError             one row of an import file is bad (row number and reason)
+    ├── EventConflict              an event id seen before, now with a different payload
     ├── NotFound                   a customer, case or message id that does not exist
     ├── IllegalTransition          an escalation or message cannot move to that state
     ├── InvalidChoice              a value that is not one of the allowed ones
@@ -165,6 +166,22 @@ class ImportRowError(LifecycleError):
         self.row = row
         self.reason = reason
         super().__init__(f"{path}: row {row}: {reason}")
+
+
+class EventConflict(LifecycleError):
+    """An event id that was recorded before with a different payload; raised (or returned,
+    for a batch) by ``engine.data.ingest``, which then changes nothing. ``differences``
+    names each field that differs: ``customer_id``, ``type``, ``occurred_at`` or
+    ``properties.<name>``."""
+
+    def __init__(self, event_id: str, differences: tuple[str, ...]) -> None:
+        self.event_id = event_id
+        self.differences = differences
+        super().__init__(
+            f"event {event_id!r} was recorded before with a different payload "
+            f"({', '.join(differences)} differ{'s' if len(differences) == 1 else ''}); "
+            "nothing was changed: send a new event with a new id"
+        )
 
 
 class NotFound(LifecycleError):

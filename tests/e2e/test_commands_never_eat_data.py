@@ -107,9 +107,7 @@ def test_evaluate_changes_no_row_and_the_next_tick_still_acts_on_the_events(
     code, output = cli("tick", "--now", moment)
     assert code == 0, output
     with reading(db) as session:
-        welcome = session.scalars(
-            select(Message).where(col(Message.customer_id) == "new-1")
-        ).all()
+        welcome = session.scalars(select(Message).where(col(Message.customer_id) == "new-1")).all()
         cases = session.scalars(
             select(Escalation).where(col(Escalation.customer_id) == "angry-1")
         ).all()
