@@ -4,6 +4,11 @@ The CLI, ``scheduler.py``, the web app and the tests all call ``bootstrap``; tes
 their own pieces (a database URL, an in-memory channel, a fixed clock) instead.
 Channel adapters (and so the provider SDKs) are imported only here, and only the ones
 the settings ask for.
+
+Every command that sends or serves (``run``, ``serve``, ``dispatch``, ``tick``, and a
+queue ``worker``) calls ``check_startup(settings, command)`` first: it refuses settings
+that would lose messages or let strangers sign unsubscribe links, before anything is
+opened.
 """
 
 from __future__ import annotations
@@ -19,10 +24,13 @@ from sqlalchemy import Engine
 from engine.clock import utcnow
 from engine.data.db import make_engine, upgrade
 from engine.delivery.templates import TemplateStore
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, StartupRefused
 from engine.playbooks.loader import load_rules
 from engine.playbooks.model import RuleSet
-from engine.settings import Settings
+from engine.settings import DEFAULT_SECRET_KEY, Settings
+
+MIN_SECRET_KEY_LENGTH = 16
+MAKE_A_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
 @dataclass
@@ -78,21 +86,111 @@ def bootstrap(
     return app
 
 
-def build_channels(settings: Settings) -> dict[str, Any]:
-    """The email and SMS channels the settings choose (console when nothing is set)."""
-    built: dict[str, Any] = {}
-    if settings.email_channel == "sendgrid":
-        if settings.sendgrid_api_key is None:
-            raise ConfigurationError(
-                "LIFECYCLE_SENDGRID_API_KEY", "required for the sendgrid channel"
-            )
-        from channels.sendgrid_email import SendGridEmailChannel
+def check_startup(settings: Settings, command: str) -> list[str]:
+    """The start-up check of a command that sends or serves; returns warnings to log once.
 
-        built["email"] = SendGridEmailChannel(
-            api_key=settings.sendgrid_api_key.get_secret_value(),
-            from_email=settings.from_email,
-            from_name=settings.from_name,
-            host=settings.sendgrid_host,
+    With a real channel (SendGrid or Twilio) configured, it refuses (StartupRefused, every
+    problem at once, each naming its variable):
+    - the other channel left unset: its messages would be written to local files and
+      recorded as sent; set it to its provider, or to ``console`` on purpose;
+    - the published default secret key (current or previous), or a short one: anyone
+      could sign unsubscribe links and opt customers out;
+    - a real channel without its credentials.
+    With console channels only, the default key is a warning.
+    """
+    problems = [*_channel_pairing_problems(settings), *credential_problems(settings)]
+    real = _real_channels(settings)
+    key = settings.secret_key.get_secret_value()
+    if real:
+        problems.extend(_secret_key_problems(settings, real))
+    if problems:
+        raise StartupRefused(command, problems)
+    if key == DEFAULT_SECRET_KEY:
+        return [
+            "LIFECYCLE_SECRET_KEY is the published default: fine with console channels, but "
+            f"set it before configuring SendGrid or Twilio (make one with: {MAKE_A_KEY})"
+        ]
+    return []
+
+
+def _real_channels(settings: Settings) -> list[str]:
+    real = []
+    if settings.email_channel == "sendgrid":
+        real.append("LIFECYCLE_EMAIL_CHANNEL=sendgrid")
+    if settings.sms_channel == "twilio":
+        real.append("LIFECYCLE_SMS_CHANNEL=twilio")
+    return real
+
+
+def _channel_pairing_problems(settings: Settings) -> list[ConfigurationError]:
+    pairs = (
+        (
+            "LIFECYCLE_EMAIL_CHANNEL=sendgrid",
+            settings.email_channel == "sendgrid",
+            "LIFECYCLE_SMS_CHANNEL",
+            settings.sms_channel,
+            "twilio",
+            "SMS",
+        ),
+        (
+            "LIFECYCLE_SMS_CHANNEL=twilio",
+            settings.sms_channel == "twilio",
+            "LIFECYCLE_EMAIL_CHANNEL",
+            settings.email_channel,
+            "sendgrid",
+            "email",
+        ),
+    )
+    return [
+        ConfigurationError(
+            variable,
+            f"not set while {real} is: every {what} would be written to local files and "
+            f"recorded as sent; set {variable}={provider}, or {variable}=console to keep "
+            f"{what} local on purpose",
+        )
+        for real, configured, variable, value, provider, what in pairs
+        if configured and value is None
+    ]
+
+
+def _secret_key_problems(settings: Settings, real: list[str]) -> list[ConfigurationError]:
+    because = (
+        f"with {' and '.join(real)} it signs the unsubscribe links of real messages, and "
+        "anyone who knows the key can opt any customer out"
+    )
+    key = settings.secret_key.get_secret_value()
+    problems = []
+    if key == DEFAULT_SECRET_KEY:
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_SECRET_KEY",
+                f"is the published default; {because}. Make one with: {MAKE_A_KEY}",
+            )
+        )
+    elif len(key) < MIN_SECRET_KEY_LENGTH:
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_SECRET_KEY",
+                f"is {len(key)} characters, fewer than {MIN_SECRET_KEY_LENGTH}; {because}. "
+                f"Make one with: {MAKE_A_KEY}",
+            )
+        )
+    if DEFAULT_SECRET_KEY in settings.secret_keys()[:-1]:
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_SECRET_KEY_PREVIOUS",
+                f"lists the published default key; {because}. Remove it from the list",
+            )
+        )
+    return problems
+
+
+def credential_problems(settings: Settings) -> list[ConfigurationError]:
+    """What a chosen real channel lacks to send (empty when nothing is missing)."""
+    problems = []
+    if settings.email_channel == "sendgrid" and not settings.sendgrid_api_key:
+        problems.append(
+            ConfigurationError("LIFECYCLE_SENDGRID_API_KEY", "required for the sendgrid channel")
         )
     if settings.sms_channel == "twilio":
         missing = [
@@ -105,7 +203,38 @@ def build_channels(settings: Settings) -> dict[str, Any]:
             if not value
         ]
         if missing:
-            raise ConfigurationError(", ".join(missing), "required for the twilio channel")
+            problems.append(
+                ConfigurationError(", ".join(missing), "required for the twilio channel")
+            )
+    return problems
+
+
+def console_channels(outbox: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """One console channel for email and SMS: files under ``outbox`` (and a short block on
+    stdout unless ``quiet``)."""
+    from channels.console import ConsoleChannel
+
+    console = ConsoleChannel(outbox, stream=None) if quiet else ConsoleChannel(outbox)
+    return {"email": console, "sms": console}
+
+
+def build_channels(settings: Settings) -> dict[str, Any]:
+    """The email and SMS channels the settings choose (console when nothing is set)."""
+    problems = credential_problems(settings)
+    if problems:
+        raise problems[0]
+    built: dict[str, Any] = {}
+    if settings.email_channel == "sendgrid":
+        assert settings.sendgrid_api_key is not None
+        from channels.sendgrid_email import SendGridEmailChannel
+
+        built["email"] = SendGridEmailChannel(
+            api_key=settings.sendgrid_api_key.get_secret_value(),
+            from_email=settings.from_email,
+            from_name=settings.from_name,
+            host=settings.sendgrid_host,
+        )
+    if settings.sms_channel == "twilio":
         from channels.twilio_sms import TwilioSmsChannel
 
         assert settings.twilio_account_sid is not None
@@ -118,9 +247,6 @@ def build_channels(settings: Settings) -> dict[str, Any]:
             base_url=settings.twilio_base_url,
         )
     if "email" not in built or "sms" not in built:
-        from channels.console import ConsoleChannel
-
-        console = ConsoleChannel(Path(settings.outbox_dir))
-        built.setdefault("email", console)
-        built.setdefault("sms", console)
+        for name, channel in console_channels(Path(settings.outbox_dir)).items():
+            built.setdefault(name, channel)
     return built

@@ -23,6 +23,7 @@ the text to a person and act on the parts.
     ├── WebhookSignatureError      a webhook whose signature does not verify
     ├── WebhookPayloadError        a signed webhook whose body is not what the provider sends
     └── ConfigurationError         a setting is missing or contradictory
+        └── StartupRefused         a command will not start: every setting in the way
 """
 
 from __future__ import annotations
@@ -269,6 +270,19 @@ class ConfigurationError(LifecycleError):
         self.setting = setting
         self.reason = reason
         super().__init__(f"setting {setting}: {reason}")
+
+
+class StartupRefused(ConfigurationError):
+    """The start-up check (engine.bootstrap.check_startup) refused to let a command start;
+    ``problems`` holds one ConfigurationError per setting in the way, all at once."""
+
+    def __init__(self, command: str, problems: list[ConfigurationError]) -> None:
+        self.command = command
+        self.problems = problems
+        self.setting = ", ".join(problem.setting for problem in problems)
+        self.reason = "; ".join(problem.reason for problem in problems)
+        listed = "\n".join(f"  {problem}" for problem in problems)
+        LifecycleError.__init__(self, f"lifecycle {command} refuses to start:\n{listed}")
 
 
 class WebhookPayloadError(LifecycleError):

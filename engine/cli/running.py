@@ -14,11 +14,11 @@ from engine.bootstrap import bootstrap
 from engine.cli.common import (
     NowOption,
     app,
-    load_app,
     moment_of,
     out,
     print_json,
     rules_of,
+    start_app,
 )
 from engine.clock import as_utc
 from engine.settings import Settings
@@ -34,7 +34,7 @@ def tick(
     """Run one evaluation tick, one SLA check and one dispatch, then stop."""
     from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 
-    application = load_app()
+    application = start_app("tick")
     rules = rules_of(application)
     moment = moment_of(application, now)
     started = time.perf_counter()
@@ -59,10 +59,7 @@ def run() -> None:
 
     from scheduler import LifecycleScheduler
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    application = load_app()
+    application = start_app("run", log_level=logging.INFO)
     rules_of(application)
     out.print(
         f"lifecycle scheduler running on {application.settings.database_url}; Ctrl-C stops it"
@@ -88,7 +85,7 @@ def simulate(
 
     settings = Settings()
     application = bootstrap(settings)
-    if settings.email_channel == "console" and settings.sms_channel == "console":
+    if settings.email_channel in (None, "console") and settings.sms_channel in (None, "console"):
         from channels.console import ConsoleChannel
 
         quiet = ConsoleChannel(Path(settings.outbox_dir), stream=None)
@@ -151,7 +148,7 @@ def dispatch(now: NowOption = None) -> None:
     """Send every due outbox message once (the scheduler does this every few seconds)."""
     from engine.runners.ticks import dispatch_tick
 
-    application = load_app()
+    application = start_app("dispatch")
     report = dispatch_tick(application, moment_of(application, now), rules=rules_of(application))
     out.print(
         f"claimed {report.claimed}; sent {report.total_sent} ({', '.join(f'{k} {v}' for k, v in report.sent.items()) or 'none'}); "
@@ -167,10 +164,12 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
     """Serve the ingest API, the provider webhooks and the support console."""
+    import logging
+
     import uvicorn
 
     from engine.web.app import create_app
 
-    application = load_app()
+    application = start_app("serve", log_level=logging.INFO)
     rules_of(application)
     uvicorn.run(create_app(application), host=host, port=port, log_level="info")
