@@ -13,7 +13,10 @@ opened.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +26,7 @@ from sqlalchemy import Engine
 
 from engine.clock import utcnow
 from engine.data.db import make_engine, upgrade
+from engine.data.scratch import scratch_copy
 from engine.delivery.templates import TemplateStore
 from engine.errors import ConfigurationError, StartupRefused
 from engine.playbooks.loader import load_rules
@@ -84,6 +88,38 @@ def bootstrap(
     )
     app.channels = channels if channels is not None else build_channels(settings)
     return app
+
+
+@contextmanager
+def simulation_app(
+    settings: Settings, *, work_db: Path | None = None, outbox: Path | None = None
+) -> Iterator[App]:
+    """The app a simulation runs in: never the configured database, never a real provider.
+
+    The database is a scratch copy of the configured one (engine.data.scratch; ``work_db``
+    keeps a SQLite copy there), and email and SMS go to one quiet console channel whose
+    files land in ``outbox``, or in a temporary directory removed at the end: whatever
+    LIFECYCLE_EMAIL_CHANNEL and LIFECYCLE_SMS_CHANNEL say, nothing leaves this machine.
+    """
+    scratch_outbox = (
+        None if outbox is not None else Path(tempfile.mkdtemp(prefix="lifecycle-outbox-"))
+    )
+    box = outbox if outbox is not None else scratch_outbox
+    assert box is not None
+    try:
+        with scratch_copy(settings.database_url, keep=work_db) as db:
+            copy = settings.model_copy(
+                update={
+                    "database_url": db.url.render_as_string(hide_password=False),
+                    "outbox_dir": box,
+                    "email_channel": "console",
+                    "sms_channel": "console",
+                }
+            )
+            yield bootstrap(copy, db=db, channels=console_channels(box, quiet=True), migrate=False)
+    finally:
+        if scratch_outbox is not None:
+            shutil.rmtree(scratch_outbox, ignore_errors=True)
 
 
 def check_startup(settings: Settings, command: str) -> list[str]:

@@ -14,6 +14,7 @@ the text to a person and act on the parts.
     ├── TemplateError              a message template is missing or does not render
     ├── ImportRowError             one row of an import file is bad (row number and reason)
     ├── EventConflict              an event id seen before, now with a different payload
+    ├── ScratchCopyError           a database cannot be copied to work on (simulate)
     ├── NotFound                   a customer, case or message id that does not exist
     ├── IllegalTransition          an escalation or message cannot move to that state
     ├── InvalidChoice              a value that is not one of the allowed ones
@@ -183,6 +184,16 @@ class EventConflict(LifecycleError):
             f"({', '.join(differences)} differ{'s' if len(differences) == 1 else ''}); "
             "nothing was changed: send a new event with a new id"
         )
+
+
+class ScratchCopyError(LifecycleError):
+    """A database that cannot be copied for work that must not change it (a simulation);
+    raised by engine.data.scratch before anything is written."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"cannot copy {where}: {reason}")
 
 
 class NotFound(LifecycleError):
