@@ -52,15 +52,21 @@ class App:
     def rules(self) -> RuleSet:
         """The rules, loaded on first use; raises RulesInvalid with every problem."""
         if self._rules is None:
-            self._rules = load_rules(self.settings.rules_dir, self.settings.templates_dir)
+            self._rules = self._load_rules()
         return self._rules
 
     def reload_rules(self) -> RuleSet:
         """Load the rules again; on any problem the last good rules stay in force."""
-        fresh = load_rules(self.settings.rules_dir, self.settings.templates_dir)
+        fresh = self._load_rules()
         self._rules = fresh
         self.templates = TemplateStore(Path(self.settings.templates_dir))
         return fresh
+
+    def _load_rules(self) -> RuleSet:
+        settings = self.settings
+        return load_rules(
+            settings.rules_dir, settings.templates_dir, roster_file=settings.roster_file
+        )
 
     def workers(self) -> int:
         import os

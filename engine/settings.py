@@ -67,10 +67,3 @@ class Settings(BaseSettings):
         previous = self.secret_key_previous.get_secret_value() if self.secret_key_previous else ""
         earlier = [key.strip() for key in previous.split(",") if key.strip()]
         return [*earlier, self.secret_key.get_secret_value()]
-
-    def roster_path(self) -> Path:
-        return (
-            self.roster_file
-            if self.roster_file is not None
-            else self.rules_dir / "support_roster.yaml"
-        )

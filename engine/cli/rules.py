@@ -14,10 +14,12 @@ from engine.cli.common import (
     err,
     load_app,
     out,
+    read_settings,
     rules_of,
 )
 from engine.errors import RulesInvalid
-from engine.playbooks.loader import load_rules
+from engine.playbooks.loader import ROSTER_FILE, load_rules
+from engine.playbooks.model import RuleSet
 
 rules_app = typer.Typer(no_args_is_help=True, help="Check the rule files.")
 app.add_typer(rules_app, name="rules")
@@ -28,20 +30,43 @@ def init() -> None:
     """Create or upgrade the database, and check the rules."""
     application = load_app()
     rules = rules_of(application)
-    out.print(f"database ready: {application.settings.database_url}")
+    settings = application.settings
+    out.print(f"database ready: {settings.database_url}")
     out.print(f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}")
+    out.print(_roster_line(rules, settings.roster_file or settings.rules_dir / ROSTER_FILE))
+
+
+def _roster_line(rules: RuleSet, path: Path) -> str:
+    """Who hears of complaint cases (the loader refuses rules that escalate to nobody)."""
+    leads = rules.roster.leads
+    if not leads:
+        return f"support roster: none at {path} (no playbook escalates, so none is needed)"
+    first = rules.roster.on_duty(1)
+    on_duty = f"; on duty at tier 1: {first.name}" if first is not None else ""
+    return f"support roster: {path}, {len(leads)} lead{'s' if len(leads) != 1 else ''}{on_duty}"
 
 
 @rules_app.command("check")
 def rules_check(
-    directory: Annotated[Path, typer.Argument(help="Rules directory.")] = Path("rules"),
-    templates: Annotated[Path, typer.Option(help="Templates directory.")] = Path(
-        "templates/messages"
-    ),
+    directory: Annotated[
+        Path | None, typer.Argument(help="Rules directory (default: LIFECYCLE_RULES_DIR).")
+    ] = None,
+    templates: Annotated[
+        Path | None, typer.Option(help="Templates directory (default: LIFECYCLE_TEMPLATES_DIR).")
+    ] = None,
 ) -> None:
-    """Validate every rule file; print each problem as path:line:col and exit 1 if any."""
+    """Validate every rule file; print each problem as path:line:col and exit 1 if any.
+
+    The support roster is LIFECYCLE_ROSTER_FILE, or support_roster.yaml in the rules
+    directory; a playbook that escalates with no support lead to notify is a problem.
+    """
+    settings = read_settings()
     try:
-        rules = load_rules(directory, templates)
+        rules = load_rules(
+            directory or settings.rules_dir,
+            templates or settings.templates_dir,
+            roster_file=settings.roster_file,
+        )
     except RulesInvalid as exc:
         for problem in exc.problems:
             out.print(str(problem), markup=False, soft_wrap=True)
@@ -53,6 +78,8 @@ def rules_check(
         f"{len(rules.catalog.facts)} facts; rules version {rules.version}",
         markup=False,
     )
+    roster = settings.roster_file or (directory or settings.rules_dir) / ROSTER_FILE
+    out.print(_roster_line(rules, roster), markup=False)
 
 
 @app.command()
