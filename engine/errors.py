@@ -15,6 +15,7 @@ the text to a person and act on the parts.
     ├── ImportRowError             one row of an import file is bad (row number and reason)
     ├── EventConflict              an event id seen before, now with a different payload
     ├── ScratchCopyError           a database cannot be copied to work on (simulate)
+    ├── WouldOverwrite             files that a command will not replace (lifecycle new)
     ├── NotFound                   a customer, case or message id that does not exist
     ├── IllegalTransition          an escalation or message cannot move to that state
     ├── InvalidChoice              a value that is not one of the allowed ones
@@ -194,6 +195,21 @@ class ScratchCopyError(LifecycleError):
         self.where = where
         self.reason = reason
         super().__init__(f"cannot copy {where}: {reason}")
+
+
+class WouldOverwrite(LifecycleError):
+    """A command that writes new files found some already there; it wrote nothing."""
+
+    def __init__(self, directory: str, existing: list[str]) -> None:
+        self.directory = directory
+        self.existing = existing
+        shown = ", ".join(existing[:5]) + (
+            f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+        )
+        super().__init__(
+            f"{directory} already has {shown}: nothing was written; "
+            "choose a new directory or move those files away"
+        )
 
 
 class NotFound(LifecycleError):

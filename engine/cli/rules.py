@@ -1,4 +1,4 @@
-"""`lifecycle init`, `rules check` and `facts`: the rule files and what they may use."""
+"""`lifecycle new`, `init`, `rules check` and `facts`: the rule files and what they may use."""
 
 from __future__ import annotations
 
@@ -12,17 +12,47 @@ from rich.table import Table
 from engine.cli.common import (
     app,
     err,
+    fail,
     load_app,
     out,
     read_settings,
     rules_of,
 )
-from engine.errors import RulesInvalid
-from engine.playbooks.loader import ROSTER_FILE, load_rules
+from engine.errors import LifecycleError, RulesInvalid
+from engine.playbooks.loader import RESERVED_FILES, ROSTER_FILE, load_rules
 from engine.playbooks.model import RuleSet
 
 rules_app = typer.Typer(no_args_is_help=True, help="Check the rule files.")
 app.add_typer(rules_app, name="rules")
+
+
+@app.command()
+def new(
+    directory: Annotated[Path, typer.Argument(help="The new project's directory.")],
+) -> None:
+    """Start a project in DIR: the example playbooks (rules/) and their templates
+    (templates/messages/); nothing is overwritten."""
+    from engine.usecases.new_project import write_new_project
+
+    try:
+        written = write_new_project(directory)
+    except LifecycleError as exc:
+        raise fail(str(exc)) from exc
+    playbooks = sorted(
+        p.stem for p in written if p.parent.name == "rules" and p.name not in RESERVED_FILES
+    )
+    out.print(
+        f"wrote {len(written)} files into {directory}: rules/ ({len(playbooks)} playbooks: "
+        f"{', '.join(playbooks)}; the fact catalog, policies and support roster) and "
+        "templates/messages/",
+        markup=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"next: cd {directory} && lifecycle init && lifecycle rules check && lifecycle serve",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -33,7 +63,11 @@ def init() -> None:
     settings = application.settings
     out.print(f"database ready: {settings.database_url}")
     out.print(f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}")
-    out.print(_roster_line(rules, settings.roster_file or settings.rules_dir / ROSTER_FILE))
+    out.print(
+        _roster_line(rules, settings.roster_file or settings.rules_dir / ROSTER_FILE),
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def _roster_line(rules: RuleSet, path: Path) -> str:
@@ -77,9 +111,10 @@ def rules_check(
         f"{len(rules.playbooks)} playbooks ok ({', '.join(sorted(rules.playbooks))}); "
         f"{len(rules.catalog.facts)} facts; rules version {rules.version}",
         markup=False,
+        soft_wrap=True,
     )
     roster = settings.roster_file or (directory or settings.rules_dir) / ROSTER_FILE
-    out.print(_roster_line(rules, roster), markup=False)
+    out.print(_roster_line(rules, roster), markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -6,14 +6,12 @@ Each command runs as a person runs it (the CLI; `serve` also as a real process).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import pytest
 from typer.testing import CliRunner
 
@@ -22,7 +20,7 @@ from engine.cli import app
 from engine.errors import StartupRefused
 from engine.settings import DEFAULT_SECRET_KEY, Settings
 from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES, ROOT
-from tests.support.server import free_port
+from tests.support.server import free_port, wait_for_json
 
 runner = CliRunner()
 GOOD_KEY = "a-secret-key-that-is-long-enough-0123"
@@ -185,23 +183,9 @@ def test_serve_as_a_process_with_console_channels_warns_once_and_serves(
     port = free_port()
     server = _serve(env, {}, port)
     try:
-        health = _wait_for_health(server, port)
+        health = wait_for_json(server, f"http://127.0.0.1:{port}/healthz")
         assert health == {"status": "ok"}
     finally:
         server.terminate()
         _, stderr = server.communicate(timeout=60)
     assert stderr.count("LIFECYCLE_SECRET_KEY is the published default") == 1, stderr
-
-
-def _wait_for_health(server: subprocess.Popen[str], port: int) -> object:
-    """GET /healthz once the server answers (it is starting: a refused connection is retried
-    until the process exits or 300 tries have passed)."""
-    for _ in range(300):
-        if server.poll() is not None:
-            raise AssertionError(f"serve exited with {server.returncode}")
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
-        except httpx.ConnectError:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                server.wait(timeout=0.2)  # a pause that ends early if the server exits
-    raise AssertionError("serve did not answer /healthz")
