@@ -107,22 +107,21 @@ def simulation_app(
     files land in ``outbox``, or in a temporary directory removed at the end: whatever
     LIFECYCLE_EMAIL_CHANNEL and LIFECYCLE_SMS_CHANNEL say, nothing leaves this machine.
     """
-    scratch_outbox = (
-        None if outbox is not None else Path(tempfile.mkdtemp(prefix="lifecycle-outbox-"))
-    )
-    box = outbox if outbox is not None else scratch_outbox
-    assert box is not None
+    scratch_outbox = None
+    if outbox is None:
+        scratch_outbox = outbox = Path(tempfile.mkdtemp(prefix="lifecycle-outbox-"))
     try:
         with scratch_copy(settings.database_url, keep=work_db) as db:
             copy = settings.model_copy(
                 update={
                     "database_url": db.url.render_as_string(hide_password=False),
-                    "outbox_dir": box,
+                    "outbox_dir": outbox,
                     "email_channel": "console",
                     "sms_channel": "console",
                 }
             )
-            yield bootstrap(copy, db=db, channels=console_channels(box, quiet=True), migrate=False)
+            channels = console_channels(outbox, quiet=True)
+            yield bootstrap(copy, db=db, channels=channels, migrate=False)
     finally:
         if scratch_outbox is not None:
             shutil.rmtree(scratch_outbox, ignore_errors=True)
@@ -165,34 +164,22 @@ def _real_channels(settings: Settings) -> list[str]:
 
 
 def _channel_pairing_problems(settings: Settings) -> list[ConfigurationError]:
-    pairs = (
-        (
-            "LIFECYCLE_EMAIL_CHANNEL=sendgrid",
-            settings.email_channel == "sendgrid",
-            "LIFECYCLE_SMS_CHANNEL",
-            settings.sms_channel,
-            "twilio",
-            "SMS",
-        ),
-        (
-            "LIFECYCLE_SMS_CHANNEL=twilio",
-            settings.sms_channel == "twilio",
-            "LIFECYCLE_EMAIL_CHANNEL",
-            settings.email_channel,
-            "sendgrid",
-            "email",
-        ),
+    problems = []
+    if settings.email_channel == "sendgrid" and settings.sms_channel is None:
+        problems.append(_unpaired("LIFECYCLE_EMAIL_CHANNEL=sendgrid", "SMS", "twilio"))
+    if settings.sms_channel == "twilio" and settings.email_channel is None:
+        problems.append(_unpaired("LIFECYCLE_SMS_CHANNEL=twilio", "email", "sendgrid"))
+    return problems
+
+
+def _unpaired(real: str, what: str, provider: str) -> ConfigurationError:
+    variable = f"LIFECYCLE_{what.upper()}_CHANNEL"
+    return ConfigurationError(
+        variable,
+        f"not set while {real} is: every {what} would be written to local files and "
+        f"recorded as sent; set {variable}={provider}, or {variable}=console to keep "
+        f"{what} local on purpose",
     )
-    return [
-        ConfigurationError(
-            variable,
-            f"not set while {real} is: every {what} would be written to local files and "
-            f"recorded as sent; set {variable}={provider}, or {variable}=console to keep "
-            f"{what} local on purpose",
-        )
-        for real, configured, variable, value, provider, what in pairs
-        if configured and value is None
-    ]
 
 
 def _secret_key_problems(settings: Settings, real: list[str]) -> list[ConfigurationError]:

@@ -17,8 +17,8 @@ header being line 1) and a reason naming the field, and the good rows are kept: 
 committed in batches, and a batch the database refuses is retried row by row, so that only
 the offending row is reported. Importing the same file again changes nothing: events are
 known by id (counted as duplicates; an id seen before, in the database or earlier in the
-file, with a different payload is a bad row, and changes nothing), and a customer whose row says nothing new is left
-untouched (counted as unchanged). A column or key the file does not have never erases
+file, with a different payload is a bad row, and changes nothing), and a customer whose
+row says nothing new is left untouched (counted as unchanged). A column or key the file does not have never erases
 what is stored: attributes merge key by key, and a missing ``email_opt_in`` keeps consent.
 
 Imported events are stored exactly as ingested ones: not yet evaluated.

@@ -453,7 +453,6 @@ class Recorded(StrEnum):
 
     STORED = "stored"
     DUPLICATE = "duplicate"  # its id was seen before, in the database or earlier in the batch
-    CONFLICT = "conflict"  # its id was seen before with a different payload
     UNKNOWN_CUSTOMER = "unknown customer"
 
 

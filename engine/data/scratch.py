@@ -40,20 +40,21 @@ def scratch_copy(url: str, *, keep: Path | None = None) -> Iterator[Engine]:
     copied (no such file, an in-memory database, an unmigrated PostgreSQL schema).
     """
     address = make_url(normalize_url(url))
+    shown = address.render_as_string(hide_password=True)  # errors never print a password
     if address.get_backend_name() == "sqlite":
         with _sqlite_copy(address.database, keep) as engine:
             yield engine
     elif address.get_backend_name() == "postgresql":
         if keep is not None:
             raise ScratchCopyError(
-                url,
+                shown,
                 "a kept copy (--work-db) is a SQLite file; on PostgreSQL the work is done in "
                 "a scratch schema that is dropped at the end",
             )
-        with _postgres_copy(url) as engine:
+        with _postgres_copy(url, shown) as engine:
             yield engine
     else:
-        raise ScratchCopyError(url, f"{address.get_backend_name()} databases are not supported")
+        raise ScratchCopyError(shown, f"{address.get_backend_name()} databases are not supported")
 
 
 @contextmanager
@@ -104,12 +105,12 @@ def _backup(source: Path, target: Path) -> None:
 
 
 @contextmanager
-def _postgres_copy(url: str) -> Iterator[Engine]:
+def _postgres_copy(url: str, shown: str) -> Iterator[Engine]:
     source = make_engine(url)
     scratch: str | None = None
     engine: Engine | None = None
     try:
-        origin = _migrated_schema(source, url)
+        origin = _migrated_schema(source, shown)
         scratch = f"{SCRATCH_SCHEMA_PREFIX}{uuid.uuid4().hex[:12]}"
         with source.begin() as connection:
             connection.execute(text(f'CREATE SCHEMA "{scratch}"'))
@@ -126,7 +127,7 @@ def _postgres_copy(url: str) -> Iterator[Engine]:
         source.dispose()
 
 
-def _migrated_schema(source: Engine, url: str) -> str:
+def _migrated_schema(source: Engine, shown: str) -> str:
     """The source's schema; refused unless it is at the newest migration (the copy's
     tables are made by the migrations, so the columns must be the same)."""
     head = ScriptDirectory.from_config(alembic_config(source)).get_current_head()
@@ -135,7 +136,7 @@ def _migrated_schema(source: Engine, url: str) -> str:
         revision = MigrationContext.configure(connection).get_current_revision()
     if revision != head:
         raise ScratchCopyError(
-            url,
+            shown,
             f"schema {schema!r} is at migration {revision or '(none)'}, not {head}: "
             "run `lifecycle init` first",
         )

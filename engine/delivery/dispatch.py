@@ -111,13 +111,10 @@ def unsubscribe_token(secret_key: str, customer_id: str, channel: str, message_i
 def read_unsubscribe_token(secret_keys: str | Sequence[str], token: str) -> tuple[str, str, str]:
     """Raises itsdangerous.BadSignature for a forged or damaged token. ``secret_keys`` may be
     a list, oldest first: a token signed with any of them verifies (key rotation)."""
-    serializer = URLSafeSerializer(list(_as_list(secret_keys)), salt=SERIALIZER_SALT)
+    keys = [secret_keys] if isinstance(secret_keys, str) else list(secret_keys)
+    serializer = URLSafeSerializer(keys, salt=SERIALIZER_SALT)
     customer_id, channel, message_id = serializer.loads(token)
     return str(customer_id), str(channel), str(message_id)
-
-
-def _as_list(keys: str | Sequence[str]) -> Sequence[str]:
-    return [keys] if isinstance(keys, str) else keys
 
 
 def backoff(attempts: int, config: DispatchConfig, rng: random.Random) -> timedelta:
