@@ -22,16 +22,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 venv: $(VENV)/.installed
 
 demo: venv
-	@rm -rf demo.db demo.db-wal demo.db-shm outbox
+	@rm -rf demo.db demo.db-wal demo.db-shm demo-simulated.db demo-simulated.db-wal demo-simulated.db-shm outbox
 	@echo "== 1. checking the rules"
 	$(LIFECYCLE) rules check
 	@echo "== 2. seeding 2,000 synthetic customers into demo.db"
 	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) seed --customers 2000 --now 2026-03-02T09:00:00
 	@echo "== 3. evaluating every customer against every playbook (durable_rules)"
-	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --dry-run --now 2026-03-02T09:00:00
-	@echo "== 4. thirty simulated days of journeys on a fake clock (console channel, files in outbox/)"
-	LIFECYCLE_DATABASE_URL=$(DEMO_DB) COLUMNS=120 $(LIFECYCLE) simulate --days 30 --start 2026-03-02T09:00:00 --customer seed-00000001
-	@echo "Explore it: export LIFECYCLE_DATABASE_URL=$(DEMO_DB); $(LIFECYCLE) explain seed-00000001"
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --now 2026-03-02T09:00:00
+	@echo "== 4. thirty simulated days of journeys on a fake clock, on a copy of demo.db (console channel, files in outbox/)"
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) COLUMNS=120 $(LIFECYCLE) simulate --days 30 --start 2026-03-02T09:00:00 --customer seed-00000001 --activity synthetic --work-db demo-simulated.db --outbox outbox
+	@echo "Explore it: export LIFECYCLE_DATABASE_URL=sqlite:///demo-simulated.db; $(LIFECYCLE) explain seed-00000001"
 
 run: venv
 	$(LIFECYCLE) run
@@ -61,4 +61,4 @@ lint: venv
 	$(BIN)/mypy engine channels scheduler.py
 
 clean:
-	rm -rf $(VENV) demo.db* outbox bench-results .pytest_cache .hypothesis
+	rm -rf $(VENV) demo.db* demo-simulated.db* outbox bench-results .pytest_cache .hypothesis

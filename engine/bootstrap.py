@@ -4,11 +4,19 @@ The CLI, ``scheduler.py``, the web app and the tests all call ``bootstrap``; tes
 their own pieces (a database URL, an in-memory channel, a fixed clock) instead.
 Channel adapters (and so the provider SDKs) are imported only here, and only the ones
 the settings ask for.
+
+Every command that sends or serves (``run``, ``serve``, ``dispatch``, ``tick``, and a
+queue ``worker``) calls ``check_startup(settings, command)`` first: it refuses settings
+that would lose messages or let strangers sign unsubscribe links, before anything is
+opened.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,11 +26,15 @@ from sqlalchemy import Engine
 
 from engine.clock import utcnow
 from engine.data.db import make_engine, upgrade
+from engine.data.scratch import scratch_copy
 from engine.delivery.templates import TemplateStore
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, StartupRefused
 from engine.playbooks.loader import load_rules
 from engine.playbooks.model import RuleSet
-from engine.settings import Settings
+from engine.settings import DEFAULT_SECRET_KEY, Settings
+
+MIN_SECRET_KEY_LENGTH = 16
+MAKE_A_KEY = 'python -c "import secrets; print(secrets.token_urlsafe(32))"'
 
 
 @dataclass
@@ -40,15 +52,21 @@ class App:
     def rules(self) -> RuleSet:
         """The rules, loaded on first use; raises RulesInvalid with every problem."""
         if self._rules is None:
-            self._rules = load_rules(self.settings.rules_dir, self.settings.templates_dir)
+            self._rules = self._load_rules()
         return self._rules
 
     def reload_rules(self) -> RuleSet:
         """Load the rules again; on any problem the last good rules stay in force."""
-        fresh = load_rules(self.settings.rules_dir, self.settings.templates_dir)
+        fresh = self._load_rules()
         self._rules = fresh
         self.templates = TemplateStore(Path(self.settings.templates_dir))
         return fresh
+
+    def _load_rules(self) -> RuleSet:
+        settings = self.settings
+        return load_rules(
+            settings.rules_dir, settings.templates_dir, roster_file=settings.roster_file
+        )
 
     def workers(self) -> int:
         import os
@@ -78,21 +96,130 @@ def bootstrap(
     return app
 
 
-def build_channels(settings: Settings) -> dict[str, Any]:
-    """The email and SMS channels the settings choose (console when nothing is set)."""
-    built: dict[str, Any] = {}
-    if settings.email_channel == "sendgrid":
-        if settings.sendgrid_api_key is None:
-            raise ConfigurationError(
-                "LIFECYCLE_SENDGRID_API_KEY", "required for the sendgrid channel"
-            )
-        from channels.sendgrid_email import SendGridEmailChannel
+@contextmanager
+def simulation_app(
+    settings: Settings, *, work_db: Path | None = None, outbox: Path | None = None
+) -> Iterator[App]:
+    """The app a simulation runs in: never the configured database, never a real provider.
 
-        built["email"] = SendGridEmailChannel(
-            api_key=settings.sendgrid_api_key.get_secret_value(),
-            from_email=settings.from_email,
-            from_name=settings.from_name,
-            host=settings.sendgrid_host,
+    The database is a scratch copy of the configured one (engine.data.scratch; ``work_db``
+    keeps a SQLite copy there), and email and SMS go to one quiet console channel whose
+    files land in ``outbox``, or in a temporary directory removed at the end: whatever
+    LIFECYCLE_EMAIL_CHANNEL and LIFECYCLE_SMS_CHANNEL say, nothing leaves this machine.
+    """
+    scratch_outbox = None
+    if outbox is None:
+        scratch_outbox = outbox = Path(tempfile.mkdtemp(prefix="lifecycle-outbox-"))
+    try:
+        with scratch_copy(settings.database_url, keep=work_db) as db:
+            copy = settings.model_copy(
+                update={
+                    "database_url": db.url.render_as_string(hide_password=False),
+                    "outbox_dir": outbox,
+                    "email_channel": "console",
+                    "sms_channel": "console",
+                }
+            )
+            channels = console_channels(outbox, quiet=True)
+            yield bootstrap(copy, db=db, channels=channels, migrate=False)
+    finally:
+        if scratch_outbox is not None:
+            shutil.rmtree(scratch_outbox, ignore_errors=True)
+
+
+def check_startup(settings: Settings, command: str) -> list[str]:
+    """The start-up check of a command that sends or serves; returns warnings to log once.
+
+    With a real channel (SendGrid or Twilio) configured, it refuses (StartupRefused, every
+    problem at once, each naming its variable):
+    - the other channel left unset: its messages would be written to local files and
+      recorded as sent; set it to its provider, or to ``console`` on purpose;
+    - the published default secret key (current or previous), or a short one: anyone
+      could sign unsubscribe links and opt customers out;
+    - a real channel without its credentials.
+    With console channels only, the default key is a warning.
+    """
+    problems = [*_channel_pairing_problems(settings), *credential_problems(settings)]
+    real = _real_channels(settings)
+    key = settings.secret_key.get_secret_value()
+    if real:
+        problems.extend(_secret_key_problems(settings, real))
+    if problems:
+        raise StartupRefused(command, problems)
+    if key == DEFAULT_SECRET_KEY:
+        return [
+            "LIFECYCLE_SECRET_KEY is the published default: fine with console channels, but "
+            f"set it before configuring SendGrid or Twilio (make one with: {MAKE_A_KEY})"
+        ]
+    return []
+
+
+def _real_channels(settings: Settings) -> list[str]:
+    real = []
+    if settings.email_channel == "sendgrid":
+        real.append("LIFECYCLE_EMAIL_CHANNEL=sendgrid")
+    if settings.sms_channel == "twilio":
+        real.append("LIFECYCLE_SMS_CHANNEL=twilio")
+    return real
+
+
+def _channel_pairing_problems(settings: Settings) -> list[ConfigurationError]:
+    problems = []
+    if settings.email_channel == "sendgrid" and settings.sms_channel is None:
+        problems.append(_unpaired("LIFECYCLE_EMAIL_CHANNEL=sendgrid", "SMS", "twilio"))
+    if settings.sms_channel == "twilio" and settings.email_channel is None:
+        problems.append(_unpaired("LIFECYCLE_SMS_CHANNEL=twilio", "email", "sendgrid"))
+    return problems
+
+
+def _unpaired(real: str, what: str, provider: str) -> ConfigurationError:
+    variable = f"LIFECYCLE_{what.upper()}_CHANNEL"
+    return ConfigurationError(
+        variable,
+        f"not set while {real} is: every {what} would be written to local files and "
+        f"recorded as sent; set {variable}={provider}, or {variable}=console to keep "
+        f"{what} local on purpose",
+    )
+
+
+def _secret_key_problems(settings: Settings, real: list[str]) -> list[ConfigurationError]:
+    because = (
+        f"with {' and '.join(real)} it signs the unsubscribe links of real messages, and "
+        "anyone who knows the key can opt any customer out"
+    )
+    key = settings.secret_key.get_secret_value()
+    problems = []
+    if key == DEFAULT_SECRET_KEY:
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_SECRET_KEY",
+                f"is the published default; {because}. Make one with: {MAKE_A_KEY}",
+            )
+        )
+    elif len(key) < MIN_SECRET_KEY_LENGTH:
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_SECRET_KEY",
+                f"is {len(key)} characters, fewer than {MIN_SECRET_KEY_LENGTH}; {because}. "
+                f"Make one with: {MAKE_A_KEY}",
+            )
+        )
+    if DEFAULT_SECRET_KEY in settings.secret_keys()[:-1]:
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_SECRET_KEY_PREVIOUS",
+                f"lists the published default key; {because}. Remove it from the list",
+            )
+        )
+    return problems
+
+
+def credential_problems(settings: Settings) -> list[ConfigurationError]:
+    """What a chosen real channel lacks to send (empty when nothing is missing)."""
+    problems = []
+    if settings.email_channel == "sendgrid" and not settings.sendgrid_api_key:
+        problems.append(
+            ConfigurationError("LIFECYCLE_SENDGRID_API_KEY", "required for the sendgrid channel")
         )
     if settings.sms_channel == "twilio":
         missing = [
@@ -105,7 +232,38 @@ def build_channels(settings: Settings) -> dict[str, Any]:
             if not value
         ]
         if missing:
-            raise ConfigurationError(", ".join(missing), "required for the twilio channel")
+            problems.append(
+                ConfigurationError(", ".join(missing), "required for the twilio channel")
+            )
+    return problems
+
+
+def console_channels(outbox: Path, *, quiet: bool = False) -> dict[str, Any]:
+    """One console channel for email and SMS: files under ``outbox`` (and a short block on
+    stdout unless ``quiet``)."""
+    from channels.console import ConsoleChannel
+
+    console = ConsoleChannel(outbox, stream=None) if quiet else ConsoleChannel(outbox)
+    return {"email": console, "sms": console}
+
+
+def build_channels(settings: Settings) -> dict[str, Any]:
+    """The email and SMS channels the settings choose (console when nothing is set)."""
+    problems = credential_problems(settings)
+    if problems:
+        raise problems[0]
+    built: dict[str, Any] = {}
+    if settings.email_channel == "sendgrid":
+        assert settings.sendgrid_api_key is not None
+        from channels.sendgrid_email import SendGridEmailChannel
+
+        built["email"] = SendGridEmailChannel(
+            api_key=settings.sendgrid_api_key.get_secret_value(),
+            from_email=settings.from_email,
+            from_name=settings.from_name,
+            host=settings.sendgrid_host,
+        )
+    if settings.sms_channel == "twilio":
         from channels.twilio_sms import TwilioSmsChannel
 
         assert settings.twilio_account_sid is not None
@@ -118,9 +276,6 @@ def build_channels(settings: Settings) -> dict[str, Any]:
             base_url=settings.twilio_base_url,
         )
     if "email" not in built or "sms" not in built:
-        from channels.console import ConsoleChannel
-
-        console = ConsoleChannel(Path(settings.outbox_dir))
-        built.setdefault("email", console)
-        built.setdefault("sms", console)
+        for name, channel in console_channels(Path(settings.outbox_dir)).items():
+            built.setdefault(name, channel)
     return built

@@ -13,6 +13,9 @@ the text to a person and act on the parts.
     ├── EvaluationWorkerCrashed    a worker process died while evaluating a batch
     ├── TemplateError              a message template is missing or does not render
     ├── ImportRowError             one row of an import file is bad (row number and reason)
+    ├── EventConflict              an event id seen before, now with a different payload
+    ├── ScratchCopyError           a database cannot be copied to work on (simulate)
+    ├── WouldOverwrite             files that a command will not replace (lifecycle new)
     ├── NotFound                   a customer, case or message id that does not exist
     ├── IllegalTransition          an escalation or message cannot move to that state
     ├── InvalidChoice              a value that is not one of the allowed ones
@@ -22,6 +25,7 @@ the text to a person and act on the parts.
     ├── WebhookSignatureError      a webhook whose signature does not verify
     ├── WebhookPayloadError        a signed webhook whose body is not what the provider sends
     └── ConfigurationError         a setting is missing or contradictory
+        └── StartupRefused         a command will not start: every setting in the way
 """
 
 from __future__ import annotations
@@ -167,6 +171,47 @@ class ImportRowError(LifecycleError):
         super().__init__(f"{path}: row {row}: {reason}")
 
 
+class EventConflict(LifecycleError):
+    """An event id that was recorded before with a different payload; raised (or returned,
+    for a batch) by ``engine.data.ingest``, which then changes nothing. ``differences``
+    names each field that differs: ``customer_id``, ``type``, ``occurred_at`` or
+    ``properties.<name>``."""
+
+    def __init__(self, event_id: str, differences: tuple[str, ...]) -> None:
+        self.event_id = event_id
+        self.differences = differences
+        super().__init__(
+            f"event {event_id!r} was recorded before with a different payload "
+            f"({', '.join(differences)} differ{'s' if len(differences) == 1 else ''}); "
+            "nothing was changed: send a new event with a new id"
+        )
+
+
+class ScratchCopyError(LifecycleError):
+    """A database that cannot be copied for work that must not change it (a simulation);
+    raised by engine.data.scratch before anything is written."""
+
+    def __init__(self, where: str, reason: str) -> None:
+        self.where = where
+        self.reason = reason
+        super().__init__(f"cannot copy {where}: {reason}")
+
+
+class WouldOverwrite(LifecycleError):
+    """A command that writes new files found some already there; it wrote nothing."""
+
+    def __init__(self, directory: str, existing: list[str]) -> None:
+        self.directory = directory
+        self.existing = existing
+        shown = ", ".join(existing[:5]) + (
+            f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+        )
+        super().__init__(
+            f"{directory} already has {shown}: nothing was written; "
+            "choose a new directory or move those files away"
+        )
+
+
 class NotFound(LifecycleError):
     """Something was asked for by id and does not exist."""
 
@@ -252,6 +297,19 @@ class ConfigurationError(LifecycleError):
         self.setting = setting
         self.reason = reason
         super().__init__(f"setting {setting}: {reason}")
+
+
+class StartupRefused(ConfigurationError):
+    """The start-up check (engine.bootstrap.check_startup) refused to let a command start;
+    ``problems`` holds one ConfigurationError per setting in the way, all at once."""
+
+    def __init__(self, command: str, problems: list[ConfigurationError]) -> None:
+        self.command = command
+        self.problems = problems
+        self.setting = ", ".join(problem.setting for problem in problems)
+        self.reason = "; ".join(problem.reason for problem in problems)
+        listed = "\n".join(f"  {problem}" for problem in problems)
+        LifecycleError.__init__(self, f"lifecycle {command} refuses to start:\n{listed}")
 
 
 class WebhookPayloadError(LifecycleError):

@@ -11,6 +11,10 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# Published in this repository: fine for trying Lifecycle with console channels, refused
+# by the start-up check (engine.bootstrap.check_startup) as soon as a real channel sends.
+DEFAULT_SECRET_KEY = "dev-only-change-me"
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LIFECYCLE_", env_file=".env", extra="ignore")
@@ -25,9 +29,10 @@ class Settings(BaseSettings):
     batch_size: int = 2000
     engine: str = Field(default="durable", pattern="^(durable|reference)$")
 
-    # Channels: console (the default, no credentials), sendgrid, twilio
-    email_channel: str = Field(default="console", pattern="^(console|sendgrid)$")
-    sms_channel: str = Field(default="console", pattern="^(console|twilio)$")
+    # Channels: console (the default, no credentials), sendgrid, twilio. None means "not
+    # set", which acts as console; the start-up check tells it from an explicit console.
+    email_channel: str | None = Field(default=None, pattern="^(console|sendgrid)$")
+    sms_channel: str | None = Field(default=None, pattern="^(console|twilio)$")
     from_email: str = "hello@lifecycle.example"
     from_name: str = "Lifecycle"
     sendgrid_api_key: SecretStr | None = None
@@ -40,15 +45,25 @@ class Settings(BaseSettings):
 
     # Web
     public_base_url: str = "http://127.0.0.1:8000"
-    secret_key: SecretStr = SecretStr("dev-only-change-me")  # signs unsubscribe tokens, sessions
+    secret_key: SecretStr = SecretStr(DEFAULT_SECRET_KEY)  # signs unsubscribe tokens, sessions
+    # Earlier secret keys, comma-separated: unsubscribe links signed with them still work.
+    secret_key_previous: SecretStr | None = None
     api_key: SecretStr | None = None
     unsubscribe_mailto: str = "unsubscribe@lifecycle.example"
 
-    # Escalations roster: a YAML file of support leads (name, email, phone, tier)
-    roster_file: Path = Path("rules/support_roster.yaml")
+    # Escalations roster: a YAML file of support leads (name, email, phone, tier);
+    # None means support_roster.yaml in the rules directory.
+    roster_file: Path | None = None
 
     # Web console staff accounts (engine.web.auth): comma-separated
     # "name:pbkdf2_sha256$iterations$salt$hash" entries, hashes made with
     # `python -m engine.web.auth`. Unset: nobody can sign in to the console.
     staff_passwords: SecretStr | None = None
     session_hours: int = Field(default=12, ge=1, le=24 * 30, description="console sign-in lifetime")
+
+    def secret_keys(self) -> list[str]:
+        """Every key that verifies a signed link, oldest first, the current one last (the
+        order itsdangerous expects: it signs with the last)."""
+        previous = self.secret_key_previous.get_secret_value() if self.secret_key_previous else ""
+        earlier = [key.strip() for key in previous.split(",") if key.strip()]
+        return [*earlier, self.secret_key.get_secret_value()]

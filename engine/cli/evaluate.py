@@ -1,16 +1,18 @@
-"""`lifecycle evaluate`: which playbooks and steps each customer matches."""
+"""`lifecycle evaluate`: which playbooks and steps each customer matches.
+
+Read-only in every mode: it shows what a tick would evaluate and changes nothing. Only a
+tick consumes pending events (an event marked evaluated here would never start its
+journey: no welcome for that sign-up, no case for that complaint).
+"""
 
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from sqlmodel import col
 
-from engine.bootstrap import App
 from engine.cli.common import (
     NowOption,
     app,
@@ -21,8 +23,6 @@ from engine.cli.common import (
     print_json,
     rules_of,
 )
-from engine.data.models import Event
-from engine.data.uow import unit_of_work
 from engine.errors import LifecycleError
 from engine.evaluation.runs import Summary, evaluate_batches, subject_batches
 from engine.playbooks.model import RuleSet
@@ -34,7 +34,12 @@ def evaluate(
         list[str] | None, typer.Option("--customer", help="Only this customer (repeatable).")
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Report only; change nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Accepted for older scripts; evaluate never changes anything anyway.",
+            hidden=True,
+        ),
     ] = False,
     json_output: Annotated[bool, typer.Option("--json")] = False,
     engine: Annotated[str, typer.Option(help="durable or reference")] = "durable",
@@ -43,7 +48,10 @@ def evaluate(
     ] = None,
     now: NowOption = None,
 ) -> None:
-    """Evaluate customers against every playbook: which playbooks and steps each matches."""
+    """Evaluate customers against every playbook: which playbooks and steps each matches.
+
+    Read-only: pending events stay pending for the next tick, which starts their journeys.
+    """
     application = load_app()
     rules = rules_of(application)
     moment = moment_of(application, now)
@@ -67,19 +75,7 @@ def evaluate(
     except LifecycleError as exc:
         raise fail(str(exc)) from exc
     elapsed = time.perf_counter() - started
-    if not dry_run:
-        _mark_events_evaluated(application, customer, moment)
-    _print_summary(rules, summary, details, elapsed, json_output, dry_run)
-
-
-def _mark_events_evaluated(application: App, customer: list[str] | None, moment: datetime) -> None:
-    from sqlalchemy import update
-
-    statement = update(Event).where(col(Event.evaluated_at).is_(None))
-    if customer:
-        statement = statement.where(col(Event.customer_id).in_(customer))
-    with unit_of_work(application.db) as session:
-        session.execute(statement.values(evaluated_at=moment))
+    _print_summary(rules, summary, details, elapsed, json_output)
 
 
 def _detail(rules: RuleSet, evaluation: Any) -> dict[str, Any]:
@@ -101,14 +97,12 @@ def _print_summary(
     details: list[dict[str, Any]],
     elapsed: float,
     json_output: bool,
-    dry_run: bool,
 ) -> None:
     if json_output:
         payload = {
             "customers": summary.customers,
             "subjects": summary.subjects,
             "seconds": round(elapsed, 3),
-            "dry_run": dry_run,
             "playbooks": {
                 pid: {
                     "matched": summary.entered.get(pid, 0),
@@ -152,5 +146,5 @@ def _print_summary(
     out.print(table)
     rate = summary.subjects / elapsed if elapsed > 0 else 0.0
     out.print(
-        f"{summary.subjects} evaluations in {elapsed:.2f}s ({rate:,.0f}/s){' (dry run)' if dry_run else ''}"
+        f"{summary.subjects} evaluations in {elapsed:.2f}s ({rate:,.0f}/s); nothing was changed"
     )

@@ -1,4 +1,4 @@
-"""`lifecycle init`, `rules check` and `facts`: the rule files and what they may use."""
+"""`lifecycle new`, `init`, `rules check` and `facts`: the rule files and what they may use."""
 
 from __future__ import annotations
 
@@ -12,15 +12,47 @@ from rich.table import Table
 from engine.cli.common import (
     app,
     err,
+    fail,
     load_app,
     out,
+    read_settings,
     rules_of,
 )
-from engine.errors import RulesInvalid
-from engine.playbooks.loader import load_rules
+from engine.errors import LifecycleError, RulesInvalid
+from engine.playbooks.loader import RESERVED_FILES, ROSTER_FILE, load_rules
+from engine.playbooks.model import RuleSet
 
 rules_app = typer.Typer(no_args_is_help=True, help="Check the rule files.")
 app.add_typer(rules_app, name="rules")
+
+
+@app.command()
+def new(
+    directory: Annotated[Path, typer.Argument(help="The new project's directory.")],
+) -> None:
+    """Start a project in DIR: the example playbooks (rules/) and their templates
+    (templates/messages/); nothing is overwritten."""
+    from engine.usecases.new_project import write_new_project
+
+    try:
+        written = write_new_project(directory)
+    except LifecycleError as exc:
+        raise fail(str(exc)) from exc
+    playbooks = sorted(
+        p.stem for p in written if p.parent.name == "rules" and p.name not in RESERVED_FILES
+    )
+    out.print(
+        f"wrote {len(written)} files into {directory}: rules/ ({len(playbooks)} playbooks: "
+        f"{', '.join(playbooks)}; the fact catalog, policies and support roster) and "
+        "templates/messages/",
+        markup=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"next: cd {directory} && lifecycle init && lifecycle rules check && lifecycle serve",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 @app.command()
@@ -28,20 +60,47 @@ def init() -> None:
     """Create or upgrade the database, and check the rules."""
     application = load_app()
     rules = rules_of(application)
-    out.print(f"database ready: {application.settings.database_url}")
+    settings = application.settings
+    out.print(f"database ready: {settings.database_url}")
     out.print(f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}")
+    out.print(
+        _roster_line(rules, settings.roster_file or settings.rules_dir / ROSTER_FILE),
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+def _roster_line(rules: RuleSet, path: Path) -> str:
+    """Who hears of complaint cases (the loader refuses rules that escalate to nobody)."""
+    leads = rules.roster.leads
+    if not leads:
+        return f"support roster: none at {path} (no playbook escalates, so none is needed)"
+    first = rules.roster.on_duty(1)
+    on_duty = f"; on duty at tier 1: {first.name}" if first is not None else ""
+    return f"support roster: {path}, {len(leads)} lead{'s' if len(leads) != 1 else ''}{on_duty}"
 
 
 @rules_app.command("check")
 def rules_check(
-    directory: Annotated[Path, typer.Argument(help="Rules directory.")] = Path("rules"),
-    templates: Annotated[Path, typer.Option(help="Templates directory.")] = Path(
-        "templates/messages"
-    ),
+    directory: Annotated[
+        Path | None, typer.Argument(help="Rules directory (default: LIFECYCLE_RULES_DIR).")
+    ] = None,
+    templates: Annotated[
+        Path | None, typer.Option(help="Templates directory (default: LIFECYCLE_TEMPLATES_DIR).")
+    ] = None,
 ) -> None:
-    """Validate every rule file; print each problem as path:line:col and exit 1 if any."""
+    """Validate every rule file; print each problem as path:line:col and exit 1 if any.
+
+    The support roster is LIFECYCLE_ROSTER_FILE, or support_roster.yaml in the rules
+    directory; a playbook that escalates with no support lead to notify is a problem.
+    """
+    settings = read_settings()
     try:
-        rules = load_rules(directory, templates)
+        rules = load_rules(
+            directory or settings.rules_dir,
+            templates or settings.templates_dir,
+            roster_file=settings.roster_file,
+        )
     except RulesInvalid as exc:
         for problem in exc.problems:
             out.print(str(problem), markup=False, soft_wrap=True)
@@ -52,7 +111,10 @@ def rules_check(
         f"{len(rules.playbooks)} playbooks ok ({', '.join(sorted(rules.playbooks))}); "
         f"{len(rules.catalog.facts)} facts; rules version {rules.version}",
         markup=False,
+        soft_wrap=True,
     )
+    roster = settings.roster_file or (directory or settings.rules_dir) / ROSTER_FILE
+    out.print(_roster_line(rules, roster), markup=False, soft_wrap=True)
 
 
 @app.command()

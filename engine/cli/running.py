@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from sqlalchemy import make_url
 
-from engine.bootstrap import bootstrap
+from engine.bootstrap import simulation_app
 from engine.cli.common import (
     NowOption,
     app,
-    load_app,
+    err,
+    fail,
     moment_of,
     out,
     print_json,
+    read_settings,
     rules_of,
+    start_app,
 )
 from engine.clock import as_utc
-from engine.settings import Settings
+from engine.errors import LifecycleError
 
 
 @app.command()
@@ -34,7 +39,7 @@ def tick(
     """Run one evaluation tick, one SLA check and one dispatch, then stop."""
     from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 
-    application = load_app()
+    application = start_app("tick")
     rules = rules_of(application)
     moment = moment_of(application, now)
     started = time.perf_counter()
@@ -60,16 +65,18 @@ def run() -> None:
 
     from scheduler import LifecycleScheduler
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    application = load_app()
+    application = start_app("run", log_level=logging.INFO)
     rules_of(application)
     out.print(
         f"lifecycle scheduler running on {application.settings.database_url}; Ctrl-C stops it"
     )
     LifecycleScheduler(application).run_forever()
     out.print("stopped cleanly")
+
+
+class Activity(StrEnum):
+    none = "none"
+    synthetic = "synthetic"
 
 
 @app.command()
@@ -81,37 +88,85 @@ def simulate(
     customer: Annotated[
         str | None, typer.Option("--customer", help="Also print this customer's timeline.")
     ] = None,
+    activity: Annotated[
+        Activity,
+        typer.Option(
+            "--activity",
+            help="none: only the clock moves over the data as it is; synthetic: also "
+            "generated sign-ups, visits, orders, NPS answers and complaints.",
+        ),
+    ] = Activity.none,
+    work_db: Annotated[
+        Path | None,
+        typer.Option(
+            "--work-db",
+            help="Keep the simulated copy in this new SQLite file (default: discarded).",
+        ),
+    ] = None,
+    outbox: Annotated[
+        Path | None,
+        typer.Option("--outbox", help="Keep the rendered messages here (default: discarded)."),
+    ] = None,
     random_seed: Annotated[int, typer.Option("--seed")] = 11,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Run the real engine on a fake clock over N days of simulated activity."""
+    """Run the real engine on a fake clock over N days, on a copy of the database.
+
+    The configured database is never changed (SQLite: a backup copy; PostgreSQL: a scratch
+    schema, dropped at the end) and nothing is sent: every message goes to a console
+    channel, whatever the channel settings say.
+    """
     from engine.usecases.simulate import simulate as run_simulation
 
-    settings = Settings()
-    application = bootstrap(settings)
-    if settings.email_channel == "console" and settings.sms_channel == "console":
-        from channels.console import ConsoleChannel
-
-        quiet = ConsoleChannel(Path(settings.outbox_dir), stream=None)
-        application.channels = {"email": quiet, "sms": quiet}
-    rules_of(application)
-    moment = as_utc(start) if start is not None else application.clock()
-    started = time.perf_counter()
-    report = run_simulation(application, moment, days, seed=random_seed, customer=customer)
-    elapsed = time.perf_counter() - started
+    settings = read_settings()
+    if not json_output:
+        err.print(
+            f"simulating on a copy of {_shown(settings.database_url)}; it is not changed and "
+            "nothing is sent",
+            markup=False,
+            soft_wrap=True,
+        )
+    try:
+        with simulation_app(settings, work_db=work_db, outbox=outbox) as application:
+            rules_of(application)
+            moment = as_utc(start) if start is not None else application.clock()
+            started = time.perf_counter()
+            report = run_simulation(
+                application,
+                moment,
+                days,
+                seed=random_seed,
+                customer=customer,
+                activity=activity is Activity.synthetic,
+            )
+            elapsed = time.perf_counter() - started
+    except LifecycleError as exc:
+        raise fail(str(exc)) from exc
     if json_output:
         print_json({**report.as_dict(), "seconds": round(elapsed, 2)})
         return
-    _print_simulation(report, elapsed, application.settings.outbox_dir)
+    _print_simulation(report, elapsed, outbox, work_db)
 
 
-def _print_simulation(report: Any, elapsed: float, outbox: Path) -> None:
+def _shown(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _print_simulation(
+    report: Any, elapsed: float, outbox: Path | None, work_db: Path | None
+) -> None:
     data = report.as_dict()
+    if report.activity:
+        happened = (
+            f"{report.new_customers} new customers, "
+            + ", ".join(f"{n} {k}" for k, n in sorted(report.events.items()))
+            + f"; {report.cases_resolved} cases resolved by the simulated lead"
+        )
+    else:
+        happened = "no synthetic activity (add it with --activity synthetic)"
     out.print(
         f"Simulated {report.hours} hours from {report.start:%Y-%m-%d %H:%M} to {report.end:%Y-%m-%d %H:%M} UTC "
-        f"in {elapsed:.1f}s: {report.new_customers} new customers, "
-        + ", ".join(f"{n} {k}" for k, n in sorted(report.events.items()))
-        + f"; {report.cases_resolved} cases resolved by the simulated lead",
+        f"in {elapsed:.1f}s: {happened}",
         markup=False,
     )
     table = Table(title="Per playbook over the simulation")
@@ -144,7 +199,12 @@ def _print_simulation(report: Any, elapsed: float, outbox: Path) -> None:
                 f"  {row['at'][:16]}  {row['playbook']:<22} {row['step'] or '':<18} {row['outcome']:<9} {row['reason']}{until}",
                 markup=False,
             )
-    out.print(f"Rendered messages are under {outbox}/")
+    if outbox is not None:
+        out.print(f"Rendered messages are under {outbox}/", markup=False)
+    else:
+        out.print("Rendered messages were discarded (keep them with --outbox DIR)", markup=False)
+    if work_db is not None:
+        out.print(f"The simulated database is kept in {work_db}", markup=False)
 
 
 @app.command()
@@ -152,7 +212,7 @@ def dispatch(now: NowOption = None) -> None:
     """Send every due outbox message once (the scheduler does this every few seconds)."""
     from engine.runners.ticks import dispatch_tick
 
-    application = load_app()
+    application = start_app("dispatch")
     report = dispatch_tick(application, moment_of(application, now), rules=rules_of(application))
     out.print(
         f"claimed {report.claimed}; sent {report.total_sent} ({', '.join(f'{k} {v}' for k, v in report.sent.items()) or 'none'}); "
@@ -168,10 +228,12 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
     """Serve the ingest API, the provider webhooks and the support console."""
+    import logging
+
     import uvicorn
 
     from engine.web.app import create_app
 
-    application = load_app()
+    application = start_app("serve", log_level=logging.INFO)
     rules_of(application)
     uvicorn.run(create_app(application), host=host, port=port, log_level="info")

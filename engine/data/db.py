@@ -25,7 +25,9 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, schema: str | None = None) -> Engine:
+    """An engine for ``url``; ``schema`` (PostgreSQL) puts every connection's search_path
+    there, so unqualified tables, the migrations' included, live in that schema."""
     url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
@@ -52,7 +54,19 @@ def make_engine(url: str) -> Engine:
             connection.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    if schema is not None:
+
+        @event.listens_for(engine, "connect")
+        def _search_path(dbapi_connection, _record):  # type: ignore[no-untyped-def]
+            # Outside a transaction, so a rollback of the first one does not undo it.
+            dbapi_connection.autocommit = True
+            cursor = dbapi_connection.cursor()
+            cursor.execute(f'SET SESSION search_path TO "{schema}"')
+            cursor.close()
+            dbapi_connection.autocommit = False
+
+    return engine
 
 
 def alembic_config(engine: Engine) -> Config:

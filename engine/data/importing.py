@@ -16,8 +16,9 @@ reported with its number (the 1-based data row; for CSV also its line in the fil
 header being line 1) and a reason naming the field, and the good rows are kept: they are
 committed in batches, and a batch the database refuses is retried row by row, so that only
 the offending row is reported. Importing the same file again changes nothing: events are
-known by id (counted as duplicates), and a customer whose row says nothing new is left
-untouched (counted as unchanged). A column or key the file does not have never erases
+known by id (counted as duplicates; an id seen before, in the database or earlier in the
+file, with a different payload is a bad row, and changes nothing), and a customer whose
+row says nothing new is left untouched (counted as unchanged). A column or key the file does not have never erases
 what is stored: attributes merge key by key, and a missing ``email_opt_in`` keeps consent.
 
 Imported events are stored exactly as ingested ones: not yet evaluated.
@@ -55,7 +56,7 @@ from engine.data.ingest import (
 )
 from engine.data.models import Customer
 from engine.data.uow import unit_of_work
-from engine.errors import ImportRowError, LifecycleError
+from engine.errors import EventConflict, ImportRowError, LifecycleError
 from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
 
 BATCH_SIZE = 1000
@@ -409,6 +410,8 @@ def _store_events(
             report.created += 1
         elif outcome is Recorded.DUPLICATE:
             report.duplicates += 1
+        elif isinstance(outcome, EventConflict):
+            bad.append((index, f"id: {outcome}"))
         else:
             bad.append((index, f"customer_id: no customer with id {item.customer_id!r}"))
     return bad

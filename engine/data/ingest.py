@@ -3,6 +3,12 @@
 The one path by which customers and events enter the database, used by the importer, the
 HTTP API and the seeder. Input is validated by pydantic models, so a bad row is refused as
 a whole with a reason naming the field; an event id seen before changes nothing.
+
+An event sent again under an id seen before is a *duplicate* when its payload is identical
+and a *conflict* otherwise (EventConflict; nothing changes either way). Identical means,
+after validation (text stripped, ``occurred_at`` made UTC): the same ``customer_id`` and
+``type``, the same instant for ``occurred_at`` (``10:00+01:00`` is ``09:00Z``), and
+``properties`` equal as JSON values (see same_json).
 """
 
 from __future__ import annotations
@@ -14,16 +20,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from sqlalchemy import bindparam, insert, select, update
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from engine.clock import as_utc
 from engine.data.models import Customer, Event
-from engine.errors import FactValueError
+from engine.errors import EventConflict, FactValueError
 from engine.language.catalog import FactCatalog, FactSource, FactType
 from engine.language.conditions import canonical_value
 
@@ -369,12 +375,62 @@ def _fold(customer: Customer, data: EventIn, now: datetime) -> None:
     customer.updated_at = now
 
 
+class EventPayload(NamedTuple):
+    """What an event says, compared when its id is sent again (received_at and
+    evaluated_at are ours, not the sender's)."""
+
+    customer_id: str
+    type: str
+    occurred_at: datetime
+    properties: dict[str, Any]
+
+    @classmethod
+    def of(cls, event: EventIn | Event) -> EventPayload:
+        return cls(event.customer_id, event.type, as_utc(event.occurred_at), event.properties)
+
+
+def payload_differences(stored: EventPayload, incoming: EventPayload) -> tuple[str, ...]:
+    """The fields in which ``incoming`` differs from ``stored``; empty when identical."""
+    differences = [
+        name
+        for name in ("customer_id", "type", "occurred_at")
+        if getattr(stored, name) != getattr(incoming, name)
+    ]
+    keys = sorted(set(stored.properties) | set(incoming.properties))
+    differences.extend(
+        f"properties.{key}"
+        for key in keys
+        if key not in stored.properties
+        or key not in incoming.properties
+        or not same_json(stored.properties[key], incoming.properties[key])
+    )
+    return tuple(differences)
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """Equal as JSON values: objects by keys and values (in any order), arrays in order,
+    numbers by value (``1`` is ``1.0``), and a boolean is never a number (Python's
+    ``True == 1`` is not JSON's)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[key], b[key]) for key in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
 def record_event(session: Session, data: EventIn, now: datetime) -> Event | None:
-    """Store an event once; returns None when its id was seen before (nothing changes).
+    """Store an event once; returns None when its id was seen before with an identical
+    payload (nothing changes) and raises EventConflict when the payload differs.
 
     The caller has checked that the customer exists; the roll-ups move in this transaction.
     """
-    if session.get(Event, data.id) is not None:
+    stored = session.get(Event, data.id)
+    if stored is not None:
+        check_same_event(stored, data)
         return None
     customer = session.get(Customer, data.customer_id, with_for_update=True)
     if customer is None:
@@ -383,6 +439,13 @@ def record_event(session: Session, data: EventIn, now: datetime) -> Event | None
     session.add(event)
     _fold(customer, data, now)
     return event
+
+
+def check_same_event(stored: Event, data: EventIn) -> None:
+    """Raises EventConflict unless ``data`` is the stored event sent again."""
+    differences = payload_differences(EventPayload.of(stored), EventPayload.of(data))
+    if differences:
+        raise EventConflict(data.id, differences)
 
 
 class Recorded(StrEnum):
@@ -404,20 +467,24 @@ ROLLUP_FIELDS = (
 
 def record_events(
     session: Session, batch: Sequence[EventIn], now: datetime, *, history: bool = False
-) -> list[Recorded]:
+) -> list[Recorded | EventConflict]:
     """record_event for a batch, in four statements whatever its size (for the importer).
+
+    Each event's outcome is a Recorded, or an EventConflict (naming what differs) for an
+    id seen before, in the database or earlier in the batch, with a different payload.
 
     ``history`` stores past events as already evaluated: they fold into the roll-ups (and
     so into facts) but trigger no journey, so importing last year's sign-ups sends no
     welcome emails.
 
-    One query finds the ids already stored, one reads (and locks) the customers' roll-ups;
+    One query finds the ids already stored (with their payloads), one reads (and locks) the
+    customers' roll-ups;
     the events are folded in the order given, then inserted and the roll-ups written back
     with one executemany each. The writes go through SQLAlchemy Core, so Customer objects
     already loaded in ``session`` do not see them. The caller commits or rolls back.
     """
     customers = Customer.__table__  # type: ignore[attr-defined]
-    seen = existing_event_ids(session, [data.id for data in batch])
+    seen = stored_payloads(session, [data.id for data in batch])
     wanted = sorted({data.customer_id for data in batch})  # lock in id order: no deadlocks
     rollups: dict[str, Rollups] = {}
     if wanted:
@@ -425,17 +492,21 @@ def record_events(
         statement = select(*columns).where(customers.c.id.in_(wanted)).with_for_update()
         for row in session.execute(statement):
             rollups[row.id] = Rollups(**{name: getattr(row, name) for name in ROLLUP_FIELDS})
-    outcomes: list[Recorded] = []
+    outcomes: list[Recorded | EventConflict] = []
     events: list[dict[str, Any]] = []
     touched: set[str] = set()
     for data in batch:
         folded = rollups.get(data.customer_id)
-        if data.id in seen:
-            outcomes.append(Recorded.DUPLICATE)
+        earlier = seen.get(data.id)
+        if earlier is not None:
+            differences = payload_differences(earlier, EventPayload.of(data))
+            outcomes.append(
+                EventConflict(data.id, differences) if differences else Recorded.DUPLICATE
+            )
         elif folded is None:
             outcomes.append(Recorded.UNKNOWN_CUSTOMER)
         else:
-            seen.add(data.id)
+            seen[data.id] = EventPayload.of(data)
             events.append(
                 {
                     "id": data.id,
@@ -460,7 +531,15 @@ def record_events(
     return outcomes
 
 
-def existing_event_ids(session: Session, ids: list[str]) -> set[str]:
+def stored_payloads(session: Session, ids: list[str]) -> dict[str, EventPayload]:
+    """The payloads of the events among ``ids`` that are stored, by id (one query)."""
     if not ids:
-        return set()
-    return set(session.scalars(select(col(Event.id)).where(col(Event.id).in_(ids))))
+        return {}
+    events = Event.__table__  # type: ignore[attr-defined]
+    statement = select(
+        events.c.id, events.c.customer_id, events.c.type, events.c.occurred_at, events.c.properties
+    ).where(events.c.id.in_(sorted(set(ids))))
+    return {
+        row.id: EventPayload(row.customer_id, row.type, as_utc(row.occurred_at), row.properties)
+        for row in session.execute(statement)
+    }

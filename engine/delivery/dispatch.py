@@ -108,11 +108,12 @@ def unsubscribe_token(secret_key: str, customer_id: str, channel: str, message_i
     )
 
 
-def read_unsubscribe_token(secret_key: str, token: str) -> tuple[str, str, str]:
-    """Raises itsdangerous.BadSignature for a forged or damaged token."""
-    customer_id, channel, message_id = URLSafeSerializer(secret_key, salt=SERIALIZER_SALT).loads(
-        token
-    )
+def read_unsubscribe_token(secret_keys: str | Sequence[str], token: str) -> tuple[str, str, str]:
+    """Raises itsdangerous.BadSignature for a forged or damaged token. ``secret_keys`` may be
+    a list, oldest first: a token signed with any of them verifies (key rotation)."""
+    keys = [secret_keys] if isinstance(secret_keys, str) else list(secret_keys)
+    serializer = URLSafeSerializer(keys, salt=SERIALIZER_SALT)
+    customer_id, channel, message_id = serializer.loads(token)
     return str(customer_id), str(channel), str(message_id)
 
 

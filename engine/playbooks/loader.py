@@ -243,17 +243,22 @@ def load_catalog(
     return catalog, located
 
 
-def load_roster(directory: Path, problems: list[SourceProblem]) -> Roster:
-    path = directory / "support_roster.yaml"
+ROSTER_FILE = "support_roster.yaml"
+
+
+def load_roster(path: Path, problems: list[SourceProblem]) -> tuple[Roster, Located | None]:
+    """The support leads in ``path``, and the file as read (None when it is missing or
+    unreadable). A missing or empty roster is no problem here: it is one only when a
+    playbook escalates (see _check_roster_needed)."""
     if not path.is_file():
-        return Roster(())  # no roster: cases are still opened, nobody is notified
+        return Roster(()), None
     located = _read(path, problems, _display(path))
     if located is None:
-        return Roster(())
+        return Roster(()), None
     spec: RosterSpec | None = _validate(located, RosterSpec) if not located.problems else None
     if spec is None:
         problems.extend(located.problems)
-        return Roster(())
+        return Roster(()), located
     from engine.data.ingest import E164, EMAIL
 
     for i, lead in enumerate(spec.leads):
@@ -270,7 +275,43 @@ def load_roster(directory: Path, problems: list[SourceProblem]) -> Roster:
     if spec.leads and not any(lead.on_duty and lead.tier == 1 for lead in spec.leads):
         located.problems.append(located.at(("leads",), "nobody of tier 1 is on duty"))
     problems.extend(located.problems)
-    return Roster(tuple(Lead(**lead.model_dump()) for lead in spec.leads))
+    return Roster(tuple(Lead(**lead.model_dump()) for lead in spec.leads)), located
+
+
+def _check_roster_needed(
+    roster: Roster,
+    roster_file: Located | None,
+    roster_path: Path,
+    escalating: list[tuple[Located, int, str, str]],
+    problems: list[SourceProblem],
+) -> None:
+    """A playbook that escalates needs somebody to notify: a missing or empty roster would
+    open cases that no support lead ever hears of, so it is a problem, located at each
+    escalating step (no roster file) or at the roster (no leads in it)."""
+    if roster.leads or not escalating:
+        return
+    display = _display(roster_path)
+    if roster_file is None and not roster_path.exists():
+        for located, index, playbook, step in escalating:
+            problems.append(
+                located.at(
+                    ("steps", index, "escalate"),
+                    f"step {step!r} of {playbook} escalates, but there is no support roster "
+                    f"{display}: nobody would be notified of its cases; list the support "
+                    "leads there (or point LIFECYCLE_ROSTER_FILE at the roster)",
+                )
+            )
+        return
+    if roster_file is None or roster_file.problems:
+        return  # unreadable or malformed: that problem is reported already
+    names = ", ".join(sorted({playbook for _, _, playbook, _ in escalating}))
+    problems.append(
+        roster_file.at(
+            ("leads",),
+            f"no support leads: nobody would be notified of the cases that {names} "
+            "opens; list at least one lead of tier 1 on duty",
+        )
+    )
 
 
 def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
@@ -542,26 +583,36 @@ def _check_escalate(
     return Escalate(spec.priority, spec.queue, sla)
 
 
-RESERVED_FILES = ("catalog.yaml", "policies.yaml", "support_roster.yaml")
+RESERVED_FILES = ("catalog.yaml", "policies.yaml", ROSTER_FILE)
 
 
-def load_rules(directory: Path | str, templates_dir: Path | str) -> RuleSet:
-    """Load every file of a rules directory, or raise RulesInvalid with every problem."""
+def load_rules(
+    directory: Path | str, templates_dir: Path | str, *, roster_file: Path | str | None = None
+) -> RuleSet:
+    """Load every file of a rules directory, or raise RulesInvalid with every problem.
+
+    The support roster is ``roster_file`` when given, else ``support_roster.yaml`` in
+    ``directory``.
+    """
     directory = Path(directory)
     problems: list[SourceProblem] = []
     if not directory.is_dir():
         raise RulesInvalid([SourceProblem(str(directory), 1, 1, "rules directory not found")])
+    roster_path = Path(roster_file) if roster_file is not None else directory / ROSTER_FILE
     catalog, _ = load_catalog(directory, problems)
     policies = load_policies(directory, problems)
-    roster = load_roster(directory, problems)
+    roster, roster_located = load_roster(roster_path, problems)
     templates = TemplateStore(Path(templates_dir))
     playbooks: dict[str, Playbook] = {}
     seen: dict[str, str] = {}
     digest = hashlib.sha256()
     files: dict[str, str] = {}
+    escalating: list[tuple[Located, int, str, str]] = []
+    if roster_path.is_file() and roster_path.parent.resolve() != directory.resolve():
+        digest.update(b"roster\0" + roster_path.read_bytes())
     for path in sorted(directory.glob("*.yaml")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-        if path.name in RESERVED_FILES:
+        if path.name in RESERVED_FILES or path.resolve() == roster_path.resolve():
             continue
         located = _read(path, problems, _display(path))
         if located is None:
@@ -575,7 +626,13 @@ def load_rules(directory: Path | str, templates_dir: Path | str) -> RuleSet:
                 playbooks[playbook.id] = playbook
                 files[playbook.id] = path.read_text(encoding="utf-8")
             seen.setdefault(spec.playbook, located.path)
+            escalating.extend(
+                (located, index, spec.playbook, step.id)
+                for index, step in enumerate(spec.steps)
+                if step.escalate is not None
+            )
         problems.extend(located.problems)
+    _check_roster_needed(roster, roster_located, roster_path, escalating, problems)
     if not seen and not problems:
         problems.append(SourceProblem(str(directory), 1, 1, "no playbook files (*.yaml) found"))
     if problems:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
 from engine.bootstrap import App
@@ -22,6 +23,7 @@ from engine.clock import as_utc
 from engine.data.models import EngineState
 from engine.data.uow import reading, unit_of_work
 from engine.delivery.dispatch import DispatchConfig, Dispatcher, DispatchReport
+from engine.errors import ConfigurationError
 from engine.escalations.notifications import check_sla
 from engine.evaluation.runs import evaluate_batches, subject_batches
 from engine.journeys.plan import JourneyReport
@@ -48,11 +50,25 @@ def read_state(session: Session, name: str) -> str | None:
 
 
 def write_state(session: Session, name: str, value: str, now: datetime) -> None:
-    row = session.get(EngineState, name)
-    if row is None:
-        session.add(EngineState(name=name, value=value, updated_at=now))
+    """Set a named value: one upsert, so two first writers of a name both succeed (the
+    evaluation and full-sweep jobs of a fresh `lifecycle run` do just that)."""
+    table = EngineState.__table__  # type: ignore[attr-defined]
+    dialect = session.get_bind().dialect.name
+    statement: sqlite.Insert | postgresql.Insert
+    if dialect == "sqlite":
+        statement = sqlite.insert(table)
+    elif dialect == "postgresql":
+        statement = postgresql.insert(table)
     else:
-        row.value, row.updated_at = value, now
+        raise ConfigurationError("LIFECYCLE_DATABASE_URL", f"{dialect} is not supported")
+    statement = statement.values(name=name, value=value, updated_at=now)
+    excluded = statement.excluded
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=["name"],
+            set_={"value": excluded.value, "updated_at": excluded.updated_at},
+        )
+    )
 
 
 def evaluation_tick(

@@ -1,18 +1,22 @@
-"""Simulation: the real engine on a fake clock, over the database, hour by hour.
+"""Simulation: the real engine on a fake clock, over a database, hour by hour.
 
-Each simulated hour: new activity happens (sign-ups, visits, orders, NPS answers,
-complaints — drawn from a seeded random generator, ingested through engine.data.ingest like
-real events), then the same ticks the scheduler runs: incremental evaluation, SLA check
-and dispatch (through the channels the app was built with; the console channel by
-default). A full sweep runs once a simulated day. Thirty days take seconds.
+Run it on a scratch copy (engine.bootstrap.simulation_app): it writes journeys, messages
+and, when asked, synthetic activity into the database it is given.
 
-Open cases are resolved by a simulated support lead after a while, so paused marketing
-resumes within the simulation as it would in real life.
+Each simulated hour runs the same ticks the scheduler runs: incremental evaluation, SLA
+check and dispatch (through the channels the app was built with). A full sweep runs once a
+simulated day. Thirty days take seconds. With ``activity`` (``--activity synthetic``), new
+activity happens before each tick (sign-ups, visits, orders, NPS answers, complaints,
+drawn from a seeded random generator and ingested through engine.data.ingest like real
+events), and a simulated support lead resolves open cases after a while, so paused
+marketing resumes as it would in real life. Without it, only the clock moves over the
+data as it is.
 """
 
 from __future__ import annotations
 
 import random
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -71,6 +75,7 @@ class PlaybookTally:
 class SimulationReport:
     start: datetime
     end: datetime
+    activity: bool = False  # synthetic activity was added
     hours: int = 0
     events: Counter[str] = field(default_factory=Counter)
     new_customers: int = 0
@@ -83,6 +88,7 @@ class SimulationReport:
             "start": self.start.isoformat(),
             "end": self.end.isoformat(),
             "hours": self.hours,
+            "activity": "synthetic" if self.activity else "none",
             "events": dict(self.events),
             "new_customers": self.new_customers,
             "cases_resolved": self.cases_resolved,
@@ -123,6 +129,8 @@ class ActivityGenerator:
             )
         self.base = max(1, len(self.customer_ids))
         self.counter = 0
+        # Ids of this run's customers and events: never one of the database's own.
+        self.run = uuid.uuid4().hex[:8]
 
     def hour(self, start: datetime, report: SimulationReport) -> None:
         with unit_of_work(self.app.db) as session:
@@ -142,7 +150,7 @@ class ActivityGenerator:
     def _new_customer(self, session: Session, start: datetime, report: SimulationReport) -> None:
         self.counter += 1
         at = self._moment(start)
-        customer_id = f"sim-{start:%Y%m%d%H}-{self.counter}"
+        customer_id = f"sim-{self.run}-{start:%Y%m%d%H}-{self.counter}"
         phone = f"+4477009{self.rng.randrange(10**5):05d}" if self.rng.random() < 0.6 else None
         data = CustomerIn(
             id=customer_id,
@@ -186,7 +194,7 @@ class ActivityGenerator:
             }
         moment = at or self._moment(start)
         event = EventIn(
-            id=f"sim-{self.counter}",
+            id=f"sim-{self.run}-{self.counter}",
             customer_id=customer_id,
             type=kind,
             occurred_at=moment,
@@ -212,22 +220,30 @@ def resolve_old_cases(app: App, now: datetime) -> int:
 
 
 def simulate(
-    app: App, start: datetime, days: int, *, seed: int = 11, customer: str | None = None
+    app: App,
+    start: datetime,
+    days: int,
+    *,
+    seed: int = 11,
+    customer: str | None = None,
+    activity: bool = False,
 ) -> SimulationReport:
+    """Run ``days`` of ticks from ``start`` over ``app``'s database (a copy: see above)."""
     rules = app.rules
-    report = SimulationReport(start=start, end=start + timedelta(days=days))
-    generator = ActivityGenerator(app, rules, seed)
+    report = SimulationReport(start=start, end=start + timedelta(days=days), activity=activity)
+    generator = ActivityGenerator(app, rules, seed) if activity else None
     now = start
     for hour in range(days * 24):
         now = start + timedelta(hours=hour)
-        if hour:  # the first tick sees the database as it was given
+        if generator is not None and hour:  # the first tick sees the database as given
             generator.hour(now - timedelta(hours=1), report)
         evaluation_tick(
             app, now, full=(now.hour == SWEEP_HOUR or hour == 0), workers=0, rules=rules
         )
         sla_tick(app, now, rules=rules)
         dispatch_tick(app, now, rules=rules)
-        report.cases_resolved += resolve_old_cases(app, now)
+        if generator is not None:
+            report.cases_resolved += resolve_old_cases(app, now)
         report.hours += 1
     _tally(app, report, start, now, customer)
     return report

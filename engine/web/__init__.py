@@ -25,12 +25,12 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.responses import Response
 
 from engine.bootstrap import App
+from engine.settings import DEFAULT_SECRET_KEY
 from engine.web.auth import SessionCodec, StaffDirectory
 
 HERE = Path(__file__).parent
 TEMPLATES_DIR = HERE / "templates"
 STATIC_DIR = HERE / "static"
-DEFAULT_SECRET = "dev-only-change-me"
 
 
 def format_time(moment: datetime | None) -> str:
@@ -82,7 +82,7 @@ class WebState:
 
     @property
     def insecure_secret(self) -> bool:
-        return self.app.settings.secret_key.get_secret_value() == DEFAULT_SECRET
+        return self.app.settings.secret_key.get_secret_value() == DEFAULT_SECRET_KEY
 
     def brand(self) -> str:
         """The brand name from the rules' policies, or the sender name if they do not load."""

@@ -3,12 +3,15 @@
 Each request is one transaction: a refused request writes nothing. A refusal is a 422
 whose ``detail`` lists every problem as ``{"loc": [...], "msg": ..., "type": ...}``, the
 shape FastAPI uses for its own validation errors, whether pydantic or the fact catalog
-found it. Events are idempotent by id, also when two deliveries of one event race.
+found it. Events are idempotent by id, also when two deliveries of one event race: the
+same id sent again with an identical payload is a duplicate (200), with a different one a
+conflict (409 naming the id and each field that differs), and nothing changes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -17,6 +20,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 
@@ -25,10 +29,12 @@ from engine.data.ingest import (
     EventIn,
     check_attributes,
     check_event_properties,
+    check_same_event,
     record_event,
     upsert_customer,
 )
 from engine.data.models import Customer, Event
+from engine.errors import EventConflict
 from engine.web import web_state
 from engine.web.auth import api_key_problem
 
@@ -143,17 +149,48 @@ def post_customer(data: CustomerIn, request: Request, response: Response) -> Cus
     response_model=EventResult,
     status_code=201,
     summary="Record an event (idempotent by id)",
-    responses={200: {"description": "An event with this id was recorded before; nothing changed"}},
+    responses={
+        200: {"description": "This event was recorded before, identical; nothing changed"},
+        409: {
+            "description": "This id was recorded before with a different payload; nothing changed"
+        },
+    },
 )
-def post_event(data: EventIn, request: Request, response: Response) -> EventResult:
+def post_event(data: EventIn, request: Request, response: Response) -> Any:
     """The customer must exist; the event type and its properties must be declared in
-    ``rules/catalog.yaml``. Sending the same id again changes nothing and answers 200."""
+    ``rules/catalog.yaml``. Sending the same event again changes nothing and answers 200;
+    sending its id with a different payload changes nothing and answers 409."""
     app = web_state(request).app
     problems = check_event_properties(data, app.rules.catalog)
     if problems:
         raise RequestValidationError(catalog_errors(problems))
     now = app.clock()
-    with Session(app.db, expire_on_commit=False) as session:
+    try:
+        stored = _record(app.db, data, now)
+    except EventConflict as exc:
+        return conflict_response(exc)
+    if stored is None:
+        response.status_code = 200
+        return EventResult(id=data.id, status="duplicate")
+    return EventResult(id=data.id, status="accepted")
+
+
+def conflict_response(exc: EventConflict) -> JSONResponse:
+    """409 in the shape of the API's other refusals: one entry per field that differs."""
+    return JSONResponse(
+        {
+            "detail": [
+                {"loc": ["body", *field.split(".", 1)], "msg": str(exc), "type": "conflict"}
+                for field in exc.differences
+            ]
+        },
+        status_code=409,
+    )
+
+
+def _record(db: Engine, data: EventIn, now: datetime) -> Event | None:
+    """The stored event, or None for a duplicate; raises EventConflict."""
+    with Session(db, expire_on_commit=False) as session:
         try:
             stored = record_event(session, data, now)
         except LookupError:
@@ -170,12 +207,12 @@ def post_event(data: EventIn, request: Request, response: Response) -> EventResu
             try:
                 session.commit()
             except IntegrityError:
-                # A concurrent delivery of the same event won the insert.
+                # A concurrent delivery of the same id won the insert: ours is a duplicate
+                # of it, or a conflict with it.
                 session.rollback()
-                if session.get(Event, data.id) is None:
+                winner = session.get(Event, data.id)
+                if winner is None:
                     raise
+                check_same_event(winner, data)
                 stored = None
-    if stored is None:
-        response.status_code = 200
-        return EventResult(id=data.id, status="duplicate")
-    return EventResult(id=data.id, status="accepted")
+    return stored

@@ -210,7 +210,7 @@ async def twilio_inbound(request: Request) -> Response:
 def _read_token(web: WebState, token: str) -> tuple[str, str, str] | None:
     try:
         customer_id, channel, message_id = read_unsubscribe_token(
-            web.app.settings.secret_key.get_secret_value(), token
+            web.app.settings.secret_keys(), token
         )
     except (BadData, ValueError, TypeError):
         return None

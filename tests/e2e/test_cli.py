@@ -186,7 +186,16 @@ def test_preview_renders_with_real_facts(env: Path) -> None:
 def test_simulate_prints_per_playbook_outcomes(env: Path) -> None:
     cli("seed", "--customers", "80", "--now", NOW)
     code, output = cli(
-        "simulate", "--days", "3", "--start", NOW, "--json", "--customer", "seed-00000001"
+        "simulate",
+        "--days",
+        "3",
+        "--start",
+        NOW,
+        "--json",
+        "--customer",
+        "seed-00000001",
+        "--activity",
+        "synthetic",
     )
     assert code == 0, output
     report = json.loads(output)

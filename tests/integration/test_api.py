@@ -10,7 +10,7 @@ import concurrent.futures
 import re
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -211,21 +211,70 @@ def test_a_refused_update_leaves_the_customer_as_it_was(client: TestClient, app:
 
 
 def test_events_are_idempotent_by_id(client: TestClient, app: App, now: datetime) -> None:
+    """The same event sent again, however it is spelt, is a duplicate and changes nothing."""
     client.post("/v1/customers", json=ANN, headers=AUTH)
     first = client.post("/v1/events", json=ORDER, headers=AUTH)
     assert (first.status_code, first.json()) == (201, {"id": "e1", "status": "accepted"})
-    repeat = client.post(
-        "/v1/events", json={**ORDER, "properties": {"amount_cents": 1}}, headers=AUTH
-    )
-    assert (repeat.status_code, repeat.json()) == (200, {"id": "e1", "status": "duplicate"})
+    for again in (
+        ORDER,
+        # the same instant in another offset, and padded text
+        {
+            **ORDER,
+            "customer_id": " c1 ",
+            "occurred_at": "2026-03-01T11:00:00+01:00",
+            "properties": {"amount_cents": 4999},
+        },
+    ):
+        repeat = client.post("/v1/events", json=again, headers=AUTH)
+        assert (repeat.status_code, repeat.json()) == (200, {"id": "e1", "status": "duplicate"})
+    precise = {**ORDER, "id": "e2", "occurred_at": "2026-03-01T10:00:00.123456Z"}
+    assert client.post("/v1/events", json=precise, headers=AUTH).status_code == 201
+    assert client.post("/v1/events", json=precise, headers=AUTH).status_code == 200  # as stored
     row = customer(app, "c1")
-    assert row is not None and (row.orders_count, row.total_spend_cents) == (1, 4999)
+    assert row is not None and (row.orders_count, row.total_spend_cents) == (2, 2 * 4999)
     with Session(app.db) as session:
         event = session.get(Event, "e1")
         assert (
             event is not None
             and event.received_at == now
             and event.properties == {"amount_cents": 4999}
+        )
+
+
+def test_an_event_id_resent_with_a_different_payload_is_a_409_and_changes_nothing(
+    client: TestClient, app: App, now: datetime
+) -> None:
+    client.post("/v1/customers", json=ANN, headers=AUTH)
+    assert client.post("/v1/events", json=ORDER, headers=AUTH).status_code == 201
+    changed = {**ORDER, "occurred_at": "2026-03-01T12:00:00Z", "properties": {"amount_cents": 1}}
+    response = client.post("/v1/events", json=changed, headers=AUTH)
+    assert response.status_code == 409
+    message = (
+        "event 'e1' was recorded before with a different payload "
+        "(occurred_at, properties.amount_cents differ); nothing was changed: "
+        "send a new event with a new id"
+    )
+    assert response.json() == {
+        "detail": [
+            {"loc": ["body", "occurred_at"], "msg": message, "type": "conflict"},
+            {"loc": ["body", "properties", "amount_cents"], "msg": message, "type": "conflict"},
+        ]
+    }
+    other_type = client.post(
+        "/v1/events", json={**ORDER, "type": "site_visit", "properties": {}}, headers=AUTH
+    )
+    assert other_type.status_code == 409
+    assert [e["loc"] for e in other_type.json()["detail"]] == [
+        ["body", "type"],
+        ["body", "properties", "amount_cents"],
+    ]
+    row = customer(app, "c1")
+    assert row is not None and (row.orders_count, row.total_spend_cents) == (1, 4999)
+    with Session(app.db) as session:
+        event = session.get(Event, "e1")
+        assert event is not None and event.properties == {"amount_cents": 4999}
+        assert (
+            event.occurred_at == datetime(2026, 3, 1, 10, tzinfo=UTC) and event.received_at == now
         )
 
 
@@ -259,23 +308,28 @@ def test_event_types_and_properties_are_checked_against_the_catalog(
 
 
 def test_concurrent_deliveries_of_one_event_record_it_once(app: App) -> None:
-    """Eight clients post the same new event at once over real HTTP: one is accepted, the
-    rest answer duplicate (also the one that loses the insert race), never a 500."""
+    """Eight clients post one new event id at once over real HTTP, four with one payload and
+    four with another: one is accepted; those with its payload answer duplicate (also the
+    ones that lose the insert race) and the others conflict; never a 500."""
+    payloads = [ORDER, {**ORDER, "properties": {"amount_cents": 1}}]
     with serve(create_app(app)) as base, httpx.Client(base_url=base, headers=AUTH) as http:
         assert http.post("/v1/customers", json=ANN).status_code == 201
         barrier = threading.Barrier(8)
 
-        def post(_: int) -> tuple[int, str]:
+        def post(n: int) -> tuple[int, int]:
             with httpx.Client(base_url=base, headers=AUTH, timeout=30) as own:
                 barrier.wait()
-                response = own.post("/v1/events", json=ORDER)
-                return response.status_code, response.json().get("status", response.text)
+                return n % 2, own.post("/v1/events", json=payloads[n % 2]).status_code
 
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             results = list(pool.map(post, range(8)))
-    assert sorted(results) == [(200, "duplicate")] * 7 + [(201, "accepted")]
+    (winner,) = [sent for sent, status in results if status == 201]
+    assert sorted(results) == sorted(
+        [(winner, 201)] + [(winner, 200)] * 3 + [(1 - winner, 409)] * 4
+    )
     row = customer(app, "c1")
     assert row is not None and row.orders_count == 1 and count(app, Event) == 1
+    assert row.total_spend_cents == payloads[winner]["properties"]["amount_cents"]  # type: ignore[index]
 
 
 # ── staff passwords ─────────────────────────────────────────────────────────────────

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, delete, select, text
 from sqlmodel import Session, col
 
 from engine.data.importing import ImportFileError, import_customers, import_events
 from engine.data.models import Customer, Event
+from engine.data.uow import unit_of_work
 from engine.errors import SourceProblem
 from engine.language.catalog import FactCatalog
 from engine.playbooks.loader import load_catalog
@@ -439,9 +440,9 @@ def test_progress_reports_rows_done_out_of_the_total_batch_by_batch(
 ) -> None:
     import_customers(db, FIXTURES / "customers.csv", catalog, now)
     path = tmp_path / "visits.jsonl"
-    lines = [
-        f'{{"id": "v-{n % 20}", "customer_id": "c-00{1 + n % 4}", "type": "site_visit", '
-        f'"occurred_at": "2026-02-{1 + n % 28:02d}T10:00:00Z"}}'
+    lines = [  # rows 21 to 25 send v-0 to v-4 again, identical: duplicates
+        f'{{"id": "v-{n % 20}", "customer_id": "c-00{1 + n % 20 % 4}", "type": "site_visit", '
+        f'"occurred_at": "2026-02-{1 + n % 20:02d}T10:00:00Z"}}'
         for n in range(25)
     ]
     path.write_text("\n".join(lines[:12]) + '\n{"id": \n' + "\n".join(lines[12:]) + "\n")
@@ -457,3 +458,49 @@ def test_progress_reports_rows_done_out_of_the_total_batch_by_batch(
     with Session(db) as session:
         visits = select(col(Event.customer_id)).where(col(Event.type) == "site_visit")
         assert sorted(set(session.scalars(visits))) == ["c-001", "c-002", "c-003", "c-004"]
+
+
+def test_an_event_id_imported_again_with_a_different_payload_is_a_row_error(
+    db: Engine, catalog: FactCatalog, now: datetime, tmp_path: Path
+) -> None:
+    """Against the database and within one file (in one batch and across batches), the
+    same id with another payload is a bad row naming the row and the id; nothing changes."""
+    import_customers(db, FIXTURES / "customers.csv", catalog, now)
+    first = tmp_path / "first.jsonl"
+    first.write_text(
+        '{"id": "o-1", "customer_id": "c-001", "type": "order_placed", '
+        '"occurred_at": "2026-02-01T10:00:00Z", "properties": {"amount_cents": 1000}}\n'
+    )
+    assert import_events(db, first, catalog, now).created == 1
+    before = dump(db)
+    again = tmp_path / "again.csv"
+    again.write_text(
+        "id,customer_id,type,occurred_at,prop.amount_cents\n"
+        "o-1,c-001,order_placed,2026-02-01T11:00:00+01:00,1000\n"  # the same, spelt otherwise
+        "o-1,c-001,order_placed,2026-02-01T10:00:00Z,1500\n"  # another amount
+        "o-1,c-002,order_placed,2026-02-01T10:00:00Z,1000\n"  # another customer
+        "o-2,c-002,order_placed,2026-02-03T10:00:00Z,2000\n"
+        "o-2,c-002,order_placed,2026-02-04T10:00:00Z,2000\n"  # o-2 again, a day later
+        "o-3,c-003,order_placed,2026-02-05T10:00:00Z,3000\n"
+        "o-3,c-003,order_placed,2026-02-05T10:00:00Z,3000\n"  # o-3 again, identical
+    )
+    for batch_size in (1000, 2):
+        with unit_of_work(db) as session:  # back to the state after the first file
+            session.execute(delete(Event).where(col(Event.id).in_(["o-2", "o-3"])))
+        report = import_events(db, again, catalog, now, batch_size=batch_size)
+        assert errors(report) == [
+            f"{again}: row 2: line 3: id: event 'o-1' was recorded before with a different "
+            "payload (properties.amount_cents differs); nothing was changed: send a new event "
+            "with a new id",
+            f"{again}: row 3: line 4: id: event 'o-1' was recorded before with a different "
+            "payload (customer_id differs); nothing was changed: send a new event with a new id",
+            f"{again}: row 5: line 6: id: event 'o-2' was recorded before with a different "
+            "payload (occurred_at differs); nothing was changed: send a new event with a new id",
+        ], batch_size
+        assert (report.rows, report.created, report.duplicates) == (7, 2, 2)
+    events = dump(db)["events"]
+    assert events[0] == before["events"][0]  # o-1 as first stored
+    assert [row[0] for row in events] == ["o-1", "o-2", "o-3"]
+    assert events[1][4] == utc(2026, 2, 3, 10)  # o-2 as first sent, not as re-sent
+    ada = customer(db, "c-001")
+    assert (ada.orders_count, ada.total_spend_cents) == (1, 1000)  # o-1 folded once

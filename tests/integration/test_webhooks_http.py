@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import func, select
 from sqlmodel import Session
 from twilio.request_validator import RequestValidator
@@ -29,7 +30,8 @@ from engine.data.models import (
     Suppression,
     WebhookReceipt,
 )
-from engine.delivery.dispatch import unsubscribe_token
+from engine.delivery.dispatch import read_unsubscribe_token, unsubscribe_token
+from engine.runners.ticks import dispatch_config
 from engine.web.app import create_app
 from tests.support.fake_provider import (
     generate_sendgrid_keypair,
@@ -481,3 +483,42 @@ def test_a_forged_unsubscribe_token_is_400_and_changes_nothing(
     assert ann(app).email_opt_in and rows(app, Decision) == []
     with Session(app.db) as session:
         assert session.scalar(select(func.count()).select_from(Decision)) == 0
+
+
+def test_an_unsubscribe_link_signed_with_a_previous_key_still_works_after_rotation(
+    app: App, now: datetime
+) -> None:
+    """Mail already delivered keeps working after a key change; a forged link does not."""
+    delivered = unsubscribe_token(
+        app.settings.secret_key.get_secret_value(), "c1", "email", "m-sent"
+    )
+    old = app.settings.secret_key
+    app.settings = app.settings.model_copy(
+        update={
+            "secret_key": SecretStr("the-new-key-after-rotation-0123456789"),
+            "secret_key_previous": SecretStr(
+                f" an-even-older-key-0123456789 , {old.get_secret_value()}"
+            ),
+        }
+    )
+    assert app.settings.secret_keys()[-1] == "the-new-key-after-rotation-0123456789"
+    with TestClient(create_app(app), base_url=BASE_URL) as client:
+        page = client.get(f"/u/{delivered}")
+        assert page.status_code == 200 and f'action="/u/{delivered}"' in page.text
+        done = client.post(
+            f"/u/{delivered}",
+            content=b"List-Unsubscribe=One-Click",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        )
+        assert done.status_code == 200 and "You are unsubscribed" in done.text
+        forged = unsubscribe_token("never-one-of-our-keys", "c1", "sms", "m-sms")
+        assert client.get(f"/u/{forged}").status_code == 400
+        assert (
+            client.post(f"/u/{forged}", data={"List-Unsubscribe": "One-Click"}).status_code == 400
+        )
+    customer = ann(app)
+    assert not customer.email_opt_in and customer.email_opt_out_at == now
+    assert customer.sms_opt_in  # the forged SMS link changed nothing
+    # New links are signed with the current key alone.
+    fresh = unsubscribe_token(dispatch_config(app).secret_key, "c1", "email", "m-batch")
+    assert read_unsubscribe_token("the-new-key-after-rotation-0123456789", fresh)[2] == "m-batch"

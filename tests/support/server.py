@@ -9,7 +9,9 @@ For browser tests::
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -60,6 +62,23 @@ def serve(app: Any, *, startup_timeout_s: float = 10.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_for_json(process: subprocess.Popen[str], url: str, *, tries: int = 300) -> Any:
+    """GET ``url`` from a server ``process`` that is starting, once it answers: a refused
+    connection is retried (a fifth of a second apart) until the process exits or ``tries``
+    have passed."""
+    import httpx
+
+    for _ in range(tries):
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}")
+        try:
+            return httpx.get(url, timeout=5).json()
+        except httpx.ConnectError:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=0.2)  # a pause that ends early if the server exits
+    raise AssertionError(f"nothing answered at {url}")
 
 
 def web_app(

@@ -189,3 +189,49 @@ def test_a_problem_is_reported_on_one_line_even_when_a_key_holds_a_line_break(
     assert problems and all("\n" not in p for p in problems)
     expected = r"attributes.\n: Input should be a valid dictionary or instance of AttributeSpec"
     assert any(p.endswith(expected) for p in problems), problems
+
+
+def test_a_playbook_that_escalates_with_no_roster_is_a_problem_at_its_step(
+    rules_copy: Path,
+) -> None:
+    (rules_copy / "support_roster.yaml").unlink()
+    assert problems_of(rules_copy) == [
+        f"{rules_copy}/complaint_escalation.yaml:15:7: step 'open_case' of complaint_escalation "
+        f"escalates, but there is no support roster {rules_copy}/support_roster.yaml: nobody "
+        "would be notified of its cases; list the support leads there (or point "
+        "LIFECYCLE_ROSTER_FILE at the roster)"
+    ]
+
+
+def test_an_empty_roster_is_a_problem_in_the_roster(rules_copy: Path) -> None:
+    (rules_copy / "support_roster.yaml").write_text("# nobody yet\nleads: []\n")
+    assert problems_of(rules_copy) == [
+        f"{rules_copy}/support_roster.yaml:2:8: no support leads: nobody would be notified of "
+        "the cases that complaint_escalation opens; list at least one lead of tier 1 on duty"
+    ]
+    (rules_copy / "support_roster.yaml").write_text(
+        "leads:\n  - {name: Tom, email: tom@example.com, tier: 1, on_duty: false}\n"
+    )
+    assert problems_of(rules_copy) == [
+        f"{rules_copy}/support_roster.yaml:2:3: nobody of tier 1 is on duty"
+    ]
+
+
+def test_without_an_escalating_playbook_no_roster_is_needed(rules_copy: Path) -> None:
+    (rules_copy / "support_roster.yaml").unlink()
+    (rules_copy / "complaint_escalation.yaml").unlink()
+    rules = load_rules(rules_copy, TEMPLATES)
+    assert rules.roster.leads == () and "complaint_escalation" not in rules.playbooks
+
+
+def test_the_roster_file_is_the_one_handed_in(rules_copy: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "leads.yaml"
+    elsewhere.write_text("leads:\n  - {name: Zoe Field, email: zoe@example.com, tier: 1}\n")
+    (rules_copy / "support_roster.yaml").unlink()
+    rules = load_rules(rules_copy, TEMPLATES, roster_file=elsewhere)
+    assert [lead.name for lead in rules.roster.leads] == ["Zoe Field"]
+    inside = rules_copy / "team.yaml"  # in the rules directory: not read as a playbook
+    inside.write_text(elsewhere.read_text())
+    assert load_rules(rules_copy, TEMPLATES, roster_file=inside).roster.leads[0].name == "Zoe Field"
+    # Without it, team.yaml is read as a playbook (and fails), and nobody is notified.
+    assert any(p.startswith(f"{rules_copy}/team.yaml:1:1: ") for p in problems_of(rules_copy))
