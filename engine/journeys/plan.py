@@ -270,6 +270,9 @@ class _CustomerPlanner:
         self.journeys: dict[str, _Working] = {
             playbook_id: self._working(journey) for playbook_id, journey in snapshot.active.items()
         }
+        # Every enrollment the plan touches, including one that ended in this plan and
+        # was entered again (a second complaint in the batch): each is written.
+        self.touched: list[_Working] = list(self.journeys.values())
         self.effects: list[Effect] = []
         self.tally: list[tuple[str, str, str]] = []
         self._documents: dict[int, dict[str, Any]] = {}
@@ -313,7 +316,7 @@ class _CustomerPlanner:
 
     def result(self) -> CustomerPlan:
         effects = list(self.effects)
-        for working in self.journeys.values():
+        for working in self.touched:
             effect = working.effect(self.customer_id, self.rules)
             if effect is not None:
                 effects.append(effect)
@@ -361,6 +364,7 @@ class _CustomerPlanner:
             entered_at=self.now,
         )
         self.journeys[playbook.id] = working
+        self.touched.append(working)
         self.entries[playbook.id] = Entries(number, previous.cooldown_from if previous else None)
         reason = playbook.enter.source
         if subject.event_id is not None:
