@@ -24,8 +24,10 @@ from engine.cli.common import (
     rules_of,
 )
 from engine.errors import LifecycleError
-from engine.evaluation.runs import Summary, evaluate_batches, subject_batches
+from engine.evaluation.evaluators import make_evaluator
+from engine.evaluation.model import Summary
 from engine.playbooks.model import RuleSet
+from engine.runners.shards import Shard, run_shard, run_shards, shards_of_everyone
 
 
 @app.command()
@@ -57,23 +59,22 @@ def evaluate(
     moment = moment_of(application, now)
     count = workers if workers is not None else (0 if customer else application.workers())
     started = time.perf_counter()
-    batches = subject_batches(
-        application.db,
-        rules,
-        moment,
-        batch_size=application.settings.batch_size,
-        customer_ids=customer,
-    )
-    summary = Summary()
+    db, size = application.db, application.settings.batch_size
     details: list[dict[str, Any]] = []
     try:
-        for evaluations in evaluate_batches(rules, batches, workers=count, engine=engine):
-            for evaluation in evaluations:
-                summary.add(rules, evaluation)
-                if customer:
-                    details.append(_detail(rules, evaluation))
+        if customer:
+            with make_evaluator(rules.conditions(), engine) as evaluator:
+                shard = Shard(ids=tuple(customer))
+                result = run_shard(db, rules, evaluator, shard, moment, write=False, keep=True)
+            details = [_detail(rules, e) for e in result.evaluations]
+        else:
+            shards = shards_of_everyone(db, size)
+            result = run_shards(
+                db, rules, shards, moment, write=False, workers=count, engine=engine
+            )
     except LifecycleError as exc:
         raise fail(str(exc)) from exc
+    summary = result.summary
     elapsed = time.perf_counter() - started
     _print_summary(rules, summary, details, elapsed, json_output)
 
@@ -85,7 +86,12 @@ def _detail(rules: RuleSet, evaluation: Any) -> dict[str, Any]:
         "event": subject.event_id,
         "event_type": subject.event_type,
         "matches": [
-            {"playbook": m.playbook, "steps": list(m.steps), "exit_goal_met": m.exited}
+            {
+                "playbook": m.playbook,
+                "steps": list(m.steps),
+                "goal_met": m.goal,
+                "no_longer_eligible": m.exited,
+            }
             for m in evaluation.entered(rules)
         ],
     }
@@ -106,7 +112,8 @@ def _print_summary(
             "playbooks": {
                 pid: {
                     "matched": summary.entered.get(pid, 0),
-                    "exit_goal_met": summary.exited.get(pid, 0),
+                    "goal_met": summary.goals.get(pid, 0),
+                    "no_longer_eligible": summary.exited.get(pid, 0),
                     "steps": {s.id: summary.steps.get(pid, {}).get(s.id, 0) for s in pb.steps},
                 }
                 for pid, pb in sorted(rules.playbooks.items())
@@ -130,10 +137,9 @@ def _print_summary(
     table = Table(
         title=f"Evaluation of {summary.customers} customers ({summary.subjects - summary.customers} pending events)"
     )
-    for column in ("playbook", "stage", "matched", "steps matched", "exit goal met"):
-        table.add_column(
-            column, justify="right" if column in ("matched", "exit goal met") else "left"
-        )
+    counted = ("matched", "goal met", "not eligible")
+    for column in ("playbook", "stage", "matched", "steps matched", *counted[1:]):
+        table.add_column(column, justify="right" if column in counted else "left")
     for pid, playbook in sorted(rules.playbooks.items()):
         steps = summary.steps.get(pid, {})
         table.add_row(
@@ -141,6 +147,7 @@ def _print_summary(
             playbook.stage,
             str(summary.entered.get(pid, 0)),
             ", ".join(f"{s.id} {steps.get(s.id, 0)}" for s in playbook.steps),
+            str(summary.goals.get(pid, 0)),
             str(summary.exited.get(pid, 0)),
         )
     out.print(table)

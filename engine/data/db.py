@@ -11,7 +11,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Execution option: how a SQLite transaction begins ("DEFERRED" or "IMMEDIATE").
@@ -54,19 +54,17 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
             connection.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    engine = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    target = make_url(url)
     if schema is not None:
+        # In the URL (libpq's options), so the engine's URL alone builds the same engine
+        # again: a worker process connects to the same schema from it.
+        target = target.update_query_dict({"options": f"-csearch_path={schema}"})
+    return create_engine(target, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
-        @event.listens_for(engine, "connect")
-        def _search_path(dbapi_connection, _record):  # type: ignore[no-untyped-def]
-            # Outside a transaction, so a rollback of the first one does not undo it.
-            dbapi_connection.autocommit = True
-            cursor = dbapi_connection.cursor()
-            cursor.execute(f'SET SESSION search_path TO "{schema}"')
-            cursor.close()
-            dbapi_connection.autocommit = False
 
-    return engine
+def engine_url(engine: Engine) -> str:
+    """The URL that builds this engine again (with its password): for worker processes."""
+    return engine.url.render_as_string(hide_password=False)
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -61,3 +61,48 @@ class Evaluation:
 
     def entered(self, rules: RuleSet) -> list[PlaybookMatch]:
         return [m for m in (self.match(rules, p) for p in rules.playbooks) if m.entered]
+
+
+@dataclass
+class Summary:
+    """Counts per playbook over an evaluation: what `lifecycle evaluate` prints."""
+
+    subjects: int = 0
+    customers: int = 0
+
+    def __post_init__(self) -> None:
+        self.entered: dict[str, int] = {}
+        self.exited: dict[str, int] = {}
+        self.goals: dict[str, int] = {}
+        self.steps: dict[str, dict[str, int]] = {}
+
+    def merge(self, other: Summary) -> None:
+        self.subjects += other.subjects
+        self.customers += other.customers
+        for mine, theirs in (
+            (self.entered, other.entered),
+            (self.exited, other.exited),
+            (self.goals, other.goals),
+        ):
+            for key, count in theirs.items():
+                mine[key] = mine.get(key, 0) + count
+        for playbook, steps in other.steps.items():
+            per_step = self.steps.setdefault(playbook, {})
+            for step, count in steps.items():
+                per_step[step] = per_step.get(step, 0) + count
+
+    def add(self, rules: RuleSet, evaluation: Evaluation) -> None:
+        self.subjects += 1
+        if evaluation.subject.event_id is None:
+            self.customers += 1
+        for playbook in rules.playbooks:
+            match = evaluation.match(rules, playbook)
+            if match.entered:
+                self.entered[playbook] = self.entered.get(playbook, 0) + 1
+                per_step = self.steps.setdefault(playbook, {})
+                for step in match.steps:
+                    per_step[step] = per_step.get(step, 0) + 1
+            if match.exited:
+                self.exited[playbook] = self.exited.get(playbook, 0) + 1
+            if match.goal:
+                self.goals[playbook] = self.goals.get(playbook, 0) + 1

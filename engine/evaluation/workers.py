@@ -14,16 +14,17 @@ import os
 import pickle
 import signal
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from hashlib import sha256
+from typing import Any, Protocol
 
 from engine.errors import EvaluationWorkerCrashed, LifecycleError
-from engine.evaluation.evaluators import Evaluator, Result, Row, make_evaluator
+from engine.evaluation.evaluators import Result, Row, make_evaluator
 from engine.language.conditions import Condition
 
-__all__ = ["CrashTest", "default_workers", "evaluate_in_workers"]
+__all__ = ["CrashTest", "Starter", "default_workers", "evaluate_in_workers", "run_in_workers"]
 
 
 @dataclass(frozen=True)
@@ -99,31 +100,51 @@ class _Failure:
             return LifecycleError(f"{self.qualname} in an evaluation worker: {self.message}")
 
 
-_worker_evaluator: Evaluator | None = None
+class Starter(Protocol):
+    """Builds, once in each worker process, the handler that does the work of one item
+    (an evaluator for evaluation batches; a database engine and an evaluator for shards).
+    It is pickled to the workers, so it carries only plain data."""
+
+    def __call__(self) -> Callable[[Any], Any]: ...
+
+
+@dataclass(frozen=True)
+class _EvaluateStart:
+    conditions: Mapping[str, Condition]
+    engine: str
+    crash_test: CrashTest | None
+
+    def __call__(self) -> Callable[[list[Row]], list[Result]]:
+        evaluator = make_evaluator(self.conditions, self.engine)
+        crash_test = self.crash_test
+
+        def evaluate(rows: list[Row]) -> list[Result]:
+            if crash_test is not None:
+                crash_test.maybe_crash(rows)
+            return evaluator.evaluate_many(rows)
+
+        return evaluate
+
+
+_worker_handler: Callable[[Any], Any] | None = None
 _worker_failure: _Failure | None = None
-_worker_crash_test: CrashTest | None = None
 
 
-def _init_worker(
-    conditions: Mapping[str, Condition], engine: str, crash_test: CrashTest | None
-) -> None:
-    global _worker_evaluator, _worker_failure, _worker_crash_test
+def _init_worker(start: Starter) -> None:
+    global _worker_handler, _worker_failure
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    _worker_crash_test = crash_test
     try:
-        _worker_evaluator = make_evaluator(conditions, engine)
+        _worker_handler = start()
     except Exception as exc:
         _worker_failure = _Failure.of(exc)
 
 
-def _run_batch(rows: list[Row]) -> list[Result] | _Failure:
+def _run_item(item: Any) -> Any:
     if _worker_failure is not None:
         return _worker_failure
-    assert _worker_evaluator is not None
+    assert _worker_handler is not None
     try:
-        if _worker_crash_test is not None:
-            _worker_crash_test.maybe_crash(rows)
-        return _worker_evaluator.evaluate_many(rows)
+        return _worker_handler(item)
     except Exception as exc:
         return _Failure.of(exc)
 
@@ -150,10 +171,11 @@ def _context() -> multiprocessing.context.BaseContext:
 @dataclass
 class _Job:
     index: int
-    rows: list[Row]
-    attempts: int = 0  # how many times a worker died while this batch was being evaluated
-    future: cf.Future[list[Result] | _Failure] | None = None
-    result: list[Result] | None = None
+    item: Any
+    attempts: int = 0  # how many times a worker died while this item was being worked
+    future: cf.Future[Any] | None = None
+    done: bool = False
+    result: Any = None
 
 
 class _Pool:
@@ -166,13 +188,13 @@ class _Pool:
 
     def __init__(
         self,
-        conditions: Mapping[str, Condition],
-        engine: str,
+        start: Starter,
         workers: int,
         max_attempts: int,
-        crash_test: CrashTest | None,
+        describe: Callable[[Any], tuple[str, int]],
     ) -> None:
-        self.initargs = (dict(conditions), engine, crash_test)
+        self.initargs = (start,)
+        self.describe = describe
         self.workers = workers
         self.max_attempts = max_attempts
         self.executor: cf.ProcessPoolExecutor | None = None
@@ -187,10 +209,10 @@ class _Pool:
                 initargs=self.initargs,
             )
         try:
-            job.future = self.executor.submit(_run_batch, job.rows)
+            job.future = self.executor.submit(_run_item, job.item)
         except BrokenProcessPool as exc:
             # A worker died before we noticed: this batch fails like the ones in flight.
-            failed: cf.Future[list[Result] | _Failure] = cf.Future()
+            failed: cf.Future[Any] = cf.Future()
             failed.set_exception(exc)
             job.future = failed
 
@@ -199,8 +221,8 @@ class _Pool:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
 
-    def run(self, batches: Iterable[Sequence[Row]]) -> Iterator[list[Result]]:
-        source = enumerate(batches)
+    def run(self, items: Iterable[Any]) -> Iterator[Any]:
+        source = enumerate(items)
         jobs: dict[int, _Job] = {}  # submitted and not yet handed back, by batch index
         window = 2 * self.workers
         following = 0  # the index of the next batch to hand back
@@ -209,16 +231,16 @@ class _Pool:
             while True:
                 while not exhausted and not self.suspects and len(jobs) < window:
                     try:
-                        index, rows = next(source)
+                        index, item = next(source)
                     except StopIteration:
                         exhausted = True
                         break
-                    jobs[index] = job = _Job(index, list(rows))
+                    jobs[index] = job = _Job(index, item)
                     self._submit(job)
                 head = jobs.get(following)
                 if head is None:
                     return  # exhausted, and everything handed back
-                if head.result is not None:
+                if head.done:
                     del jobs[following]
                     following += 1
                     yield head.result
@@ -246,7 +268,7 @@ class _Pool:
                 continue
             if isinstance(outcome, _Failure):
                 raise outcome.rebuild()
-            job.result = outcome
+            job.result, job.done = outcome, True
             if self.suspects and self.suspects[0] is job:
                 self.suspects.popleft()
         if not unfinished:
@@ -263,8 +285,8 @@ class _Pool:
         for job in unfinished:
             job.attempts += 1
             if alone and job.attempts >= self.max_attempts:
-                first = job.rows[0][0] if job.rows else ""
-                raise EvaluationWorkerCrashed(first, len(job.rows), job.attempts, cause)
+                first, size = self.describe(job.item)
+                raise EvaluationWorkerCrashed(first, size, job.attempts, cause)
         queued = {id(j) for j in self.suspects}
         self.suspects.extend(j for j in unfinished if id(j) not in queued)
         self.suspects = deque(sorted(self.suspects, key=lambda j: j.index))
@@ -289,6 +311,29 @@ class _Pool:
         return "a worker process died abruptly"
 
 
+def run_in_workers(
+    start: Starter,
+    items: Iterable[Any],
+    *,
+    workers: int | None = None,
+    max_attempts: int = 3,
+    describe: Callable[[Any], tuple[str, int]],
+) -> Iterator[Any]:
+    """Run the handler that ``start`` builds in each of ``workers`` processes over
+    ``items``; yields each item's result in item order.
+
+    At most two items per worker are read ahead of the one being handed back, so memory
+    stays flat however many there are. An item whose worker dies is retried on a fresh
+    one; an item that kills a worker ``max_attempts`` times (the last time running alone)
+    raises ``EvaluationWorkerCrashed``, named by ``describe(item)`` (its first key and
+    size). An exception raised by the handler is raised here, in the caller.
+    """
+    if max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    pool = _Pool(start, workers or default_workers(), max_attempts, describe)
+    return pool.run(items)
+
+
 def evaluate_in_workers(
     conditions: Mapping[str, Condition],
     batches: Iterable[Sequence[Row]],
@@ -299,18 +344,22 @@ def evaluate_in_workers(
     crash_test: CrashTest | None = None,
 ) -> Iterator[list[Result]]:
     """Evaluate batches of ``(key, facts)`` rows in worker processes; yields each batch's
-    ``[(key, fired rule ids)]`` in batch order.
+    ``[(key, fired rule ids)]`` in batch order (see ``run_in_workers``).
 
-    ``workers`` defaults to one per core; each builds its evaluator once. At most two
-    batches per worker are read ahead of the one being handed back, so memory stays flat
-    however many batches there are. A batch whose worker dies is retried on a fresh one;
-    a batch that kills a worker ``max_attempts`` times (the last time running alone)
-    raises ``EvaluationWorkerCrashed``. The rules are checked here first, so a ruleset
+    Each worker builds its evaluator once. The rules are checked here first, so a ruleset
     durable_rules refuses raises ``RuleEngineError`` in the caller, before any worker.
     ``crash_test`` is a test-only hook (see ``CrashTest``).
     """
-    if max_attempts < 1:
-        raise ValueError("max_attempts must be at least 1")
     make_evaluator(conditions, engine).close()
-    pool = _Pool(conditions, engine, workers or default_workers(), max_attempts, crash_test)
-    return pool.run(batches)
+    start = _EvaluateStart(dict(conditions), engine, crash_test)
+    return run_in_workers(
+        start,
+        (list(batch) for batch in batches),
+        workers=workers,
+        max_attempts=max_attempts,
+        describe=_describe_rows,
+    )
+
+
+def _describe_rows(rows: list[Row]) -> tuple[str, int]:
+    return (rows[0][0] if rows else "", len(rows))

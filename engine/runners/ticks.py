@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
+from sqlalchemy import case
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlmodel import Session
 
@@ -25,11 +27,10 @@ from engine.data.uow import reading, unit_of_work
 from engine.delivery.dispatch import DispatchConfig, Dispatcher, DispatchReport
 from engine.errors import ConfigurationError
 from engine.escalations.notifications import check_sla
-from engine.evaluation.runs import evaluate_batches, subject_batches
 from engine.journeys.plan import JourneyReport
-from engine.journeys.run import advance_journeys
 from engine.journeys.store import due_customer_ids
 from engine.playbooks.model import RuleSet
+from engine.runners.shards import run_shards, shards_of, shards_of_everyone
 
 OVERLAP = timedelta(minutes=5)
 WATERMARK = "evaluation_watermark"
@@ -49,9 +50,14 @@ def read_state(session: Session, name: str) -> str | None:
     return row.value if row else None
 
 
-def write_state(session: Session, name: str, value: str, now: datetime) -> None:
+def write_state(
+    session: Session, name: str, value: str, now: datetime, *, forward_only: bool = False
+) -> None:
     """Set a named value: one upsert, so two first writers of a name both succeed (the
-    evaluation and full-sweep jobs of a fresh `lifecycle run` do just that)."""
+    evaluation and full-sweep jobs of a fresh `lifecycle run` do just that).
+    ``forward_only`` keeps the greater of the old and the new value (ISO times compare
+    as text): a long full sweep that finishes after a later incremental tick must not
+    move the watermark back."""
     table = EngineState.__table__  # type: ignore[attr-defined]
     dialect = session.get_bind().dialect.name
     statement: sqlite.Insert | postgresql.Insert
@@ -63,10 +69,13 @@ def write_state(session: Session, name: str, value: str, now: datetime) -> None:
         raise ConfigurationError("LIFECYCLE_DATABASE_URL", f"{dialect} is not supported")
     statement = statement.values(name=name, value=value, updated_at=now)
     excluded = statement.excluded
+    new_value: Any = excluded.value
+    if forward_only:
+        new_value = case((excluded.value > table.c.value, excluded.value), else_=table.c.value)
     session.execute(
         statement.on_conflict_do_update(
             index_elements=["name"],
-            set_={"value": excluded.value, "updated_at": excluded.updated_at},
+            set_={"value": new_value, "updated_at": excluded.updated_at},
         )
     )
 
@@ -97,21 +106,20 @@ def evaluation_tick(
         # large runs fan out.
         small = ids is not None and len(ids) < IN_PROCESS_BELOW
         workers = 0 if small else app.workers()
-    batches = subject_batches(
-        app.db, rules, now, batch_size=app.settings.batch_size, customer_ids=ids
+    size = app.settings.batch_size
+    shards = shards_of_everyone(app.db, size) if ids is None else shards_of(ids, size)
+    result = run_shards(
+        app.db, rules, shards, now, write=True, workers=workers, engine=app.settings.engine
     )
-    for evaluations in evaluate_batches(
-        rules, batches, workers=workers, engine=app.settings.engine
-    ):
-        report.journeys.merge(advance_journeys(app.db, rules, evaluations, now))
-    report.customers = report.journeys.customers
+    report.journeys = result.journeys
+    report.customers = result.customers
     _advance_watermark(app, now)
     return report
 
 
 def _advance_watermark(app: App, now: datetime) -> None:
     with unit_of_work(app.db) as session:
-        write_state(session, WATERMARK, (now - OVERLAP).isoformat(), now)
+        write_state(session, WATERMARK, (now - OVERLAP).isoformat(), now, forward_only=True)
 
 
 def dispatch_config(app: App) -> DispatchConfig:

@@ -65,3 +65,14 @@ def test_writing_a_state_again_updates_it_in_place(db: Engine, now: datetime) ->
     with Session(db) as session:
         (row,) = session.scalars(select(EngineState)).all()
         assert (row.name, row.value, row.updated_at) == ("evaluation_watermark", "second", later)
+
+
+def test_the_watermark_never_moves_back(db: Engine, now: datetime) -> None:
+    """A long full sweep finishing after a later incremental tick keeps the later mark."""
+    later, earlier = now.isoformat(), (now - timedelta(hours=6)).isoformat()
+    with unit_of_work(db) as session:
+        write_state(session, "evaluation_watermark", later, now, forward_only=True)
+    with unit_of_work(db) as session:
+        write_state(session, "evaluation_watermark", earlier, now, forward_only=True)
+    with reading(db) as session:
+        assert read_state(session, "evaluation_watermark") == later
