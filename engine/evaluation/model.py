@@ -95,14 +95,37 @@ class Summary:
         self.subjects += 1
         if evaluation.subject.event_id is None:
             self.customers += 1
-        for playbook in rules.playbooks:
-            match = evaluation.match(rules, playbook)
-            if match.entered:
+        fired = evaluation.fired
+        for playbook, enter, exit_, goal, steps in _rule_ids(rules):
+            if enter in fired:
                 self.entered[playbook] = self.entered.get(playbook, 0) + 1
                 per_step = self.steps.setdefault(playbook, {})
-                for step in match.steps:
-                    per_step[step] = per_step.get(step, 0) + 1
-            if match.exited:
+                for step, rule in steps:
+                    if rule is None or rule in fired:
+                        per_step[step] = per_step.get(step, 0) + 1
+            if exit_ in fired:
                 self.exited[playbook] = self.exited.get(playbook, 0) + 1
-            if match.goal:
+            if goal in fired:
                 self.goals[playbook] = self.goals.get(playbook, 0) + 1
+
+
+_RuleIds = tuple[str, str, str, str, tuple[tuple[str, str | None], ...]]
+_RULE_IDS: dict[str, tuple[_RuleIds, ...]] = {}
+
+
+def _rule_ids(rules: RuleSet) -> tuple[_RuleIds, ...]:
+    """Each playbook's rule ids, worked out once per rules version (a sweep adds a
+    million evaluations)."""
+    found = _RULE_IDS.get(rules.version)
+    if found is None:
+        found = _RULE_IDS[rules.version] = tuple(
+            (
+                p.id,
+                enter_rule(p.id),
+                exit_rule(p.id),
+                goal_rule(p.id),
+                tuple((s.id, step_rule(p.id, s.id) if s.when else None) for s in p.steps),
+            )
+            for p in rules.playbooks.values()
+        )
+    return found
