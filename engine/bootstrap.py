@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 
 from engine.clock import utcnow
 from engine.data.db import make_engine, upgrade
+from engine.data.ingest import InputLimits
 from engine.delivery.templates import TemplateStore
 from engine.errors import ConfigurationError
 from engine.playbooks.loader import load_rules
@@ -49,6 +50,17 @@ class App:
         self._rules = fresh
         self.templates = TemplateStore(Path(self.settings.templates_dir))
         return fresh
+
+    @property
+    def input_limits(self) -> InputLimits:
+        """The size caps of properties, attributes and import rows, from the settings."""
+        s = self.settings
+        return InputLimits(
+            max_value_bytes=s.max_property_bytes,
+            max_total_bytes=s.max_properties_bytes,
+            max_keys=s.max_properties,
+            max_row_bytes=s.max_body_bytes,
+        )
 
     def workers(self) -> int:
         import os

@@ -13,12 +13,13 @@ This package holds only what they share: the per-app state and the template rend
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from anyio import CapacityLimiter
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -79,6 +80,13 @@ class WebState:
     sessions: SessionCodec
     templates: Jinja2Templates
     secure_cookies: bool
+    _hash_limiter: CapacityLimiter | None = field(default=None, repr=False)
+
+    def hash_limiter(self) -> CapacityLimiter:
+        """The pool that password verifications wait for (made in the event loop)."""
+        if self._hash_limiter is None:
+            self._hash_limiter = CapacityLimiter(self.app.settings.sign_in_hash_workers)
+        return self._hash_limiter
 
     @property
     def insecure_secret(self) -> bool:

@@ -115,7 +115,7 @@ def post_customer(data: CustomerIn, request: Request, response: Response) -> Cus
     """Fields left out are left alone; ``attributes`` are merged key by key and must be
     declared in ``rules/catalog.yaml`` with their type."""
     app = web_state(request).app
-    problems = check_attributes(data.attributes, app.rules.catalog)
+    problems = check_attributes(data.attributes, app.rules.catalog, app.input_limits)
     if problems:
         raise RequestValidationError(catalog_errors(problems))
     now = app.clock()
@@ -149,7 +149,7 @@ def post_event(data: EventIn, request: Request, response: Response) -> EventResu
     """The customer must exist; the event type and its properties must be declared in
     ``rules/catalog.yaml``. Sending the same id again changes nothing and answers 200."""
     app = web_state(request).app
-    problems = check_event_properties(data, app.rules.catalog)
+    problems = check_event_properties(data, app.rules.catalog, app.input_limits)
     if problems:
         raise RequestValidationError(catalog_errors(problems))
     now = app.clock()

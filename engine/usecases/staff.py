@@ -1,0 +1,157 @@
+"""Staff sessions and sign-in attempts, kept in the database so every serve process and
+the CLI see the same ones.
+
+Sessions: the console's cookie carries a random token (signed, with the CSRF token);
+the database keeps its SHA-256 with the staff name, the fingerprint of their password
+hash at sign-in, and when it expires or was revoked. Checking a request is one lookup by
+primary key. Sign-out revokes that one session; ``lifecycle staff revoke NAME`` revokes
+all of a member's sessions; a changed password (a new hash in LIFECYCLE_STAFF_PASSWORDS)
+no longer matches the fingerprint, which ends them all too.
+
+Sign-in attempts: each failed attempt is one row per key ("account:<name>", "address:<ip>");
+a key with ``limit`` failures within the last ``window`` is refused until the oldest of them
+leaves the window (a moving window). Why the database and not an in-process limiter (the
+``limits`` package's memory storage): every serve process shares it, and it needs no
+other service (Redis) for a one-machine deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlmodel import col
+
+from engine.data.models import SignInAttempt, StaffSession
+from engine.data.uow import reading, unit_of_work
+
+# last_seen_at is moved at most this often: a page view is a read, not a write.
+TOUCH_EVERY = timedelta(minutes=5)
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def open_session(
+    db: Engine, staff: str, fingerprint: str, client: str, now: datetime, lifetime: timedelta
+) -> str:
+    """Record a new session; returns the token for the cookie (never stored as such)."""
+    token = secrets.token_urlsafe(32)
+    with unit_of_work(db) as session:
+        session.add(
+            StaffSession(
+                id=token_digest(token),
+                staff=staff,
+                fingerprint=fingerprint,
+                client=client[:64],
+                created_at=now,
+                last_seen_at=now,
+                expires_at=now + lifetime,
+            )
+        )
+    return token
+
+
+@dataclass(frozen=True)
+class LiveSession:
+    """A session that is neither revoked nor expired (the fingerprint is the caller's)."""
+
+    staff: str
+    fingerprint: str
+
+
+def live_session(db: Engine, token: str, now: datetime) -> LiveSession | None:
+    """The session of ``token`` if it is neither revoked nor expired: one indexed lookup."""
+    key = token_digest(token)
+    with reading(db) as session:
+        row = session.get(StaffSession, key)
+        if row is None or row.revoked_at is not None or row.expires_at <= now:
+            return None
+        found = LiveSession(row.staff, row.fingerprint)
+        stale = row.last_seen_at + TOUCH_EVERY <= now
+    if stale:
+        with unit_of_work(db) as session:
+            session.execute(
+                update(StaffSession).where(col(StaffSession.id) == key).values(last_seen_at=now)
+            )
+    return found
+
+
+def end_session(db: Engine, token: str, now: datetime) -> None:
+    """Sign-out: this session only."""
+    with unit_of_work(db) as session:
+        session.execute(
+            update(StaffSession)
+            .where(
+                col(StaffSession.id) == token_digest(token), col(StaffSession.revoked_at).is_(None)
+            )
+            .values(revoked_at=now)
+        )
+
+
+def revoke_staff(db: Engine, staff: str, now: datetime) -> int:
+    """End every live session of ``staff``; returns how many there were."""
+    with unit_of_work(db) as session:
+        result = session.execute(
+            update(StaffSession)
+            .where(
+                col(StaffSession.staff) == staff,
+                col(StaffSession.revoked_at).is_(None),
+                col(StaffSession.expires_at) > now,
+            )
+            .values(revoked_at=now)
+        )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def live_sessions(db: Engine, now: datetime, staff: str | None = None) -> list[StaffSession]:
+    """Sessions neither revoked nor expired, newest first."""
+    statement = select(StaffSession).where(
+        col(StaffSession.revoked_at).is_(None), col(StaffSession.expires_at) > now
+    )
+    if staff is not None:
+        statement = statement.where(col(StaffSession.staff) == staff)
+    with reading(db) as session:
+        return list(session.scalars(statement.order_by(col(StaffSession.created_at).desc())))
+
+
+# ── sign-in attempts ────────────────────────────────────────────────────────────────
+
+
+def attempt_keys(name: str, address: str) -> list[str]:
+    return [f"account:{name.strip().casefold()[:150]}", f"address:{address[:150]}"]
+
+
+def sign_in_wait(
+    db: Engine, keys: list[str], now: datetime, limit: int, window: timedelta
+) -> int | None:
+    """Seconds until another attempt is allowed, or None when one is allowed now."""
+    statement = (
+        select(col(SignInAttempt.key), func.count(), func.min(col(SignInAttempt.at)))
+        .where(col(SignInAttempt.key).in_(keys), col(SignInAttempt.at) > now - window)
+        .group_by(col(SignInAttempt.key))
+    )
+    waits = []
+    with reading(db) as session:
+        for _key, count, oldest in session.execute(statement):
+            if count >= limit:
+                if oldest.tzinfo is None:  # SQLite hands back aggregates without the type
+                    oldest = datetime.fromisoformat(str(oldest)).replace(tzinfo=now.tzinfo)
+                waits.append(max(1, math.ceil((oldest + window - now).total_seconds())))
+    return max(waits) if waits else None
+
+
+def record_failure(db: Engine, keys: list[str], now: datetime) -> None:
+    with unit_of_work(db) as session:
+        session.execute(insert(SignInAttempt), [{"key": key, "at": now} for key in keys])
+
+
+def clear_failures(db: Engine, key: str) -> None:
+    """A successful sign-in forgets the account's failures (not the address's)."""
+    with unit_of_work(db) as session:
+        session.execute(delete(SignInAttempt).where(col(SignInAttempt.key) == key))
