@@ -74,5 +74,6 @@ class Settings(BaseSettings):
     # /docs and /openapi.json for everyone (else: the API key or a signed-in staff member)
     api_docs: bool = False
 
-    # Webhook receipts older than this are pruned (providers retry for at most 3 days)
-    webhook_receipt_days: int = Field(default=7, ge=4)
+    # Webhook receipts older than this are pruned (SendGrid retries for 24 h, Twilio for
+    # seconds: engine.runners.housekeeping)
+    webhook_receipt_days: int = Field(default=7, ge=2)

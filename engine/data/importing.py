@@ -342,11 +342,11 @@ def _csv_rows(path: Path, kind: _Kind[Any], catalog: FactCatalog, max_row: int) 
 def _csv_body(
     stream: TextIO, lines: _Lines, reader: Any, layout: list[_Column], max_row: int
 ) -> Iterator[_Row]:
-    """The data rows. A quote that is never closed would make every line after it one
-    field (csv reads on to the end of the file): that row is refused at the line where it
-    starts and the lines after it are read again as rows. So is a row of several lines
-    whose column count is wrong, since a stray quote that another one closes further down
-    looks like that."""
+    """The data rows. A quote that is never closed makes csv read every line after it
+    into one field. So a row that runs over several lines is refused at its first line,
+    and the lines after that are read again as rows, when it reached the end of the file,
+    has the wrong number of columns, or took in a line that is a whole row by itself (a
+    quoted cell may hold line breaks, but hardly a line with a cell for every column)."""
     with stream:
         number = 0
         while True:
@@ -363,13 +363,8 @@ def _csv_body(
             if not any(cell.strip() for cell in cells):
                 continue  # a blank line is not a row
             number += 1
-            spans = len(lines.row) > 1
-            if spans and lines.hit_end:
+            if len(lines.row) > 1 and (problem := _open_quote(lines, len(cells), len(layout))):
                 lines.read_again_after_first()
-                problem = (
-                    "a quote opened in this row is never closed "
-                    "(it would take in every line to the end of the file)"
-                )
                 yield _Row(number, line, None, (problem,))
                 continue
             size = sum(len(text) for _, text in lines.row)
@@ -378,16 +373,32 @@ def _csv_body(
                 continue
             if len(cells) != len(layout):
                 problem = f"expected {len(layout)} columns as in the header, found {len(cells)}"
-                if spans:
-                    lines.read_again_after_first()
-                    problem += (
-                        f"; the row runs over lines {line}-{lines.row[-1][0]}: "
-                        "is a quote left open?"
-                    )
                 yield _Row(number, line, None, (problem,))
                 continue
             data, problems = _csv_record(layout, cells)
             yield _Row(number, line, data, tuple(problems))
+
+
+def _open_quote(lines: _Lines, found: int, expected: int) -> str | None:
+    """Why a row of several lines looks like a quote left open, or None."""
+    if lines.hit_end:
+        return (
+            "a quote opened in this row is never closed "
+            "(it would take in every line to the end of the file)"
+        )
+    first, last = lines.row[0][0], lines.row[-1][0]
+    if found != expected:
+        return (
+            f"expected {expected} columns as in the header, found {found}; the row runs "
+            f"over lines {first}-{last}: is a quote left open?"
+        )
+    for number, text in lines.row[1:]:
+        if len(next(csv.reader([text]), [])) == expected:
+            return (
+                f"a quote opened in this row takes in line {number}, which looks like a row "
+                "of its own: is a quote left open?"
+            )
+    return None
 
 
 def _row_start(lines: _Lines) -> int | None:
