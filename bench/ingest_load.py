@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -208,6 +209,11 @@ def _count_events(url: str, prefix: str = "load-") -> int:
         engine.dispose()
 
 
+def _error_lines(lines: list[str]) -> list[str]:
+    errors = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b", line)]
+    return errors[-2:] or lines[-3:]
+
+
 def _percentile(values: list[float], share: float) -> float:
     if not values:
         return 0.0
@@ -258,11 +264,13 @@ def run(database: str, requests: int, clients: int) -> LoadReport:
         tick_reports = []
         for started, tick in ticks:
             output, _ = tick.communicate(timeout=DEADLINE_S)
+            lines = output.decode(errors="replace").strip().splitlines()
             tick_reports.append(
                 {
                     "exit": tick.returncode,
                     "seconds": round(time.perf_counter() - started, 2),
-                    "output": output.decode(errors="replace").strip().splitlines()[-1:],
+                    # A failed tick: the exception's own line, not the traceback's last one.
+                    "output": lines[-1:] if tick.returncode == 0 else _error_lines(lines),
                 }
             )
         stored = _count_events(url)

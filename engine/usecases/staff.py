@@ -8,9 +8,9 @@ primary key. Sign-out revokes that one session; ``lifecycle staff revoke NAME`` 
 all of a member's sessions; a changed password (a new hash in LIFECYCLE_STAFF_PASSWORDS)
 no longer matches the fingerprint, which ends them all too.
 
-Sign-in attempts: each failed attempt is one row per key ("account:<name>", "address:<ip>");
-a key with ``limit`` failures within the last ``window`` is refused until the oldest of them
-leaves the window (a moving window). Why the database and not an in-process limiter (the
+Sign-in attempts: each attempt that reaches the password check is one row per key
+("account:<name>", "address:<ip>"); a key with ``limit`` of them within the last ``window``
+is refused until the oldest leaves the window (a moving window). Why the database and not an in-process limiter (the
 ``limits`` package's memory storage): every serve process shares it, and it needs no
 other service (Redis) for a one-machine deployment.
 """
@@ -23,7 +23,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, delete, func, insert, select, update
+from sqlalchemy import Engine, delete, insert, select, update
 from sqlmodel import col
 
 from engine.data.models import SignInAttempt, StaffSession
@@ -127,31 +127,65 @@ def attempt_keys(name: str, address: str) -> list[str]:
     return [f"account:{name.strip().casefold()[:150]}", f"address:{address[:150]}"]
 
 
-def sign_in_wait(
+@dataclass(frozen=True)
+class Attempt:
+    """A sign-in attempt that was counted: ``wait`` is None when it may go on to the
+    password check, else the seconds until another attempt is allowed."""
+
+    ids: tuple[int, ...]
+    wait: int | None
+
+
+def begin_attempt(
     db: Engine, keys: list[str], now: datetime, limit: int, window: timedelta
-) -> int | None:
-    """Seconds until another attempt is allowed, or None when one is allowed now."""
+) -> Attempt:
+    """Count an attempt before its password is checked.
+
+    The attempt is written first and counted after, so concurrent attempts see each
+    other: however many arrive at once, at most ``limit`` per key and window get to the
+    (slow) password check. A refused attempt is taken back, so that a flood does not
+    push the window on; a failed one stays; a successful one is cleared (attempt_succeeded).
+    """
+    with unit_of_work(db) as session:
+        ids = tuple(
+            session.scalars(
+                insert(SignInAttempt).returning(col(SignInAttempt.id)),
+                [{"key": key, "at": now} for key in keys],
+            )
+        )
     statement = (
-        select(col(SignInAttempt.key), func.count(), func.min(col(SignInAttempt.at)))
+        select(col(SignInAttempt.key), col(SignInAttempt.at))
         .where(col(SignInAttempt.key).in_(keys), col(SignInAttempt.at) > now - window)
-        .group_by(col(SignInAttempt.key))
+        .where(col(SignInAttempt.id).not_in(ids))
     )
-    waits = []
+    earlier: dict[str, list[datetime]] = {key: [] for key in keys}
     with reading(db) as session:
-        for _key, count, oldest in session.execute(statement):
-            if count >= limit:
-                if oldest.tzinfo is None:  # SQLite hands back aggregates without the type
-                    oldest = datetime.fromisoformat(str(oldest)).replace(tzinfo=now.tzinfo)
-                waits.append(max(1, math.ceil((oldest + window - now).total_seconds())))
-    return max(waits) if waits else None
-
-
-def record_failure(db: Engine, keys: list[str], now: datetime) -> None:
+        for key, at in session.execute(statement):
+            earlier[key].append(at)
+    waits = [
+        _wait(sorted(times), limit, window, now)
+        for times in earlier.values()
+        if len(times) >= limit
+    ]
+    if not waits:
+        return Attempt(ids, None)
     with unit_of_work(db) as session:
-        session.execute(insert(SignInAttempt), [{"key": key, "at": now} for key in keys])
+        session.execute(delete(SignInAttempt).where(col(SignInAttempt.id).in_(ids)))
+    return Attempt((), max(waits))
 
 
-def clear_failures(db: Engine, key: str) -> None:
-    """A successful sign-in forgets the account's failures (not the address's)."""
+def _wait(times: list[datetime], limit: int, window: timedelta, now: datetime) -> int:
+    """Seconds until fewer than ``limit`` of ``times`` are inside the window."""
+    leaving = times[len(times) - limit]
+    return max(1, math.ceil((leaving + window - now).total_seconds()))
+
+
+def attempt_succeeded(db: Engine, attempt: Attempt, account_key: str) -> None:
+    """A successful sign-in is no failure, and forgets the account's failures (not the
+    address's: one good password must not wipe a flood from that address)."""
     with unit_of_work(db) as session:
-        session.execute(delete(SignInAttempt).where(col(SignInAttempt.key) == key))
+        session.execute(
+            delete(SignInAttempt).where(
+                (col(SignInAttempt.key) == account_key) | col(SignInAttempt.id).in_(attempt.ids)
+            )
+        )

@@ -301,11 +301,11 @@ async def login(request: Request) -> Response:
     address = request.client.host if request.client else ""
     keys = staff_sessions.attempt_keys(name, address)
     window = timedelta(seconds=settings.sign_in_window_s)
-    wait = await run_in_threadpool(
-        staff_sessions.sign_in_wait, web.app.db, keys, now, settings.sign_in_attempts, window
+    attempt = await run_in_threadpool(
+        staff_sessions.begin_attempt, web.app.db, keys, now, settings.sign_in_attempts, window
     )
-    if wait is not None:
-        return _too_many_attempts(request, session, next_path, name, wait)
+    if attempt.wait is not None:
+        return _too_many_attempts(request, session, next_path, name, attempt.wait)
     # PBKDF2 is meant to be slow: it runs in a pool of its own few threads, so a flood of
     # attempts queues there and every other request keeps its threads and the event loop.
     user = await to_thread.run_sync(
@@ -315,14 +315,13 @@ async def login(request: Request) -> Response:
         limiter=web.hash_limiter(),
     )
     if user is None:
-        await run_in_threadpool(staff_sessions.record_failure, web.app.db, keys, now)
         return _login_page(request, session, next_path, "Wrong name or password.", 401, name)
     fingerprint = web.staff.fingerprint(user)
     assert fingerprint is not None
     lifetime = timedelta(seconds=web.sessions.max_age_s)
 
     def start() -> str:
-        staff_sessions.clear_failures(web.app.db, keys[0])
+        staff_sessions.attempt_succeeded(web.app.db, attempt, keys[0])
         return staff_sessions.open_session(web.app.db, user, fingerprint, address, now, lifetime)
 
     token = await run_in_threadpool(start)

@@ -23,7 +23,7 @@ from engine.data.models import Customer, StaffSession
 from engine.escalations import cases as escalations
 from engine.web.app import create_app
 from engine.web.auth import SESSION_COOKIE, hash_password
-from tests.support.server import web_app
+from tests.support.server import serve, web_app
 
 API_KEY = "test-api-key-0123456789"
 STAFF = "Priya Shah"
@@ -290,3 +290,20 @@ def test_docs_can_be_made_public_and_https_adds_hsts(
 
 def test_plain_http_has_no_hsts(client: TestClient) -> None:
     assert "strict-transport-security" not in client.get("/console/login").headers
+
+
+def test_concurrent_attempts_cannot_slip_past_the_limit(app: App) -> None:
+    """Twenty attempts at once, through a real server: the attempt is counted before its
+    password is checked, so no more than the limit reach the check."""
+    import concurrent.futures
+
+    def attempt(base: str) -> int:
+        with httpx.Client(base_url=base) as http:
+            form = http.get("/console/login")
+            data = {"csrf_token": csrf_of(form.text), "name": STAFF, "password": "wrong"}
+            return http.post("/console/login", data=data).status_code
+
+    with serve(create_app(app)) as base, concurrent.futures.ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(attempt, [base] * 20))
+    assert set(statuses) <= {401, 429}
+    assert statuses.count(401) <= app.settings.sign_in_attempts  # all 429 is allowed too
