@@ -147,10 +147,10 @@ def begin_attempt(
     push the window on; a failed one stays; a successful one is cleared (attempt_succeeded).
     """
     with unit_of_work(db) as session:
-        ids = tuple(
+        table = SignInAttempt.__table__  # type: ignore[attr-defined]
+        ids: tuple[int, ...] = tuple(
             session.scalars(
-                insert(SignInAttempt).returning(col(SignInAttempt.id)),
-                [{"key": key, "at": now} for key in keys],
+                insert(table).returning(table.c.id), [{"key": key, "at": now} for key in keys]
             )
         )
     statement = (

@@ -33,7 +33,8 @@ from engine.web import web_state
 from engine.web.auth import api_key_problem
 
 
-def _key_problem(request: Request) -> tuple[int, str] | None:
+def key_problem(request: Request) -> tuple[int, str] | None:
+    """(status, reason) when the request may not use the API, None when its key is right."""
     configured = web_state(request).app.settings.api_key
     secret = configured.get_secret_value() if configured is not None else None
     return api_key_problem(secret, request.headers.get("authorization"))
@@ -53,7 +54,7 @@ class ApiKeyRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def checked(request: Request) -> Response:
-            problem = _key_problem(request)
+            problem = key_problem(request)
             if problem is not None:
                 return _refusal(problem)
             return await handler(request)
@@ -68,7 +69,7 @@ def require_api_key(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """Also a dependency, so OpenAPI documents the scheme (and a second line of defence)."""
-    problem = _key_problem(request)
+    problem = key_problem(request)
     if problem is not None:
         raise HTTPException(problem[0], problem[1])
 

@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine.bootstrap import App
 from engine.errors import RulesInvalid
 from engine.web import STATIC_DIR, WebState, api, build_templates, console, webhooks
-from engine.web.auth import SessionCodec, StaffDirectory, api_key_problem, parse_staff_passwords
+from engine.web.auth import SessionCodec, StaffDirectory, parse_staff_passwords
 from engine.web.logs import install_access_log_filter
 
 DESCRIPTION = """\
@@ -236,11 +236,8 @@ def _add_docs(http: FastAPI, docs_html: str) -> None:
         web = request.app.state.web
         if web.app.settings.api_docs:
             return True
-        if api_key_too and request.headers.get("authorization"):
-            configured = web.app.settings.api_key
-            secret = configured.get_secret_value() if configured is not None else None
-            if api_key_problem(secret, request.headers.get("authorization")) is None:
-                return True
+        if api_key_too and api.key_problem(request) is None:
+            return True
         return await run_in_threadpool(console.current_staff, request) is not None
 
     @http.get("/openapi.json", include_in_schema=False)

@@ -4,8 +4,6 @@ RecursionError that crashed `rules check`, `init` and `serve` (issue 10, point 7
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +12,9 @@ from typer.testing import CliRunner
 from engine.cli import app
 from engine.errors import ConditionError
 from engine.language import conditions
+from tests.support.cli import rules_check
 from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
-ROOT = Path(__file__).resolve().parents[2]
 DEEP = {
     "parentheses": "(" * 300 + "email_opt_in" + ")" * 300,
     "not": "not " * 300 + "email_opt_in",
@@ -57,23 +55,7 @@ def test_rules_check_reports_deep_nesting_as_a_real_process(tmp_path: Path, kind
     )
     column = path.read_text().splitlines()[line - 1].index(DEEP[kind]) + 1
     offset = conditions.MAX_DEPTH * (1 if kind == "parentheses" else 4)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from engine.cli import app; app()",
-            "rules",
-            "check",
-            str(rules),
-            "--templates",
-            str(FIXTURE_TEMPLATES),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"},
-        timeout=120,
-    )
+    result = rules_check(rules, FIXTURE_TEMPLATES)
     assert result.returncode == 1
     expected = (
         f"{path}:{line}:{column + offset}: nested too deeply "

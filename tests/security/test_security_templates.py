@@ -8,8 +8,6 @@ dispatcher: a template that crosses a bound fails ``rules check`` at its own
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -24,10 +22,9 @@ from engine.delivery.templates import TemplateStore, sample_context
 from engine.errors import RulesInvalid, TemplateError
 from engine.playbooks.loader import load_rules
 from engine.runners.ticks import dispatch_tick
+from tests.support.cli import rules_check
 from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 from tests.support.server import web_app
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # Each of these hung or exhausted `rules check`, `tick` and `serve` before the bounds.
 BOMBS = {
@@ -135,23 +132,7 @@ def test_rules_check_refuses_the_brand_update_attack_as_a_real_process(tmp_path:
     footer = templates / "layouts" / "email.txt"
     footer.write_text(footer.read_text() + '{{ brand.update({"address": customer.email}) }}\n')
     line = len(footer.read_text().splitlines())
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from engine.cli import app; app()",
-            "rules",
-            "check",
-            str(FIXTURE_RULES),
-            "--templates",
-            str(templates),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={"COLUMNS": "300", "PATH": "/usr/bin:/bin"},
-    )
+    result = rules_check(FIXTURE_RULES, templates)
     assert result.returncode == 1, result.stdout
     assert (
         f"{footer}:{line}:1: template does not render: not allowed in a template: access to attribute 'update'"
