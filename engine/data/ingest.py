@@ -168,9 +168,16 @@ def _char_name(char: str) -> str:
     return names.get(char, f"U+{ord(char):04X}")
 
 
-def _no_nul_inside(value: Any, where: str = "") -> Any:
+# Lists and objects inside a property or attribute nest at most this deep: every pass over
+# a value (this check, the NaN check, the JSON encoders) recurses.
+MAX_VALUE_DEPTH = 16
+
+
+def _no_nul_inside(value: Any, where: str = "", depth: int = 0) -> Any:
     """PostgreSQL text and json cannot hold NUL: refused here at any depth, keys too,
-    naming where, not by the database with a 500."""
+    naming where, not by the database with a 500; and so is nesting past MAX_VALUE_DEPTH."""
+    if depth > MAX_VALUE_DEPTH:
+        raise ValueError(f"{where} is nested too deeply (at most {MAX_VALUE_DEPTH} levels)")
     if isinstance(value, str):
         if "\x00" in value:
             raise ValueError(f"{where or 'the value'} must not contain the NUL character (\\u0000)")
@@ -179,10 +186,10 @@ def _no_nul_inside(value: Any, where: str = "") -> Any:
             inner = f"{where}.{key}" if where else str(key)
             if isinstance(key, str) and "\x00" in key:
                 raise ValueError(f"the key {inner!r} must not contain the NUL character (\\u0000)")
-            _no_nul_inside(item, inner)
+            _no_nul_inside(item, inner, depth + 1)
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            _no_nul_inside(item, f"{where}[{index}]")
+            _no_nul_inside(item, f"{where}[{index}]", depth + 1)
     return value
 
 

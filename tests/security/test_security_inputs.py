@@ -409,3 +409,24 @@ def test_lifecycle_tick_prunes_receipts(
     assert result.exit_code == 0, result.output
     assert "pruned 1 webhook receipts" in result.output
     assert count(app, WebhookReceipt) == 0
+
+
+def test_deeply_nested_properties_are_a_422_not_a_recursion_error(
+    client: TestClient, app: App, tmp_path: Path, now: datetime
+) -> None:
+    """Once a 500: 500 nested lists passed the JSON parser and overflowed the NaN check."""
+    deep = "[" * 500 + "]" * 500
+    body = json.dumps(event())[:-1] + ', "properties": {"deep": ' + deep + "}}"
+    response = client.post(
+        "/v1/events", content=body, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    (message,) = problems(response).values()
+    assert message.endswith("is nested too deeply (at most 16 levels)")
+    assert message.startswith("Value error, deep[0][0]")
+    path = tmp_path / "events.jsonl"
+    path.write_text(body + "\n" + json.dumps(event(id="e2")) + "\n")
+    report = import_events(app.db, path, app.rules.catalog, now)
+    assert len(report.errors) == 1 and "nested too deeply (at most 16 levels)" in str(
+        report.errors[0]
+    )
+    assert report.created == 1
