@@ -80,7 +80,9 @@ router = APIRouter(
     route_class=ApiKeyRoute,
     dependencies=[Depends(require_api_key)],
     responses={
+        400: {"description": "The body is not JSON (or nests too deeply to parse)"},
         401: {"description": "Missing or wrong API key"},
+        413: {"description": "The body is larger than LIFECYCLE_MAX_BODY_BYTES"},
         503: {"description": "LIFECYCLE_API_KEY is not set: the API is disabled"},
     },
 )
