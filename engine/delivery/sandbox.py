@@ -101,11 +101,11 @@ _CURRENT: ContextVar[RenderBudget | None] = ContextVar("render_budget", default=
 
 
 def current_budget() -> RenderBudget:
+    """The budget of the render under way; a hook called outside ``budgeted`` (a template
+    rendered without TemplateStore) gets a fresh default budget, so each loop and each
+    operation is still bounded on its own."""
     budget = _CURRENT.get()
-    if budget is None:  # rendered outside TemplateStore: the default limits still hold
-        budget = RenderBudget(RenderLimits())
-        _CURRENT.set(budget)
-    return budget
+    return budget if budget is not None else RenderBudget(RenderLimits())
 
 
 class budgeted:  # noqa: N801 - used as a context manager, like contextlib's
@@ -195,6 +195,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.filters["center"] = self._center_filter(self.filters["center"])
         self.filters["indent"] = self._indent_filter(self.filters["indent"])
         self.filters["format"] = self._format_filter(self.filters["format"])
+        for name in ("batch", "slice"):  # batch(n, fill) pads to n; slice(n) makes n lists
+            self.filters[name] = self._count_filter(self.filters[name], name)
         self.filters["replace"] = self._replace_filter(self.filters["replace"])
 
     # ── hooks the compiled templates call ─────────────────────────────────────────
@@ -283,6 +285,15 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             projected = len(text) + (text.count("\n") + 1) * max(pad, 0)
             current_budget().sequence(projected, "the result of the indent filter")
             return original(value, width, first, blank)
+
+        return checked
+
+    @staticmethod
+    def _count_filter(original: Any, name: str) -> Any:
+        def checked(value: Any, count: Any, *args: Any) -> Any:
+            if _is_int(count):
+                current_budget().sequence(count, f"the count of the {name} filter")
+            return original(value, count, *args)
 
         return checked
 

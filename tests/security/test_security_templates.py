@@ -51,6 +51,8 @@ BOMBS = {
         "more than 100,000 loop iterations and calls",
     ),
     "recursive macro": ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "nested too deeply"),
+    "batch filter": ("{{ [1]|batch(10 ** 9, 'x')|list }}", "the count of the batch filter"),
+    "slice filter": ("{{ [1]|slice(10 ** 9)|list }}", "the count of the slice filter"),
     "padding filter": ("{{ 'a'|center(10 ** 9) }}", "the width of the center filter"),
     "padding method": ("{{ 'a'.rjust(10 ** 9) }}", "str.rjust() would be 1,000,000,000 long"),
     "format width": ("{{ '{:>1000000000}'.format('a') }}", "a formatted field would be"),
