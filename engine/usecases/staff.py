@@ -129,11 +129,16 @@ def attempt_keys(name: str, address: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Attempt:
-    """A sign-in attempt that was counted: ``wait`` is None when it may go on to the
-    password check, else the seconds until another attempt is allowed."""
+    """A sign-in attempt that was counted. ``waits`` holds, for each key over its limit,
+    the seconds until it allows another attempt; empty, the attempt may go on to the
+    password check."""
 
     ids: tuple[int, ...]
-    wait: int | None
+    waits: dict[str, int]
+
+    @property
+    def wait(self) -> int | None:
+        return max(self.waits.values()) if self.waits else None
 
 
 def begin_attempt(
@@ -162,16 +167,42 @@ def begin_attempt(
     with reading(db) as session:
         for key, at in session.execute(statement):
             earlier[key].append(at)
-    waits = [
-        _wait(sorted(times), limit, window, now)
-        for times in earlier.values()
+    waits = {
+        key: _wait(sorted(times), limit, window, now)
+        for key, times in earlier.items()
         if len(times) >= limit
-    ]
+    }
     if not waits:
-        return Attempt(ids, None)
+        return Attempt(ids, {})
     with unit_of_work(db) as session:
         session.execute(delete(SignInAttempt).where(col(SignInAttempt.id).in_(ids)))
-    return Attempt((), max(waits))
+    return Attempt((), waits)
+
+
+class LockedKeys:
+    """What this process already knows is refused, and until when: repeated attempts on a
+    locked key are answered without a database round trip (the database stays the judge
+    of everything else; a key locked by another process is learnt on its next attempt)."""
+
+    def __init__(self, most: int = 10_000) -> None:
+        self._until: dict[str, datetime] = {}
+        self._most = most
+
+    def wait(self, keys: list[str], now: datetime) -> int | None:
+        waits = [
+            math.ceil((until - now).total_seconds())
+            for key in keys
+            if (until := self._until.get(key)) is not None and until > now
+        ]
+        return max(waits) if waits else None
+
+    def lock(self, waits: dict[str, int], now: datetime) -> None:
+        if len(self._until) >= self._most:  # forget the expired, then the oldest
+            self._until = {k: u for k, u in self._until.items() if u > now}
+            while len(self._until) >= self._most:
+                self._until.pop(next(iter(self._until)))
+        for key, seconds in waits.items():
+            self._until[key] = now + timedelta(seconds=seconds)
 
 
 def _wait(times: list[datetime], limit: int, window: timedelta, now: datetime) -> int:

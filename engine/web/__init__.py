@@ -26,6 +26,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from starlette.responses import Response
 
 from engine.bootstrap import App
+from engine.usecases.staff import LockedKeys
 from engine.web.auth import SessionCodec, StaffDirectory
 
 HERE = Path(__file__).parent
@@ -80,6 +81,7 @@ class WebState:
     sessions: SessionCodec
     templates: Jinja2Templates
     secure_cookies: bool
+    locked: LockedKeys = field(default_factory=LockedKeys, repr=False)
     _hash_limiter: CapacityLimiter | None = field(default=None, repr=False)
 
     def hash_limiter(self) -> CapacityLimiter:

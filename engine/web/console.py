@@ -301,10 +301,14 @@ async def login(request: Request) -> Response:
     address = request.client.host if request.client else ""
     keys = staff_sessions.attempt_keys(name, address)
     window = timedelta(seconds=settings.sign_in_window_s)
+    known = web.locked.wait(keys, now)
+    if known is not None:  # a flood on a locked key costs no database round trip
+        return _too_many_attempts(request, session, next_path, name, known)
     attempt = await run_in_threadpool(
         staff_sessions.begin_attempt, web.app.db, keys, now, settings.sign_in_attempts, window
     )
     if attempt.wait is not None:
+        web.locked.lock(attempt.waits, now)
         return _too_many_attempts(request, session, next_path, name, attempt.wait)
     # PBKDF2 is meant to be slow: it runs in a pool of its own few threads, so a flood of
     # attempts queues there and every other request keeps its threads and the event loop.

@@ -12,14 +12,14 @@ from pathlib import Path
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlmodel import Session
 from typer.testing import CliRunner
 
 from engine.bootstrap import App
 from engine.cli import app as cli_app
 from engine.clock import utcnow
-from engine.data.models import Customer, StaffSession
+from engine.data.models import Customer, SignInAttempt, StaffSession
 from engine.escalations import cases as escalations
 from engine.web.app import create_app
 from engine.web.auth import SESSION_COOKIE, hash_password
@@ -177,6 +177,17 @@ def test_after_five_wrong_passwords_even_the_right_one_waits(client: TestClient)
         assert limited.headers["retry-after"] == "60"
         assert "Too many failed sign-ins. Wait 60 s and try again." in limited.text
     assert client.get("/console", follow_redirects=False).status_code == 303
+
+
+def test_a_locked_key_is_refused_without_asking_the_database_again(
+    client: TestClient, app: App
+) -> None:
+    for _ in range(6):
+        sign_in(client, password="wrong")
+    with Session(app.db) as session:  # the database forgets, this process does not
+        session.execute(delete(SignInAttempt))
+        session.commit()
+    assert sign_in(client).status_code == 429
 
 
 def test_the_limit_is_per_client_address_too(client: TestClient) -> None:
