@@ -8,7 +8,8 @@ how many ticks were missed). ``max_instances=1``: a slow tick is never overlappe
 next one of the same kind.
 
 Rule files are reloaded every ``RULES_RELOAD`` seconds; a broken change is reported and
-the last good rules stay in force.
+the last good rules stay in force. Housekeeping (engine.runners.housekeeping: old webhook
+receipts, sessions and sign-in attempts) runs every hour.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from engine.bootstrap import App
 from engine.errors import RulesInvalid
+from engine.runners.housekeeping import housekeeping_tick
 from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 
 log = logging.getLogger("lifecycle.scheduler")
@@ -38,6 +40,7 @@ class Intervals:
     dispatch: timedelta = timedelta(seconds=10)
     sla: timedelta = timedelta(minutes=1)
     rules_reload: timedelta = timedelta(seconds=30)
+    housekeeping: timedelta = timedelta(hours=1)
 
 
 class LifecycleScheduler:
@@ -83,6 +86,13 @@ class LifecycleScheduler:
         add(
             self.reload_rules, "interval", seconds=i.rules_reload.total_seconds(), id="rules_reload"
         )
+        add(
+            self.housekeeping,
+            "interval",
+            seconds=i.housekeeping.total_seconds(),
+            id="housekeeping",
+            next_run_time=_soon(),
+        )
 
     # Each job reads the clock once and hands ``now`` down.
     def evaluate(self) -> None:
@@ -113,6 +123,16 @@ class LifecycleScheduler:
         count = sla_tick(self.app, self.app.clock())
         if count:
             log.warning("SLA: %d breach notification(s) queued", count)
+
+    def housekeeping(self) -> None:
+        report = housekeeping_tick(self.app, self.app.clock())
+        if report.receipts or report.sessions or report.attempts:
+            log.info(
+                "housekeeping: pruned %d webhook receipts, %d sessions, %d sign-in attempts",
+                report.receipts,
+                report.sessions,
+                report.attempts,
+            )
 
     def reload_rules(self) -> None:
         try:

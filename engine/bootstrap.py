@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from engine.clock import utcnow
 from engine.data.db import make_engine, upgrade
+from engine.data.ingest import InputLimits
 from engine.data.scratch import scratch_copy
 from engine.delivery.templates import TemplateStore
 from engine.errors import ConfigurationError, StartupRefused
@@ -66,6 +67,17 @@ class App:
         settings = self.settings
         return load_rules(
             settings.rules_dir, settings.templates_dir, roster_file=settings.roster_file
+        )
+
+    @property
+    def input_limits(self) -> InputLimits:
+        """The size caps of properties, attributes and import rows, from the settings."""
+        s = self.settings
+        return InputLimits(
+            max_value_bytes=s.max_property_bytes,
+            max_total_bytes=s.max_properties_bytes,
+            max_keys=s.max_properties,
+            max_row_bytes=s.max_body_bytes,
         )
 
     def workers(self) -> int:

@@ -57,7 +57,7 @@ class Settings(BaseSettings):
 
     # Web console staff accounts (engine.web.auth): comma-separated
     # "name:pbkdf2_sha256$iterations$salt$hash" entries, hashes made with
-    # `python -m engine.web.auth`. Unset: nobody can sign in to the console.
+    # `lifecycle staff add NAME`. Unset: nobody can sign in to the console.
     staff_passwords: SecretStr | None = None
     session_hours: int = Field(default=12, ge=1, le=24 * 30, description="console sign-in lifetime")
 
@@ -67,3 +67,27 @@ class Settings(BaseSettings):
         previous = self.secret_key_previous.get_secret_value() if self.secret_key_previous else ""
         earlier = [key.strip() for key in previous.split(",") if key.strip()]
         return [*earlier, self.secret_key.get_secret_value()]
+    # Input bounds: larger API bodies are 413, larger values a 422 or an import row error
+    max_body_bytes: int = Field(
+        default=1_000_000, ge=1024, description="largest ingest API request body (bytes)"
+    )
+    max_property_bytes: int = Field(
+        default=10_000, ge=16, description="largest event property or customer attribute value"
+    )
+    max_properties_bytes: int = Field(
+        default=64_000, ge=16, description="largest properties (or attributes) of one event"
+    )
+    max_properties: int = Field(default=100, ge=1, description="most keys in properties")
+
+    # Console sign-in: failed attempts per account and per client address in a window
+    sign_in_attempts: int = Field(default=5, ge=1)
+    sign_in_window_s: int = Field(default=60, ge=1)
+    # Concurrent password verifications (PBKDF2 is CPU-bound: a flood waits here)
+    sign_in_hash_workers: int = Field(default=1, ge=1)
+
+    # /docs and /openapi.json for everyone (else: the API key or a signed-in staff member)
+    api_docs: bool = False
+
+    # Webhook receipts older than this are pruned (SendGrid retries for 24 h, Twilio for
+    # seconds: engine.runners.housekeeping)
+    webhook_receipt_days: int = Field(default=7, ge=2)

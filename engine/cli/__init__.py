@@ -6,7 +6,16 @@ functions; formatting the answer is all a command does itself.
 
 from __future__ import annotations
 
-from engine.cli import data, escalations, evaluate, explain, messages, rules, running  # noqa: F401
+from engine.cli import (  # noqa: F401
+    data,
+    escalations,
+    evaluate,
+    explain,
+    messages,
+    rules,
+    running,
+    staff,
+)
 from engine.cli.common import app
 
 __all__ = ["app", "main"]

@@ -66,7 +66,9 @@ def _import(kind: str, file: Path, now: datetime | None, history: bool = False) 
     application = load_app()
     rules = rules_of(application)
     moment = moment_of(application, now)
-    options: dict[str, Any] = {"history": True} if history else {}
+    options: dict[str, Any] = {"limits": application.input_limits}
+    if history:
+        options["history"] = True
     run = importing.import_customers if kind == "customers" else importing.import_events
     try:
         with progress() as bar:

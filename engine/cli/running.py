@@ -36,7 +36,8 @@ def tick(
     ] = False,
     now: NowOption = None,
 ) -> None:
-    """Run one evaluation tick, one SLA check and one dispatch, then stop."""
+    """Run one evaluation tick, one SLA check, one dispatch and housekeeping, then stop."""
+    from engine.runners.housekeeping import housekeeping_tick
     from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 
     application = start_app("tick")
@@ -46,6 +47,7 @@ def tick(
     report = evaluation_tick(application, moment, full=full, rules=rules)
     notified = sla_tick(application, moment, rules=rules)
     sent = dispatch_tick(application, moment, rules=rules)
+    pruned = housekeeping_tick(application, moment)
     j = report.journeys
     out.print(
         f"evaluated {report.customers} customers: {j.total('enrolled')} enrolled, "
@@ -53,7 +55,8 @@ def tick(
         f"{j.total('skipped')} skipped, {j.total('converted')} reached their goal, "
         f"{j.total('exited')} no longer eligible; "
         f"{notified} SLA notifications; dispatched {sent.total_sent} "
-        f"({sent.retried} to retry, {sent.failed} failed) in {time.perf_counter() - started:.2f}s",
+        f"({sent.retried} to retry, {sent.failed} failed); pruned {pruned.receipts} webhook "
+        f"receipts in {time.perf_counter() - started:.2f}s",
         markup=False,
     )
 

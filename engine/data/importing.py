@@ -31,6 +31,7 @@ import difflib
 import functools
 import json
 import re
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -46,6 +47,7 @@ from engine.clock import as_utc
 from engine.data.ingest import (
     CustomerIn,
     EventIn,
+    InputLimits,
     Recorded,
     apply_customer,
     check_attributes,
@@ -123,9 +125,12 @@ def import_customers(
     progress: Progress | None = None,
     *,
     batch_size: int = BATCH_SIZE,
+    limits: InputLimits | None = None,
 ) -> ImportReport:
     """Create or update the customers in ``path``; see the module docstring."""
-    return _Import(engine, Path(path), catalog, as_utc(now), progress, batch_size, _CUSTOMERS).run()
+    return _Import(
+        engine, Path(path), catalog, as_utc(now), progress, batch_size, _CUSTOMERS, limits
+    ).run()
 
 
 def import_events(
@@ -137,11 +142,14 @@ def import_events(
     *,
     batch_size: int = BATCH_SIZE,
     history: bool = False,
+    limits: InputLimits | None = None,
 ) -> ImportReport:
     """Store the events in ``path`` (their customers must exist) and fold their roll-ups;
     ``history`` marks them evaluated, so past events start no journey."""
     kind = _HISTORY if history else _EVENTS
-    return _Import(engine, Path(path), catalog, as_utc(now), progress, batch_size, kind).run()
+    return _Import(
+        engine, Path(path), catalog, as_utc(now), progress, batch_size, kind, limits
+    ).run()
 
 
 def count_rows(path: Path) -> int:
@@ -185,30 +193,46 @@ class _Column:
     type: FactType | None = None  # for attributes and properties the catalog declares
 
 
-def _json_rows(path: Path) -> Iterator[_Row]:
-    """One row per non-blank line; the row number is the line number."""
+def _json_rows(path: Path, max_row: int) -> Iterator[_Row]:
+    """One row per non-blank line; the row number is the line number. A line longer than
+    ``max_row`` characters is one bad row, and is never read into memory whole."""
     with path.open(encoding="utf-8-sig") as stream:
-        for number, line in enumerate(stream, start=1):
+        number = 0
+        while True:
+            line = stream.readline(max_row + 1)
+            if not line:
+                return
+            number += 1
+            if len(line) > max_row and not line.endswith("\n"):
+                _skip_line(stream, max_row)
+                yield _Row(number, None, None, (f"the line is longer than {max_row:,} characters",))
+                continue
             if not line.strip():
                 continue
-            try:
-                data = json.loads(line.rstrip("\r\n"), parse_constant=_refuse_constant)
-            except json.JSONDecodeError as exc:
-                problem = f"malformed JSON: {exc.msg} at column {exc.pos + 1}"
-                yield _Row(number, None, None, (problem,))
-                continue
-            except ValueError as exc:
-                yield _Row(number, None, None, (f"malformed JSON: {exc}",))
-                continue
-            except RecursionError:
-                yield _Row(number, None, None, ("malformed JSON: nested too deeply",))
-                continue
-            if not isinstance(data, dict):
-                what = _JSON_KINDS.get(type(data), "null")
-                problem = f"expected a JSON object {{...}}, got {what}"
-                yield _Row(number, None, None, (problem,))
-                continue
-            yield _Row(number, None, data)
+            yield _json_row(number, line)
+
+
+def _skip_line(stream: TextIO, chunk: int) -> None:
+    """Read on to the end of the current line, a chunk at a time."""
+    while True:
+        piece = stream.readline(chunk)
+        if not piece or piece.endswith("\n"):
+            return
+
+
+def _json_row(number: int, line: str) -> _Row:
+    try:
+        data = json.loads(line.rstrip("\r\n"), parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        return _Row(number, None, None, (f"malformed JSON: {exc.msg} at column {exc.pos + 1}",))
+    except ValueError as exc:
+        return _Row(number, None, None, (f"malformed JSON: {exc}",))
+    except RecursionError:
+        return _Row(number, None, None, ("malformed JSON: nested too deeply",))
+    if not isinstance(data, dict):
+        what = _JSON_KINDS.get(type(data), "null")
+        return _Row(number, None, None, (f"expected a JSON object {{...}}, got {what}",))
+    return _Row(number, None, data)
 
 
 _JSON_KINDS = {
@@ -265,11 +289,47 @@ def _csv_layout(
     return columns
 
 
-def _csv_rows(path: Path, kind: _Kind[Any], catalog: FactCatalog) -> Iterator[_Row]:
+class _Lines:
+    """The lines of a CSV file for csv.reader, numbered, with the lines of the current row
+    kept so that they can be read again (see _csv_body)."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._again: deque[tuple[int, str]] = deque()
+        self._read = 0
+        self.row: list[tuple[int, str]] = []  # (line number, text) of the row being read
+        self.hit_end = False
+
+    def __iter__(self) -> _Lines:
+        return self
+
+    def __next__(self) -> str:
+        if self._again:
+            number, text = self._again.popleft()
+        else:
+            text = self._stream.readline()
+            if not text:
+                self.hit_end = True
+                raise StopIteration
+            self._read += 1
+            number = self._read
+        self.row.append((number, text))
+        return text
+
+    def start_row(self) -> None:
+        self.row, self.hit_end = [], False
+
+    def read_again_after_first(self) -> None:
+        """The current row was a mistake after its first line: read those lines again."""
+        self._again.extendleft(reversed(self.row[1:]))
+
+
+def _csv_rows(path: Path, kind: _Kind[Any], catalog: FactCatalog, max_row: int) -> Iterator[_Row]:
     """Reads and checks the header now (a bad one fails before any row); the rows lazily."""
     stream = path.open(encoding="utf-8-sig", newline="")
     try:
-        reader = csv.reader(stream)
+        lines = _Lines(stream)
+        reader = csv.reader(lines)
         header = next(reader, None)
         if header is None:
             raise ImportFileError(str(path), "the file is empty: it needs a header line")
@@ -277,32 +337,73 @@ def _csv_rows(path: Path, kind: _Kind[Any], catalog: FactCatalog) -> Iterator[_R
     except BaseException:
         stream.close()
         raise
-    return _csv_body(stream, reader, layout)
+    return _csv_body(stream, lines, reader, layout, max_row)
 
 
-def _csv_body(stream: TextIO, reader: Any, layout: list[_Column]) -> Iterator[_Row]:
+def _csv_body(
+    stream: TextIO, lines: _Lines, reader: Any, layout: list[_Column], max_row: int
+) -> Iterator[_Row]:
+    """The data rows. A quote that is never closed makes csv read every line after it
+    into one field. So a row that runs over several lines is refused at its first line,
+    and the lines after that are read again as rows, when it reached the end of the file,
+    has the wrong number of columns, or took in a line that is a whole row by itself (a
+    quoted cell may hold line breaks, but hardly a line with a cell for every column)."""
     with stream:
-        number, consumed = 0, reader.line_num
+        number = 0
         while True:
-            line = consumed + 1
+            lines.start_row()
             try:
                 cells = next(reader)
             except StopIteration:
                 return
             except csv.Error as exc:
-                number, consumed = number + 1, reader.line_num
-                yield _Row(number, line, None, (f"unreadable CSV: {exc}",))
+                number += 1
+                yield _Row(number, _row_start(lines), None, (f"unreadable CSV: {exc}",))
                 continue
-            consumed = reader.line_num
+            line = _row_start(lines)
             if not any(cell.strip() for cell in cells):
                 continue  # a blank line is not a row
             number += 1
+            if len(lines.row) > 1 and (problem := _open_quote(lines, len(cells), len(layout))):
+                lines.read_again_after_first()
+                yield _Row(number, line, None, (problem,))
+                continue
+            size = sum(len(text) for _, text in lines.row)
+            if size > max_row:
+                yield _Row(number, line, None, (f"the row is longer than {max_row:,} characters",))
+                continue
             if len(cells) != len(layout):
                 problem = f"expected {len(layout)} columns as in the header, found {len(cells)}"
                 yield _Row(number, line, None, (problem,))
                 continue
             data, problems = _csv_record(layout, cells)
             yield _Row(number, line, data, tuple(problems))
+
+
+def _open_quote(lines: _Lines, found: int, expected: int) -> str | None:
+    """Why a row of several lines looks like a quote left open, or None."""
+    if lines.hit_end:
+        return (
+            "a quote opened in this row is never closed "
+            "(it would take in every line to the end of the file)"
+        )
+    first, last = lines.row[0][0], lines.row[-1][0]
+    if found != expected:
+        return (
+            f"expected {expected} columns as in the header, found {found}; the row runs "
+            f"over lines {first}-{last}: is a quote left open?"
+        )
+    for number, text in lines.row[1:]:
+        if len(next(csv.reader([text]), [])) == expected:
+            return (
+                f"a quote opened in this row takes in line {number}, which looks like a row "
+                "of its own: is a quote left open?"
+            )
+    return None
+
+
+def _row_start(lines: _Lines) -> int | None:
+    return lines.row[0][0] if lines.row else None
 
 
 def _csv_record(layout: list[_Column], cells: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -364,12 +465,12 @@ class _Kind(Generic[Model]):
     model: type[Model]
     columns: tuple[str, ...]
     required: tuple[str, ...]
-    check: Callable[[Model, FactCatalog], list[str]]
+    check: Callable[[Model, FactCatalog, InputLimits], list[str]]
     store: Callable[[Session, list[Model], datetime, ImportReport], list[tuple[int, str]]]
 
 
-def _check_customer(customer: CustomerIn, catalog: FactCatalog) -> list[str]:
-    return check_attributes(customer.attributes, catalog)
+def _check_customer(customer: CustomerIn, catalog: FactCatalog, limits: InputLimits) -> list[str]:
+    return check_attributes(customer.attributes, catalog, limits)
 
 
 def _store_customers(
@@ -447,6 +548,7 @@ class _Import(Generic[Model]):
         progress: Progress | None,
         batch_size: int,
         kind: _Kind[Model],
+        limits: InputLimits | None = None,
     ) -> None:
         self.engine = engine
         self.path = path
@@ -455,6 +557,7 @@ class _Import(Generic[Model]):
         self.progress = progress
         self.batch_size = max(1, batch_size)
         self.kind: _Kind[Model] = kind
+        self.limits = limits or InputLimits()
         self.report = ImportReport(str(path), kind.name)
 
     def run(self) -> ImportReport:
@@ -466,10 +569,11 @@ class _Import(Generic[Model]):
         if not self.path.is_file():
             raise ImportFileError(str(self.path), "no such file")
         total = count_rows(self.path)
+        max_row = self.limits.max_row_bytes
         if suffix == ".csv":
-            rows = _csv_rows(self.path, self.kind, self.catalog)
+            rows = _csv_rows(self.path, self.kind, self.catalog, max_row)
         else:
-            rows = _json_rows(self.path)
+            rows = _json_rows(self.path, max_row)
         if self.progress is not None:
             self.progress(0, total)
         pending: list[tuple[_Row, Model]] = []
@@ -498,7 +602,7 @@ class _Import(Generic[Model]):
             except ValidationError as exc:
                 problems.append(validation_reason(exc))
             else:
-                problems.extend(self.kind.check(model, self.catalog))
+                problems.extend(self.kind.check(model, self.catalog, self.limits))
         if problems:
             self._bad(row, "; ".join(problems))
             return None

@@ -9,12 +9,19 @@ and a *conflict* otherwise (EventConflict; nothing changes either way). Identica
 after validation (text stripped, ``occurred_at`` made UTC): the same ``customer_id`` and
 ``type``, the same instant for ``occurred_at`` (``10:00+01:00`` is ``09:00Z``), and
 ``properties`` equal as JSON values (see same_json).
+Every input is bounded: ids, names, emails and phones hold no control characters (CR/LF
+or an ANSI escape would break the staff notifications and emails that quote them);
+properties and attributes hold no NUL at any depth; a moment must be representable in
+UTC; and ``InputLimits`` caps the size of each property or attribute value and of all of
+them together (``LIFECYCLE_MAX_PROPERTY_BYTES`` and friends, see engine.settings).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,10 +60,15 @@ class CustomerIn(BaseModel):
     signed_up_at: datetime | None = None
     attributes: dict[str, Any] = {}
 
-    @field_validator("id", "email", "first_name", mode="before")
+    @field_validator("id", "email", "phone", "first_name", "timezone", "locale", mode="before")
     @classmethod
     def _text(cls, value: Any) -> Any:
-        return _no_nul(value)
+        return _no_control(value)
+
+    @field_validator("attributes", mode="before")
+    @classmethod
+    def _attributes(cls, value: Any) -> Any:
+        return _no_nul_inside(value)
 
     @field_validator("email")
     @classmethod
@@ -91,7 +103,7 @@ class CustomerIn(BaseModel):
     @field_validator("signed_up_at")
     @classmethod
     def _aware(cls, value: datetime | None) -> datetime | None:
-        return as_utc(value) if value is not None else None
+        return _in_utc(value) if value is not None else None
 
 
 class EventIn(BaseModel):
@@ -105,22 +117,118 @@ class EventIn(BaseModel):
     occurred_at: datetime
     properties: dict[str, Any] = {}
 
-    @field_validator("id", "customer_id", mode="before")
+    @field_validator("id", "customer_id", "type", mode="before")
     @classmethod
     def _text(cls, value: Any) -> Any:
-        return _no_nul(value)
+        return _no_control(value)
+
+    @field_validator("properties", mode="before")
+    @classmethod
+    def _properties(cls, value: Any) -> Any:
+        return _no_nul_inside(value)
 
     @field_validator("occurred_at")
     @classmethod
     def _aware(cls, value: datetime) -> datetime:
+        return _in_utc(value)
+
+
+def _in_utc(value: datetime) -> datetime:
+    """0001-01-01T00:00+05:00 is a valid datetime that UTC cannot hold: a ValueError
+    (a 422 or a row error naming the field), not an OverflowError (a 500)."""
+    try:
         return as_utc(value)
+    except OverflowError:
+        raise ValueError(
+            f"{value.isoformat()} is out of range: in UTC it must fall between "
+            "0001-01-01 and 9999-12-31"
+        ) from None
 
 
-def _no_nul(value: Any) -> Any:
-    """PostgreSQL text cannot hold NUL: refused here, not by the database with a 500."""
-    if isinstance(value, str) and "\x00" in value:
-        raise ValueError("must not contain the NUL character (\\u0000)")
+# Unicode's control characters (C0, DEL, C1: CR, LF, ESC for ANSI sequences, NUL...)
+# and the line and paragraph separators, which break a line as LF does.
+_LINE_SEPARATORS = {"\u2028", "\u2029"}
+
+
+def _no_control(value: Any) -> Any:
+    """Identity fields are quoted in emails, notifications and logs: no control characters."""
+    if not isinstance(value, str):
+        return value
+    for position, char in enumerate(value, start=1):
+        if unicodedata.category(char) == "Cc" or char in _LINE_SEPARATORS:
+            raise ValueError(
+                f"must not contain control characters: {_char_name(char)} at character {position}"
+            )
     return value
+
+
+def _char_name(char: str) -> str:
+    names = {
+        "\x00": "NUL",
+        "\n": "a line feed",
+        "\r": "a carriage return",
+        "\t": "a tab",
+        "\x1b": "ESC (an ANSI escape)",
+    }
+    return names.get(char, f"U+{ord(char):04X}")
+
+
+# Lists and objects inside a property or attribute nest at most this deep: every pass over
+# a value (this check, the NaN check, the JSON encoders) recurses.
+MAX_VALUE_DEPTH = 16
+
+
+def _no_nul_inside(value: Any, where: str = "", depth: int = 0) -> Any:
+    """PostgreSQL text and json cannot hold NUL: refused here at any depth, keys too,
+    naming where, not by the database with a 500; and so is nesting past MAX_VALUE_DEPTH."""
+    if depth > MAX_VALUE_DEPTH:
+        raise ValueError(f"{where} is nested too deeply (at most {MAX_VALUE_DEPTH} levels)")
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError(f"{where or 'the value'} must not contain the NUL character (\\u0000)")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                raise ValueError(f"the key {inner!r} must not contain the NUL character (\\u0000)")
+            _no_nul_inside(item, inner, depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _no_nul_inside(item, f"{where}[{index}]", depth + 1)
+    return value
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """How large one event's properties or one customer's attributes may be, in bytes of
+    compact JSON (settings ``LIFECYCLE_MAX_PROPERTY_BYTES``, ``LIFECYCLE_MAX_PROPERTIES_BYTES``,
+    ``LIFECYCLE_MAX_PROPERTIES``); declared or not, every key counts."""
+
+    max_value_bytes: int = 10_000
+    max_total_bytes: int = 64_000
+    max_keys: int = 100
+    max_row_bytes: int = 1_000_000  # an import row, as the API's request body
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+
+
+def check_sizes(values: dict[str, Any], field: str, limits: InputLimits) -> dict[str, str]:
+    """``{"field.key": why}`` for every value over the cap, or for the whole (``field``)
+    when it is over its caps although each value is within its own."""
+    if len(values) > limits.max_keys:
+        return {field: f"{len(values)} keys; at most {limits.max_keys}"}
+    problems = {}
+    for name, value in values.items():
+        size = _json_size(value)
+        if size > limits.max_value_bytes:
+            problems[f"{field}.{name}"] = (
+                f"{size:,} bytes; at most {limits.max_value_bytes:,} bytes a value"
+            )
+    if not problems and (total := _json_size(values)) > limits.max_total_bytes:
+        problems[field] = f"{total:,} bytes in all; at most {limits.max_total_bytes:,} bytes"
+    return problems
 
 
 _ZONES: set[str] | None = None
@@ -143,8 +251,13 @@ def validation_reason(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def check_attributes(attributes: dict[str, Any], catalog: FactCatalog) -> list[str]:
+def check_attributes(
+    attributes: dict[str, Any], catalog: FactCatalog, limits: InputLimits | None = None
+) -> list[str]:
     """Declared attributes must have their declared type; undeclared ones are refused."""
+    oversized = check_sizes(attributes, "attributes", limits or InputLimits())
+    if oversized:
+        return [f"{where}: {why}" for where, why in oversized.items()]
     problems = []
     for name, value in attributes.items():
         spec = catalog.get(name)
@@ -160,9 +273,14 @@ def check_attributes(attributes: dict[str, Any], catalog: FactCatalog) -> list[s
     return problems
 
 
-def check_event_properties(event: EventIn, catalog: FactCatalog) -> list[str]:
+def check_event_properties(
+    event: EventIn, catalog: FactCatalog, limits: InputLimits | None = None
+) -> list[str]:
     if event.type not in catalog.event_types:
         return [f"type: unknown event type {event.type!r}; declare it in rules/catalog.yaml"]
+    oversized = check_sizes(event.properties, "properties", limits or InputLimits())
+    if oversized:
+        return [f"{where}: {why}" for where, why in oversized.items()]
     problems = []
     for name, value in event.properties.items():
         spec = catalog.get(f"event.{name}")

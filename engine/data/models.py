@@ -247,7 +247,10 @@ class WebhookReceipt(SQLModel, table=True):
     """Provider event ids already processed: a webhook delivered twice has the effect of one."""
 
     __tablename__ = "webhook_receipts"
-    __table_args__ = (UniqueConstraint("provider", "event_key", name="uq_webhook_receipts"),)
+    __table_args__ = (
+        UniqueConstraint("provider", "event_key", name="uq_webhook_receipts"),
+        Index("ix_webhook_receipts_received", "received_at"),  # pruning (housekeeping)
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     provider: str = Field(max_length=16)
@@ -263,3 +266,37 @@ class EngineState(SQLModel, table=True):
     name: str = Field(primary_key=True, max_length=64)
     value: str = Field(max_length=200)
     updated_at: datetime
+
+
+class StaffSession(SQLModel, table=True):
+    """A signed-in console session, so that it can be ended server-side.
+
+    The cookie carries a random token; only its SHA-256 is stored, so a copy of this table
+    signs nobody in. A session is valid while it is not revoked (sign-out, ``lifecycle
+    staff revoke``), not expired, and its staff member's password hash still has the
+    fingerprint it had at sign-in (a changed password ends every session of that account).
+    """
+
+    __tablename__ = "staff_sessions"
+    __table_args__ = (Index("ix_staff_sessions_staff", "staff", "revoked_at"),)
+
+    id: str = Field(primary_key=True, max_length=64)  # sha256 hex of the cookie's token
+    staff: str = Field(max_length=100)
+    fingerprint: str = Field(max_length=64)
+    client: str = Field(default="", max_length=64)  # the address it signed in from
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime
+    revoked_at: datetime | None = None
+
+
+class SignInAttempt(SQLModel, table=True):
+    """A failed console sign-in, counted per account and per client address (one row
+    each) in a moving window; shared by every serve process through the database."""
+
+    __tablename__ = "sign_in_attempts"
+    __table_args__ = (Index("ix_sign_in_attempts_key_at", "key", "at"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    key: str = Field(max_length=200)  # "account:<name>" or "address:<ip>"
+    at: datetime

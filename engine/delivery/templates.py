@@ -12,17 +12,27 @@ Every template sees: ``customer`` (first_name, email, phone, locale, timezone, i
 ``facts`` (every catalog fact), ``event`` (the triggering event's properties, may be empty),
 ``unsubscribe_url``, ``brand`` and ``message_id``; filters ``money`` (cents to "$12.34")
 and ``days``.
+
+Templates render in ``engine.delivery.sandbox.BoundedSandbox`` (Jinja2's immutable
+sandbox with bounded work) and each render gets its own deep copy of the context, so a
+template can neither change the brand, facts or customer that the next render sees, nor
+hang or exhaust the process: a render that crosses a bound is a ``TemplateError`` naming
+the template's file and line, which fails ``rules check`` or that one message.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Generator
 from dataclasses import dataclass
+from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, cast
 
 import jinja2
-from jinja2.sandbox import SandboxedEnvironment
 
+from engine.delivery.sandbox import BoundedSandbox, RenderLimitExceeded, RenderLimits, budgeted
 from engine.errors import TemplateError
 
 CHANNEL_FILES = {"email": ("subject", "html", "txt"), "sms": ("txt",)}
@@ -55,9 +65,10 @@ def _days(count: object) -> str:
 class TemplateStore:
     """Finds and renders the message templates of one directory."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, limits: RenderLimits | None = None) -> None:
         self.directory = Path(directory)
-        self.env = SandboxedEnvironment(
+        self.limits = limits or RenderLimits()
+        self.env = BoundedSandbox(
             loader=jinja2.FileSystemLoader(str(self.directory)),
             undefined=jinja2.StrictUndefined,
             autoescape=jinja2.select_autoescape(enabled_extensions=("html",), default=False),
@@ -89,7 +100,24 @@ class TemplateStore:
 
     def _render(self, template_path: str, context: dict[str, Any]) -> str:
         try:
-            return self.env.get_template(template_path).render(context).strip()
+            with budgeted(self.limits) as budget:
+                template = self.env.get_template(template_path)
+                stream = cast(Generator[str, None, None], template.generate(context))
+                chunks: list[str] = []
+                size = 0
+                for chunk in stream:
+                    size += len(chunk)
+                    chunks.append(chunk)
+                    try:
+                        if size > self.limits.max_output:
+                            raise RenderLimitExceeded(
+                                f"the output is longer than {self.limits.max_output:,} characters"
+                            )
+                        budget.check_time()
+                    except RenderLimitExceeded as exc:
+                        # Raised inside the template, so the traceback names its line.
+                        stream.throw(exc)
+                return "".join(chunks).strip()
         except jinja2.TemplateSyntaxError as exc:
             raise TemplateError(
                 exc.filename or template_path, exc.message or str(exc), exc.lineno
@@ -97,13 +125,32 @@ class TemplateStore:
         except jinja2.TemplateNotFound as exc:
             raise TemplateError(template_path, f"template not found: {exc.name}") from exc
         except jinja2.UndefinedError as exc:
-            raise TemplateError(template_path, f"{exc.message} (check the name)") from exc
+            raise self._located(template_path, exc, f"{exc.message} (check the name)") from exc
+        except RenderLimitExceeded as exc:
+            raise self._located(template_path, exc, f"too much work: {exc}") from exc
         except jinja2.exceptions.SecurityError as exc:
-            raise TemplateError(template_path, f"not allowed in a template: {exc}") from exc
-        except (TypeError, ValueError, ArithmeticError) as exc:
-            raise TemplateError(template_path, str(exc)) from exc
+            raise self._located(template_path, exc, f"not allowed in a template: {exc}") from exc
+        except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
+            raise self._located(template_path, exc, str(exc)) from exc
+        except RecursionError as exc:
+            raise self._located(
+                template_path,
+                exc,
+                "nested too deeply (a macro or a recursive loop calling itself?)",
+            ) from exc
+        except MemoryError as exc:
+            raise self._located(template_path, exc, "ran out of memory") from exc
+
+    def _located(self, template_path: str, exc: BaseException, message: str) -> TemplateError:
+        """The error at the innermost template line in the traceback (a layout, an include)."""
+        where = _template_frame(exc.__traceback__, self.directory)
+        if where is None:
+            return TemplateError(template_path, message)
+        return TemplateError(where[0], message, where[1])
 
     def render_email(self, name: str, context: dict[str, Any]) -> RenderedEmail:
+        # One copy per message: whatever its templates do to the context dies with it.
+        context = plain_copy(context)
         subject = self._render(self.path("email", name, "subject"), context)
         if "\n" in subject:
             raise TemplateError(self.path("email", name, "subject"), "the subject must be one line")
@@ -114,7 +161,7 @@ class TemplateStore:
         )
 
     def render_sms(self, name: str, context: dict[str, Any]) -> RenderedSms:
-        return RenderedSms(body=self._render(self.path("sms", name, "txt"), context))
+        return RenderedSms(body=self._render(self.path("sms", name, "txt"), plain_copy(context)))
 
     def render(
         self, channel: str, name: str, context: dict[str, Any]
@@ -122,6 +169,39 @@ class TemplateStore:
         if channel == "email":
             return self.render_email(name, context)
         return self.render_sms(name, context)
+
+
+def plain_copy(value: Any) -> Any:
+    """A copy of a context's dicts and lists (their leaves, numbers, text and moments,
+    cannot change): several times faster than copy.deepcopy, which a render would spend
+    most of its time in."""
+    if isinstance(value, dict):
+        return {key: plain_copy(item) for key, item in value.items()}
+    if isinstance(value, list | tuple | set):
+        return type(value)(plain_copy(item) for item in value)
+    if isinstance(value, str | int | float | bool | None | datetime | date):
+        return value
+    return copy.deepcopy(value)
+
+
+def _template_frame(tb: TracebackType | None, directory: Path) -> tuple[str, int] | None:
+    """(template path relative to ``directory``, line) of the last template frame in ``tb``.
+
+    Jinja2 rewrites the traceback of an error raised while rendering so that its frames
+    carry the template's file name and line number.
+    """
+    root = directory.resolve()
+    found: tuple[str, int] | None = None
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        try:
+            relative = Path(filename).resolve().relative_to(root)
+        except (ValueError, OSError):
+            relative = None
+        if relative is not None:
+            found = (relative.as_posix(), tb.tb_lineno)
+        tb = tb.tb_next
+    return found
 
 
 def sample_context(facts: dict[str, Any]) -> dict[str, Any]:

@@ -89,6 +89,9 @@ MAX_GROUPS = 15
 # An ``in`` list becomes that many alternatives below one node of durable_rules' network,
 # whose child table (512 entries) hangs the engine when full; keep lists well short of it.
 MAX_LIST_ITEMS = 200
+# Parentheses and 'not' nested deeper than this are refused (a marketer never needs more;
+# the parser, the checker, the evaluators and durable_rules all walk the tree recursively).
+MAX_DEPTH = 32
 # durable_rules compares text with a 16-bit length; stay far below it.
 MAX_TEXT_LENGTH = 1000
 _MAX_FACT_TEXT_ESCAPED = 60_000
@@ -390,6 +393,14 @@ class _Parser:
         self.text = text
         self.tokens = _tokenize(text)
         self.i = 0
+        self.depth = 0
+
+    def nest(self, token: _Token) -> None:
+        """Enter a '(' or a 'not': the parser and every pass over the tree recurse, so a
+        condition nested past MAX_DEPTH is refused here instead of by a RecursionError."""
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise self.fail(f"nested too deeply (at most {MAX_DEPTH} levels)", token)
 
     @property
     def tok(self) -> _Token:
@@ -445,13 +456,18 @@ class _Parser:
                 raise self.fail(
                     "'not in' needs a fact before it, like: locale not in [\"fr-FR\"]", token
                 )
-            return Not(self.not_(), token.offset)
+            self.nest(token)
+            inner = self.not_()
+            self.depth -= 1
+            return Not(inner, token.offset)
         return self.comparison()
 
     def comparison(self) -> Expr:
         if self.at("("):
             opening = self.take()
+            self.nest(opening)
             inner = self.or_()
+            self.depth -= 1
             if not self.at(")"):
                 raise self.fail(
                     f"expected ')' to close the '(' at column {opening.offset + 1}, "

@@ -543,9 +543,7 @@ def _check_send(
     try:
         rendered = templates.render(send.channel, send.template, context)
     except TemplateError as exc:
-        located.problems.append(
-            located.at((*where, "template"), f"template does not render: {exc}")
-        )
+        located.problems.append(_template_problem(located, (*where, "template"), templates, exc))
         return None
     if send.channel == "sms":
         body = rendered.body  # type: ignore[union-attr]
@@ -563,6 +561,21 @@ def _check_send(
             )
             return None
     return Send(send.channel, send.template)
+
+
+def _template_problem(
+    located: Located, where: tuple[Any, ...], templates: TemplateStore, exc: TemplateError
+) -> SourceProblem:
+    """At the template's own file and line when the error has one (a line of a template
+    that fails or does too much work), else at the step that names the template."""
+    step = located.at(where, "")
+    if exc.line is None:
+        return located.at(where, f"template does not render: {exc}")
+    path = _display(templates.directory / exc.template)
+    used_by = f"{step.path}:{step.line}:{step.column}"
+    return SourceProblem(
+        path, exc.line, 1, f"template does not render: {exc.message} (used by {used_by})"
+    )
 
 
 def _check_escalate(

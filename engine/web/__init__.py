@@ -13,12 +13,13 @@ This package holds only what they share: the per-app state and the template rend
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from anyio import CapacityLimiter
 from fastapi import Request
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
@@ -26,6 +27,7 @@ from starlette.responses import Response
 
 from engine.bootstrap import App
 from engine.settings import DEFAULT_SECRET_KEY
+from engine.usecases.staff import LockedKeys
 from engine.web.auth import SessionCodec, StaffDirectory
 
 HERE = Path(__file__).parent
@@ -79,6 +81,14 @@ class WebState:
     sessions: SessionCodec
     templates: Jinja2Templates
     secure_cookies: bool
+    locked: LockedKeys = field(default_factory=LockedKeys, repr=False)
+    _hash_limiter: CapacityLimiter | None = field(default=None, repr=False)
+
+    def hash_limiter(self) -> CapacityLimiter:
+        """The pool that password verifications wait for (made in the event loop)."""
+        if self._hash_limiter is None:
+            self._hash_limiter = CapacityLimiter(self.app.settings.sign_in_hash_workers)
+        return self._hash_limiter
 
     @property
     def insecure_secret(self) -> bool:

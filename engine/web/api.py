@@ -39,7 +39,8 @@ from engine.web import web_state
 from engine.web.auth import api_key_problem
 
 
-def _key_problem(request: Request) -> tuple[int, str] | None:
+def key_problem(request: Request) -> tuple[int, str] | None:
+    """(status, reason) when the request may not use the API, None when its key is right."""
     configured = web_state(request).app.settings.api_key
     secret = configured.get_secret_value() if configured is not None else None
     return api_key_problem(secret, request.headers.get("authorization"))
@@ -59,7 +60,7 @@ class ApiKeyRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def checked(request: Request) -> Response:
-            problem = _key_problem(request)
+            problem = key_problem(request)
             if problem is not None:
                 return _refusal(problem)
             return await handler(request)
@@ -74,7 +75,7 @@ def require_api_key(
     request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     """Also a dependency, so OpenAPI documents the scheme (and a second line of defence)."""
-    problem = _key_problem(request)
+    problem = key_problem(request)
     if problem is not None:
         raise HTTPException(problem[0], problem[1])
 
@@ -85,7 +86,9 @@ router = APIRouter(
     route_class=ApiKeyRoute,
     dependencies=[Depends(require_api_key)],
     responses={
+        400: {"description": "The body is not JSON (or nests too deeply to parse)"},
         401: {"description": "Missing or wrong API key"},
+        413: {"description": "The body is larger than LIFECYCLE_MAX_BODY_BYTES"},
         503: {"description": "LIFECYCLE_API_KEY is not set: the API is disabled"},
     },
 )
@@ -121,7 +124,7 @@ def post_customer(data: CustomerIn, request: Request, response: Response) -> Cus
     """Fields left out are left alone; ``attributes`` are merged key by key and must be
     declared in ``rules/catalog.yaml`` with their type."""
     app = web_state(request).app
-    problems = check_attributes(data.attributes, app.rules.catalog)
+    problems = check_attributes(data.attributes, app.rules.catalog, app.input_limits)
     if problems:
         raise RequestValidationError(catalog_errors(problems))
     now = app.clock()
@@ -161,7 +164,7 @@ def post_event(data: EventIn, request: Request, response: Response) -> Any:
     ``rules/catalog.yaml``. Sending the same event again changes nothing and answers 200;
     sending its id with a different payload changes nothing and answers 409."""
     app = web_state(request).app
-    problems = check_event_properties(data, app.rules.catalog)
+    problems = check_event_properties(data, app.rules.catalog, app.input_limits)
     if problems:
         raise RequestValidationError(catalog_errors(problems))
     now = app.clock()

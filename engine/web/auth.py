@@ -6,15 +6,17 @@ Ingest API
 
 Staff accounts
     ``LIFECYCLE_STAFF_PASSWORDS`` holds comma-separated ``name:pbkdf2_sha256$iterations$salt$hash``
-    entries (a name may contain spaces but no comma or colon). Make a hash with
-    ``hash_password`` or ``python -m engine.web.auth``. With no accounts, nobody can sign in.
+    entries (a name may contain spaces but no comma or colon). Make one with
+    ``lifecycle staff add NAME`` (the password on standard input). With no accounts, nobody
+    can sign in.
 
 Console session
     One cookie, signed and timestamped with ``secret_key`` (itsdangerous), HttpOnly,
     SameSite=Lax, Secure when ``public_base_url`` is https, valid ``session_hours``. It holds
-    the staff name, a fingerprint of that account's password hash (so changing or removing
-    a password ends its sessions) and the CSRF token that every console form posts back.
-    Signing in rotates the CSRF token.
+    the CSRF token that every console form posts back and, once signed in, a random session
+    token whose digest is a row of ``staff_sessions`` (engine.usecases.staff): the server
+    decides on every request whether the session still stands (sign-out, ``lifecycle staff
+    revoke``, a changed password and expiry all end it). Signing in rotates the CSRF token.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ def parse_staff_passwords(text: str | None) -> dict[str, str]:
             raise ConfigurationError(
                 "LIFECYCLE_STAFF_PASSWORDS",
                 f"entry {position} ({name}) is not a {ALGORITHM}$iterations$salt$hash "
-                "made by engine.web.auth.hash_password",
+                "made by `lifecycle staff add NAME`",
             )
         if name in accounts:
             raise ConfigurationError("LIFECYCLE_STAFF_PASSWORDS", f"{name!r} is listed twice")
@@ -141,18 +143,17 @@ class StaffDirectory:
 
 @dataclass(frozen=True)
 class ConsoleSession:
-    """What the session cookie carries; ``user`` is None before sign-in."""
+    """What the session cookie carries; ``token`` is None before sign-in."""
 
     csrf: str
-    user: str | None = None
-    fingerprint: str | None = None
+    token: str | None = None
 
     @classmethod
     def anonymous(cls) -> ConsoleSession:
         return cls(csrf=secrets.token_urlsafe(24))
 
-    def signed_in(self, user: str, fingerprint: str) -> ConsoleSession:
-        return ConsoleSession(csrf=secrets.token_urlsafe(24), user=user, fingerprint=fingerprint)
+    def signed_in(self, token: str) -> ConsoleSession:
+        return ConsoleSession(csrf=secrets.token_urlsafe(24), token=token)
 
     def csrf_ok(self, submitted: str | None) -> bool:
         return bool(submitted) and hmac.compare_digest(self.csrf.encode(), str(submitted).encode())
@@ -166,28 +167,18 @@ class SessionCodec:
         self.max_age_s = max_age_s
 
     def dumps(self, session: ConsoleSession) -> str:
-        return self._serializer.dumps([session.csrf, session.user, session.fingerprint])
+        return self._serializer.dumps([session.csrf, session.token])
 
     def loads(self, cookie: str | None) -> ConsoleSession | None:
         if not cookie:
             return None
         try:
-            csrf, user, fingerprint = self._serializer.loads(cookie, max_age=self.max_age_s)
+            csrf, token = self._serializer.loads(cookie, max_age=self.max_age_s)
         except (BadData, ValueError, TypeError):
             return None
         if not isinstance(csrf, str) or not csrf:
             return None
-        return ConsoleSession(csrf=csrf, user=user, fingerprint=fingerprint)
-
-
-def staff_of(session: ConsoleSession | None, staff: StaffDirectory) -> str | None:
-    """The signed-in staff name, if the session is for an account that still has that password."""
-    if session is None or not session.user or not session.fingerprint:
-        return None
-    current = staff.fingerprint(session.user)
-    if current is None or not hmac.compare_digest(current, session.fingerprint):
-        return None
-    return session.user
+        return ConsoleSession(csrf=csrf, token=token if isinstance(token, str) else None)
 
 
 # ── the ingest API key ──────────────────────────────────────────────────────────────
@@ -203,19 +194,3 @@ def api_key_problem(configured: str | None, authorization: str | None) -> tuple[
     if not hmac.compare_digest(token.strip().encode(), configured.encode()):
         return 401, "wrong API key"
     return None
-
-
-def main() -> None:
-    """Print a hash for LIFECYCLE_STAFF_PASSWORDS: ``python -m engine.web.auth [name]``."""
-    import getpass
-    import sys
-
-    name = sys.argv[1] if len(sys.argv) > 1 else input("staff name: ").strip()
-    password = getpass.getpass("password: ")
-    if password != getpass.getpass("again: "):
-        sys.exit("the passwords differ")
-    print(f"{name}:{hash_password(password)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,28 +1,34 @@
 """The support console: server-rendered pages for support leads, behind staff sign-in.
 
 Every page needs a signed-in staff member: a GET without one is sent to the sign-in page
-(303), a POST without one is refused (403) before anything is read or written. Every
-form carries the session's CSRF token. Actions follow post/redirect/get; what happened,
-or why it could not (an illegal transition, say), comes back as a flash message.
+(303), a POST without one is refused (403) before anything is read or written. Whether a
+session stands is the database's say on every request (engine.usecases.staff): sign-out
+ends it for good, even for a copy of the cookie. Sign-in is rate limited per account and
+per client address (429 with Retry-After), and the password hash runs in a small pool of
+its own threads, so a flood of attempts waits there, not in front of other requests.
+Every form carries the session's CSRF token. Actions follow post/redirect/get; what
+happened, or why it could not (an illegal transition, say), comes back as a flash message.
 
 Pages:
     /console                     open cases by SLA urgency (overdue first), status filter
     /console/cases/{id}          one case: fields, history, the customer's facts, messages,
                                  decisions; acknowledge · assign · resolve · reopen
     /console/customers/{id}      what we sent and why: messages with their decisions,
-                                 enrollments, consent, suppressions
+                                 enrollments, consent, suppressions (an id may hold '/')
     /console/playbooks[/{id}]    rule file, counts, skip reasons, daily sends chart
     /console/messages            messages by status (ambiguous ones need a person)
 """
 
 from __future__ import annotations
 
+import hmac
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
+from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from itsdangerous import BadData, URLSafeSerializer
@@ -48,9 +54,10 @@ from engine.errors import IllegalTransition, InvalidChoice, LifecycleError, NotF
 from engine.escalations import cases as escalations
 from engine.language.catalog import FactType
 from engine.playbooks.model import RuleSet
+from engine.usecases import staff as staff_sessions
 from engine.usecases.messages import find_messages, parse_status
 from engine.web import WebState, web_state
-from engine.web.auth import SESSION_COOKIE, ConsoleSession, staff_of
+from engine.web.auth import SESSION_COOKIE, ConsoleSession
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
@@ -136,11 +143,32 @@ class Staff:
     session: ConsoleSession
 
 
+def staff_of(web: WebState, session: ConsoleSession | None) -> str | None:
+    """The signed-in staff name, if the server still holds the session: not signed out,
+    not revoked, not expired, and the account's password unchanged since sign-in."""
+    if session is None or not session.token:
+        return None
+    live = staff_sessions.live_session(web.app.db, session.token, web.app.clock())
+    if live is None:
+        return None
+    current = web.staff.fingerprint(live.staff)
+    if current is None or not hmac.compare_digest(current, live.fingerprint):
+        return None
+    return live.staff
+
+
+def current_staff(request: Request) -> str | None:
+    """For other routers (the API docs): the signed-in staff name or None. Blocking: call
+    it from a sync route or through run_in_threadpool."""
+    web = web_state(request)
+    return staff_of(web, read_session(web, request))
+
+
 def signed_in(request: Request) -> Staff:
     """For pages: the staff member, or a redirect to sign-in."""
     web = web_state(request)
     session = read_session(web, request)
-    name = staff_of(session, web.staff)
+    name = staff_of(web, session)
     if name is None or session is None:
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         raise NeedsSignIn(path)
@@ -151,7 +179,7 @@ async def signed_in_form(request: Request) -> tuple[Staff, FormData]:
     """For actions: the staff member and the posted form, after the CSRF check; else 403."""
     web = web_state(request)
     session = read_session(web, request)
-    name = staff_of(session, web.staff)
+    name = await run_in_threadpool(staff_of, web, session)
     if name is None or session is None:
         raise ConsoleRefused(403, "Sign in first: console actions need a signed-in staff member.")
     form = await request.form()
@@ -217,7 +245,7 @@ def _rules(web: WebState) -> tuple[RuleSet | None, str | None]:
 def login_form(request: Request, next: str = "/console") -> Response:
     web = web_state(request)
     session = read_session(web, request)
-    if staff_of(session, web.staff) is not None:
+    if staff_of(web, session) is not None:
         return redirect(web, safe_next(next))
     session = session or ConsoleSession.anonymous()
     response = _login_page(request, session, safe_next(next), None, 200)
@@ -268,22 +296,61 @@ async def login(request: Request) -> Response:
             "No staff accounts are configured: set LIFECYCLE_STAFF_PASSWORDS.",
             403,
         )
-    user = await run_in_threadpool(
-        web.staff.authenticate, name, password if isinstance(password, str) else ""
+    settings = web.app.settings
+    now = web.app.clock()
+    address = request.client.host if request.client else ""
+    keys = staff_sessions.attempt_keys(name, address)
+    window = timedelta(seconds=settings.sign_in_window_s)
+    known = web.locked.wait(keys, now)
+    if known is not None:  # a flood on a locked key costs no database round trip
+        return _too_many_attempts(request, session, next_path, name, known)
+    attempt = await run_in_threadpool(
+        staff_sessions.begin_attempt, web.app.db, keys, now, settings.sign_in_attempts, window
+    )
+    if attempt.wait is not None:
+        web.locked.lock(attempt.waits, now)
+        return _too_many_attempts(request, session, next_path, name, attempt.wait)
+    # PBKDF2 is meant to be slow: it runs in a pool of its own few threads, so a flood of
+    # attempts queues there and every other request keeps its threads and the event loop.
+    user = await to_thread.run_sync(
+        web.staff.authenticate,
+        name,
+        password if isinstance(password, str) else "",
+        limiter=web.hash_limiter(),
     )
     if user is None:
         return _login_page(request, session, next_path, "Wrong name or password.", 401, name)
     fingerprint = web.staff.fingerprint(user)
     assert fingerprint is not None
+    lifetime = timedelta(seconds=web.sessions.max_age_s)
+
+    def start() -> str:
+        staff_sessions.attempt_succeeded(web.app.db, attempt, keys[0])
+        return staff_sessions.open_session(web.app.db, user, fingerprint, address, now, lifetime)
+
+    token = await run_in_threadpool(start)
     response = redirect(web, next_path, ("ok", f"Signed in as {user}."))
-    set_session(web, response, session.signed_in(user, fingerprint))
+    set_session(web, response, session.signed_in(token))
+    return response
+
+
+def _too_many_attempts(
+    request: Request, session: ConsoleSession, next_path: str, name: str, wait: int
+) -> Response:
+    message = f"Too many failed sign-ins. Wait {wait} s and try again."
+    response = _login_page(request, session, next_path, message, 429, name)
+    response.headers["Retry-After"] = str(wait)
     return response
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
-    await signed_in_form(request)
+    staff, _ = await signed_in_form(request)
     web = web_state(request)
+    if staff.session.token:
+        await run_in_threadpool(
+            staff_sessions.end_session, web.app.db, staff.session.token, web.app.clock()
+        )
     response = redirect(web, "/console/login")
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -487,7 +554,7 @@ async def case_action(case_id: int, action: str, request: Request) -> Response:
 # ── one customer: what we sent, and why ─────────────────────────────────────────────
 
 
-@router.get("/customers/{customer_id}")
+@router.get("/customers/{customer_id:path}")
 def customer_page(customer_id: str, request: Request) -> Response:
     staff = signed_in(request)
     web = web_state(request)
