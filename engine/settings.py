@@ -67,6 +67,7 @@ class Settings(BaseSettings):
         previous = self.secret_key_previous.get_secret_value() if self.secret_key_previous else ""
         earlier = [key.strip() for key in previous.split(",") if key.strip()]
         return [*earlier, self.secret_key.get_secret_value()]
+
     # Input bounds: larger API bodies are 413, larger values a 422 or an import row error
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, description="largest ingest API request body (bytes)"

@@ -174,6 +174,35 @@ def _event_order(evaluation: Evaluation) -> tuple[datetime, str]:
     return (subject.occurred_at, subject.event_id)
 
 
+@dataclass(frozen=True)
+class _Order:
+    """The playbooks of a rules version by priority (a frequency cap lets the lower
+    number go first), with their enter rule ids: worked out once, used per customer."""
+
+    on_event: Mapping[str, tuple[tuple[Playbook, str], ...]]
+    on_sweep: tuple[tuple[Playbook, str], ...]
+
+
+_ORDERS: dict[str, _Order] = {}
+
+
+def _order(rules: RuleSet) -> _Order:
+    found = _ORDERS.get(rules.version)
+    if found is None:
+        ranked = sorted(rules.playbooks.values(), key=lambda p: (p.priority, p.id))
+        on_event: dict[str, list[tuple[Playbook, str]]] = {}
+        for playbook in ranked:
+            if playbook.enter_on is not None:
+                on_event.setdefault(playbook.enter_on, []).append(
+                    (playbook, enter_rule(playbook.id))
+                )
+        found = _ORDERS[rules.version] = _Order(
+            {kind: tuple(entries) for kind, entries in on_event.items()},
+            tuple((p, enter_rule(p.id)) for p in ranked if p.enter_on is None),
+        )
+    return found
+
+
 def _may_enter(playbook: Playbook, entries: Entries | None, now: datetime) -> bool:
     """Re-entry: never, or after the cooldown since the latest entry that sent something."""
     if entries is None or entries.cooldown_from is None:
@@ -189,14 +218,48 @@ def _ends_at_once(playbook: Playbook, fired: frozenset[str]) -> bool:
 # ---------------------------------------------------------------- one customer
 
 
-@dataclass
+@dataclass(slots=True)
+class _Place:
+    """Where an enrollment stands while the plan is being made (JourneyState, mutable)."""
+
+    status: EnrollmentStatus
+    step_id: str | None
+    due_at: datetime | None
+    hold_reason: str | None
+    queued_count: int
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+
+    @classmethod
+    def of(cls, journey: Journey) -> _Place:
+        return cls(
+            EnrollmentStatus.ACTIVE,
+            journey.step_id,
+            journey.due_at,
+            journey.hold_reason,
+            journey.queued_count,
+        )
+
+    def frozen(self) -> JourneyState:
+        return JourneyState(
+            self.status,
+            self.step_id,
+            self.due_at,
+            self.hold_reason,
+            self.queued_count,
+            self.ended_at,
+            self.end_reason,
+        )
+
+
+@dataclass(slots=True)
 class _Working:
     """An enrollment while the plan is being made: the row as read (or new) and where it
     stands now."""
 
     playbook: Playbook | None
     ref: Ref
-    state: JourneyState
+    state: _Place
     entry_number: int
     trigger_event_id: str | None
     read: Journey | None = None  # None: created by this plan
@@ -217,17 +280,11 @@ class _Working:
                 trigger_event_id=self.trigger_event_id,
                 entered_at=self.entered_at,
                 rules_version=rules.version,
-                state=self.state,
+                state=self.state.frozen(),
             )
         read = self.read
-        before = JourneyState(
-            EnrollmentStatus.ACTIVE,
-            read.step_id,
-            read.due_at,
-            read.hold_reason,
-            read.queued_count,
-        )
-        if self.state == before:
+        state = self.state.frozen()
+        if state == _Place.of(read).frozen():
             return None
         if not self.active:
             kind = "end"
@@ -235,7 +292,7 @@ class _Working:
             kind = "advance"
         else:
             kind = "hold"
-        return Move(read.id, read.version, kind, self.state)
+        return Move(read.id, read.version, kind, state)
 
 
 @dataclass
@@ -278,17 +335,10 @@ class _CustomerPlanner:
         self._documents: dict[int, dict[str, Any]] = {}
 
     def _working(self, journey: Journey) -> _Working:
-        state = JourneyState(
-            EnrollmentStatus.ACTIVE,
-            journey.step_id,
-            journey.due_at,
-            journey.hold_reason,
-            journey.queued_count,
-        )
         return _Working(
             playbook=self.rules.playbooks.get(journey.playbook),
             ref=journey.id,
-            state=state,
+            state=_Place.of(journey),
             entry_number=journey.entry_number,
             trigger_event_id=journey.trigger_event_id,
             read=journey,
@@ -300,15 +350,14 @@ class _CustomerPlanner:
         claimed = tuple(e.subject.event_id for e in events if e.subject.event_id is not None)
         if claimed:
             self.effects.append(ClaimEvents(claimed))
+        order = _order(self.rules)
         for event in events:
-            for playbook in self._by_priority(self.rules.playbooks.values()):
-                if playbook.enter_on == event.subject.event_type and (
-                    enter_rule(playbook.id) in event.fired
-                ):
+            for playbook, rule in order.on_event.get(event.subject.event_type or "", ()):
+                if rule in event.fired:
                     self._enter(playbook, event)
         if self.sweep is not None:
-            for playbook in self._by_priority(self.rules.playbooks.values()):
-                if playbook.enter_on is None and enter_rule(playbook.id) in self.sweep.fired:
+            for playbook, rule in order.on_sweep:
+                if rule in self.sweep.fired:
                     self._enter(playbook, self.sweep)
         for working in sorted(self.journeys.values(), key=self._priority_of):
             if working.active:
@@ -329,10 +378,6 @@ class _CustomerPlanner:
                 assert isinstance(self.case.ref, int)
                 effects.append(JoinCase(self.case.ref, self.case.raised_to))
         return CustomerPlan(self.customer_id, tuple(effects), tuple(self.tally))
-
-    @staticmethod
-    def _by_priority(playbooks: Any) -> list[Playbook]:
-        return sorted(playbooks, key=lambda p: (p.priority, p.id))
 
     @staticmethod
     def _priority_of(working: _Working) -> tuple[int, str]:
@@ -358,7 +403,7 @@ class _CustomerPlanner:
         working = _Working(
             playbook=playbook,
             ref=f"{self.customer_id}|{playbook.id}|{number}",
-            state=JourneyState(EnrollmentStatus.ACTIVE, first.id, self.now + first.wait, None, 0),
+            state=_Place(EnrollmentStatus.ACTIVE, first.id, self.now + first.wait, None, 0),
             entry_number=number,
             trigger_event_id=subject.event_id,
             entered_at=self.now,
@@ -386,7 +431,7 @@ class _CustomerPlanner:
             return
         step_id = _resolve_step(playbook, working.state.step_id)
         if step_id != working.state.step_id:
-            working.state = replace(working.state, step_id=step_id)
+            working.state.step_id = step_id
         if step_id is not None and playbook.step(step_id) is None:
             reason = f"its next step {step_id!r} is no longer in the playbook"
             self._end(working, EnrollmentStatus.CANCELLED, reason, facts)
@@ -469,16 +514,17 @@ class _CustomerPlanner:
     ) -> None:
         following = playbook.step_after(step.id)
         if following is not None:
-            working.state = replace(
-                working.state,
-                step_id=following.id,
-                due_at=self.now + following.wait,
-                hold_reason=None,
+            state = working.state
+            state.step_id, state.due_at, state.hold_reason = (
+                following.id,
+                self.now + following.wait,
+                None,
             )
             return
         if send_at is not None and send_at > self.now:
             # The last message waits (quiet hours): the journey completes when it is due.
-            working.state = replace(working.state, step_id=None, due_at=send_at, hold_reason=None)
+            state = working.state
+            state.step_id, state.due_at, state.hold_reason = None, send_at, None
             return
         self._end(working, EnrollmentStatus.COMPLETED, "every step done", facts)
 
@@ -489,14 +535,9 @@ class _CustomerPlanner:
         reason: str,
         facts: Mapping[str, Any],
     ) -> None:
-        working.state = replace(
-            working.state,
-            status=status,
-            due_at=None,
-            hold_reason=None,
-            ended_at=self.now,
-            end_reason=reason[:200],
-        )
+        state = working.state
+        state.status, state.due_at, state.hold_reason = status, None, None
+        state.ended_at, state.end_reason = self.now, reason[:200]
         self._decide(working, None, str(status), reason, facts)
         if working.playbook is not None:
             self.tally.append((str(status), working.playbook.id, ""))
@@ -582,7 +623,7 @@ class _CustomerPlanner:
             self._decide(working, step.id, "deferred", reason, facts, until=until)
             assert working.playbook is not None
             self.tally.append(("deferred", working.playbook.id, tally))
-        working.state = replace(state, hold_reason=reason[:200], due_at=due)
+        state.hold_reason, state.due_at = reason[:200], due
 
     def _queue(
         self,
@@ -620,7 +661,7 @@ class _CustomerPlanner:
                 due_at=send_at,
             )
         )
-        working.state = replace(working.state, queued_count=working.state.queued_count + 1)
+        working.state.queued_count += 1
         self._start_cooldown(working)
         if playbook.marketing:
             self.recent.append((send_at, step.send.channel))

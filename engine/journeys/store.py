@@ -74,31 +74,47 @@ _DEADLOCK = "40P01"
 # ---------------------------------------------------------------- reading
 
 
-def load_journeys(session: Session, ids: Sequence[str]) -> dict[str, CustomerSnapshot]:
-    """Active enrollments and past entries of the customers: two queries."""
+def load_journeys(
+    session: Session, ids: Sequence[str], span: Span | None = None
+) -> dict[str, CustomerSnapshot]:
+    """Active enrollments and past entries of the customers, in one query over their
+    enrollments by customer (the index on customer, playbook, entry number; selecting
+    by status would lead SQLite to scan every active enrollment instead). ``span``:
+    ``ids`` are every customer with an id in (after, upto], selected by that range
+    rather than by a list of a few thousand ids."""
     active: dict[str, dict[str, Journey]] = defaultdict(dict)
-    entries: dict[str, dict[str, Entries]] = defaultdict(dict)
+    last: dict[tuple[str, str], int] = {}
+    cooldown: dict[tuple[str, str], datetime] = {}
     if ids:
-        for row in session.execute(_ACTIVE, {"ids": list(ids)}):
-            journey = Journey(
-                id=row.id,
-                playbook=row.playbook,
-                step_id=row.step_id,
-                due_at=_instant(row.next_due_at),
-                version=row.version,
-                hold_reason=row.hold_reason,
-                entry_number=row.entry_number,
-                entered_at=_required(row.entered_at),
-                queued_count=row.queued_count,
-                trigger_event_id=row.trigger_event_id,
-            )
-            active[row.customer_id][row.playbook] = journey
-        for row in session.execute(_ENTRIES, {"ids": list(ids)}):
-            entries[row.customer_id][row.playbook] = Entries(
-                row.last_number, _instant(row.cooldown_from)
-            )
+        rows = session.execute(*_by_customers(session, _ENROLLMENTS, "", ids, span))
+        for row in rows:
+            key = (row.customer_id, row.playbook)
+            if row.entry_number > last.get(key, 0):
+                last[key] = row.entry_number
+            entered_at = _required(row.entered_at)
+            counts = row.queued_count > 0 or row.status in COOLDOWN_STATUSES
+            if counts and (key not in cooldown or entered_at > cooldown[key]):
+                cooldown[key] = entered_at
+            if row.status == EnrollmentStatus.ACTIVE:
+                active[row.customer_id][row.playbook] = Journey(
+                    id=row.id,
+                    playbook=row.playbook,
+                    step_id=row.step_id,
+                    due_at=_instant(row.next_due_at),
+                    version=row.version,
+                    hold_reason=row.hold_reason,
+                    entry_number=row.entry_number,
+                    entered_at=entered_at,
+                    queued_count=row.queued_count,
+                    trigger_event_id=row.trigger_event_id,
+                )
+    entries: dict[str, dict[str, Entries]] = defaultdict(dict)
+    for (customer_id, playbook), number in last.items():
+        entries[customer_id][playbook] = Entries(number, cooldown.get((customer_id, playbook)))
     return {
-        customer_id: CustomerSnapshot(customer_id, active[customer_id], entries[customer_id])
+        customer_id: CustomerSnapshot(
+            customer_id, active.get(customer_id, {}), entries.get(customer_id, {})
+        )
         for customer_id in ids
     }
 
@@ -119,7 +135,8 @@ def load_context(
         horizon = now - max(cap.per for cap in caps)
         params = {"ids": list(ids), "horizon": _param(session, horizon)}
         for row in session.execute(_RECENT, params):
-            recent[row.customer_id].append((_required(row.due_at), row.channel))
+            if row.kind == "marketing" and row.status in COUNTED_STATUSES:
+                recent[row.customer_id].append((_required(row.due_at), row.channel))
     if ids:
         for row in session.execute(_OPEN_CASES, {"ids": list(ids)}):
             cases.setdefault(row.customer_id, OpenCase(row.id, row.priority))
@@ -133,22 +150,52 @@ def load_context(
     }
 
 
-_ACTIVE = text(
-    "SELECT id, customer_id, playbook, step_id, next_due_at, version, hold_reason, "
-    "entry_number, entered_at, queued_count, trigger_event_id FROM enrollments "
-    "WHERE customer_id IN :ids AND status = 'active'"
-).bindparams(bindparam("ids", expanding=True))
-_ENTRIES = text(
-    "SELECT customer_id, playbook, max(entry_number) AS last_number, "
-    # The entries that count for re-entry: engine.journeys.plan, "Re-entry".
-    "max(CASE WHEN queued_count > 0 OR status IN ('active', 'completed', 'dropped') "
-    "THEN entered_at END) AS cooldown_from "
-    "FROM enrollments WHERE customer_id IN :ids GROUP BY customer_id, playbook"
-).bindparams(bindparam("ids", expanding=True))
+Span = tuple[str | None, str | None]
+
+_ENROLLMENTS = (
+    "SELECT id, customer_id, playbook, status, step_id, next_due_at, version, hold_reason, "
+    "entry_number, entered_at, queued_count, trigger_event_id FROM enrollments"
+)
+# The entries that count for re-entry even when they queued nothing (plan, "Re-entry").
+COOLDOWN_STATUSES = frozenset(
+    {EnrollmentStatus.ACTIVE, EnrollmentStatus.COMPLETED, EnrollmentStatus.DROPPED}
+)
+
+
+def _by_customers(
+    session: Session,
+    select_from: str,
+    where: str,
+    ids: Sequence[str],
+    span: Span | None,
+    tail: str = "",
+) -> tuple[Any, dict[str, Any]]:
+    """A statement over the rows of ``ids`` (by list) or of ``span`` (by range)."""
+    clauses = [where] if where else []
+    params: dict[str, Any] = {}
+    if span is None:
+        clauses.append("customer_id IN :ids")
+        params["ids"] = list(ids)
+        statement = text(f"{select_from} WHERE {' AND '.join(clauses)}{tail}").bindparams(
+            bindparam("ids", expanding=True)
+        )
+        return statement, params
+    after, upto = span
+    if after is not None:
+        clauses.append("customer_id > :after")
+        params["after"] = after
+    if upto is not None:
+        clauses.append("customer_id <= :upto")
+        params["upto"] = upto
+    condition = " AND ".join(clauses) or "1 = 1"
+    return text(f"{select_from} WHERE {condition}{tail}"), params
+
+
+# By customer only (their index): with the status in the WHERE clause SQLite would scan
+# every queued message by the status index instead. Kind and status are checked here.
 _RECENT = text(
-    "SELECT customer_id, due_at, channel FROM messages WHERE customer_id IN :ids "
-    "AND kind = 'marketing' AND status IN ('queued', 'sending', 'sent', 'delivered') "
-    "AND due_at > :horizon"
+    "SELECT customer_id, due_at, channel, kind, status FROM messages "
+    "WHERE customer_id IN :ids AND due_at > :horizon"
 ).bindparams(bindparam("ids", expanding=True))
 _OPEN_CASES = text(
     "SELECT id, customer_id, priority FROM escalations WHERE customer_id IN :ids "
@@ -223,35 +270,35 @@ def _write_all(
     failed (the caller rolls back) and how many queued messages were cancelled."""
     claims: dict[str, str] = {}
     moves: list[tuple[str, Move]] = []
+    kinds: dict[type, list[Any]] = defaultdict(list)
     for customer in plan.customers:
         for effect in customer.effects:
             if isinstance(effect, ClaimEvents):
                 claims.update((event_id, customer.customer_id) for event_id in effect.event_ids)
             elif isinstance(effect, Move):
                 moves.append((customer.customer_id, effect))
+            else:
+                kinds[type(effect)].append(effect)
     lost = set(_claim(session, claims, now))
     lost.update(_move(session, moves, now))
     if lost:
         return sorted(lost), 0
     dialect = session.get_bind().dialect.name
     connection = session.connection()
-    enrollment_ids = _insert_enrollments(session, dialect, plan)
-    case_ids = _insert_cases(session, dialect, plan, now)
+    enrollment_ids = _insert_enrollments(session, dialect, kinds[Enroll])
+    case_ids = _insert_cases(session, dialect, kinds[OpenCaseEffect], now)
     refs = {**enrollment_ids, **case_ids}
-    cancelled_rows = _cancel_queued(session, plan, now)
-    messages = (_message_row(e, refs, now) for e in plan.effects() if isinstance(e, Queue))
+    cancelled_rows = _cancel_queued(session, kinds[CancelQueued], now)
+    messages = (_message_row(e, refs, now) for e in kinds[Queue])
     _insert(dialect, connection, MESSAGES, _MESSAGE_COLUMNS, messages)
     notes = (
-        (_resolve(e.case, refs), now, e.actor, e.action, e.note[:2000])
-        for e in plan.effects()
-        if isinstance(e, CaseNote)
+        (_resolve(e.case, refs), now, e.actor, e.action, e.note[:2000]) for e in kinds[CaseNote]
     )
     _insert(dialect, connection, NOTES, _NOTE_COLUMNS, notes)
-    _join_cases(session, [e for e in plan.effects() if isinstance(e, JoinCase)], now)
-    _touch(session, {e.customer_id for e in plan.effects() if isinstance(e, TouchCustomer)}, now)
+    _join_cases(session, kinds[JoinCase], now)
+    _touch(session, {e.customer_id for e in kinds[TouchCustomer]}, now)
     documents: dict[int, Encoded] = {}
-    decisions = [e for e in plan.effects() if isinstance(e, Decide)]
-    rows = [_decision_row(d, refs, rules.version, now, documents) for d in decisions]
+    rows = [_decision_row(d, refs, rules.version, now, documents) for d in kinds[Decide]]
     rows.extend(_cancelled_decisions(cancelled_rows, rules.version, now))
     _insert(dialect, connection, DECISIONS, _DECISION_COLUMNS, rows)
     return [], len(cancelled_rows)
@@ -351,8 +398,9 @@ def _move_statement(dialect: str, rows: int) -> str:
     )
 
 
-def _insert_enrollments(session: Session, dialect: str, plan: Plan) -> dict[str, int]:
-    enrolls = [e for e in plan.effects() if isinstance(e, Enroll)]
+def _insert_enrollments(
+    session: Session, dialect: str, enrolls: Sequence[Enroll]
+) -> dict[str, int]:
     if not enrolls:
         return {}
     ids = _allocate(session, dialect, "enrollments", len(enrolls))
@@ -382,8 +430,9 @@ def _insert_enrollments(session: Session, dialect: str, plan: Plan) -> dict[str,
     return refs
 
 
-def _insert_cases(session: Session, dialect: str, plan: Plan, now: datetime) -> dict[str, int]:
-    cases = [e for e in plan.effects() if isinstance(e, OpenCaseEffect)]
+def _insert_cases(
+    session: Session, dialect: str, cases: Sequence[OpenCaseEffect], now: datetime
+) -> dict[str, int]:
     if not cases:
         return {}
     ids = _allocate(session, dialect, "escalations", len(cases))
@@ -423,13 +472,12 @@ def _allocate(session: Session, dialect: str, table: str, count: int) -> list[in
     return [int(i) for i in session.execute(statement, {"n": count}).scalars()]
 
 
-def _cancel_queued(session: Session, plan: Plan, now: datetime) -> list[Any]:
+def _cancel_queued(session: Session, cancels: Sequence[CancelQueued], now: datetime) -> list[Any]:
     """Cancel what ending journeys still have queued; returns the cancelled rows."""
     by_reason: dict[str, list[int]] = defaultdict(list)
-    for effect in plan.effects():
-        if isinstance(effect, CancelQueued):
-            assert isinstance(effect.enrollment, int), "a journey of this plan queued nothing yet"
-            by_reason[effect.reason].append(effect.enrollment)
+    for effect in cancels:
+        assert isinstance(effect.enrollment, int), "a journey of this plan queued nothing yet"
+        by_reason[effect.reason].append(effect.enrollment)
     cancelled: list[Any] = []
     for reason, ids in by_reason.items():
         for chunk in _chunks(ids):

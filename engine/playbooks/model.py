@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import time, timedelta
+from functools import cached_property
 
 from engine.language.catalog import FactCatalog
 from engine.language.conditions import Condition
@@ -117,13 +118,22 @@ class Playbook:
 
     def step(self, step_id: str) -> Step | None:
         """The step with this id, or None when the playbook has none (any more)."""
-        return next((s for s in self.steps if s.id == step_id), None)
+        return self._steps.get(step_id)
 
     def step_after(self, step_id: str) -> Step | None:
         """The step that follows ``step_id``, or None after the last one."""
-        ids = [s.id for s in self.steps]
-        index = ids.index(step_id) + 1
-        return self.steps[index] if index < len(self.steps) else None
+        return self._following.get(step_id)
+
+    @cached_property
+    def _steps(self) -> dict[str, Step]:
+        return {s.id: s for s in self.steps}
+
+    @cached_property
+    def _following(self) -> dict[str, Step | None]:
+        return {
+            s.id: (self.steps[i + 1] if i + 1 < len(self.steps) else None)
+            for i, s in enumerate(self.steps)
+        }
 
 
 def enter_rule(playbook: str) -> str:
