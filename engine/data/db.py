@@ -11,7 +11,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
+from sqlalchemy.exc import OperationalError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Execution option: how a SQLite transaction begins ("DEFERRED" or "IMMEDIATE").
@@ -60,6 +61,27 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
         # again: a worker process connects to the same schema from it.
         target = target.update_query_dict({"options": f"-csearch_path={schema}"})
     return create_engine(target, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def existing_database(url: str) -> Engine | None:
+    """An engine for ``url`` if a migrated database is there, else None: for commands
+    that read the database when it exists and must never create one (SQLite creates the
+    file on first connect)."""
+    target = make_url(normalize_url(url))
+    if target.get_backend_name() == "sqlite":
+        path = target.database
+        if not path or path == ":memory:" or not Path(path).is_file():
+            return None
+    engine = make_engine(url)
+    try:
+        with engine.connect() as connection:
+            if not inspect(connection).has_table("enrollments"):
+                engine.dispose()
+                return None
+    except OperationalError:
+        engine.dispose()
+        return None
+    return engine
 
 
 def engine_url(engine: Engine) -> str:

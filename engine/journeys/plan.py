@@ -80,7 +80,7 @@ from engine.playbooks.model import (
 )
 from engine.statuses import EnrollmentStatus
 
-__all__ = ["has_work", "message_id_for", "plan"]
+__all__ = ["has_work", "may_enter", "message_id_for", "plan", "resolve_step"]
 
 # Message ids are derived from the dedupe key: the same step of the same enrollment gets
 # the same id in every process, so even the primary key refuses a second copy.
@@ -145,7 +145,7 @@ def has_work(
         playbook.enter_on is None
         and playbook.id not in snapshot.active
         and enter_rule(playbook.id) in sweep.fired
-        and _may_enter(playbook, snapshot.entries.get(playbook.id), now)
+        and may_enter(playbook, snapshot.entries.get(playbook.id), now)
         and not _ends_at_once(playbook, sweep.fired)
         for playbook in rules.playbooks.values()
     )
@@ -203,7 +203,7 @@ def _order(rules: RuleSet) -> _Order:
     return found
 
 
-def _may_enter(playbook: Playbook, entries: Entries | None, now: datetime) -> bool:
+def may_enter(playbook: Playbook, entries: Entries | None, now: datetime) -> bool:
     """Re-entry: never, or after the cooldown since the latest entry that sent something."""
     if entries is None or entries.cooldown_from is None:
         return True
@@ -391,7 +391,7 @@ class _CustomerPlanner:
         current = self.journeys.get(playbook.id)
         if current is not None and current.active:
             return  # already on this journey (a repeat complaint is handled by its case)
-        if not _may_enter(playbook, self.entries.get(playbook.id), self.now):
+        if not may_enter(playbook, self.entries.get(playbook.id), self.now):
             return  # inside the re-entry cooldown; `lifecycle explain` shows it
         sweep_fired = self.sweep.fired if self.sweep is not None else frozenset()
         if _ends_at_once(playbook, sweep_fired):
@@ -429,7 +429,7 @@ class _CustomerPlanner:
         if playbook is None:
             self._end(working, EnrollmentStatus.CANCELLED, "the playbook was removed", facts)
             return
-        step_id = _resolve_step(playbook, working.state.step_id)
+        step_id = resolve_step(playbook, working.state.step_id)
         if step_id != working.state.step_id:
             working.state.step_id = step_id
         if step_id is not None and playbook.step(step_id) is None:
@@ -796,7 +796,7 @@ def _playbook_of(working: _Working) -> str:
     return working.read.playbook if working.read is not None else ""
 
 
-def _resolve_step(playbook: Playbook, step_id: str | None) -> str | None:
+def resolve_step(playbook: Playbook, step_id: str | None) -> str | None:
     """An enrollment of the first schema knew its step by position ("#2"): the step at
     that position of the rules in force, or the marker itself when there is none (which
     then ends the journey as a removed step)."""
