@@ -8,7 +8,7 @@ takes one writer at a time). What moved in between is caught by the store's guar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, bindparam, text
 
@@ -53,7 +53,7 @@ def _plan_and_write(
     for evaluation in evaluations:
         by_customer[evaluation.subject.customer_id].append(evaluation)
     with reading(db) as session:
-        snapshots = load_journeys(session, ids, span)
+        snapshots = load_journeys(session, ids, span, now - _goal_window(rules))
         busy = [c for c in ids if has_work(snapshots[c], by_customer[c], rules, now)]
         if not busy:
             return []
@@ -70,6 +70,11 @@ def _plan_and_write(
     for customer in applied.customers:
         report.add(customer)
     return written.lost
+
+
+def _goal_window(rules: RuleSet) -> timedelta:
+    """The longest attribution window of the playbooks' goals."""
+    return max((p.goal_within for p in rules.playbooks.values()), default=timedelta(0))
 
 
 def _still_pending(db: Engine, evaluations: Sequence[Evaluation]) -> list[Evaluation]:

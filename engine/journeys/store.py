@@ -34,6 +34,7 @@ from engine.journeys.effects import (
     CancelQueued,
     CaseNote,
     ClaimEvents,
+    Convert,
     CustomerSnapshot,
     Decide,
     Enroll,
@@ -47,6 +48,7 @@ from engine.journeys.effects import (
     Queue,
     Ref,
     TouchCustomer,
+    Touched,
 )
 from engine.playbooks.model import RuleSet
 from engine.statuses import EnrollmentStatus, EscalationStatus, MessageStatus
@@ -75,14 +77,20 @@ _DEADLOCK = "40P01"
 
 
 def load_journeys(
-    session: Session, ids: Sequence[str], span: Span | None = None
+    session: Session,
+    ids: Sequence[str],
+    span: Span | None = None,
+    touched_since: datetime | None = None,
 ) -> dict[str, CustomerSnapshot]:
     """Active enrollments and past entries of the customers, in one query over their
     enrollments by customer (the index on customer, playbook, entry number; selecting
     by status would lead SQLite to scan every active enrollment instead). ``span``:
     ``ids`` are every customer with an id in (after, upto], selected by that range
-    rather than by a list of a few thousand ids."""
+    rather than by a list of a few thousand ids. ``touched_since``: ended enrollments
+    whose latest message is this recent, and not converted, come as ``touched`` (a goal
+    can still be credited to them)."""
     active: dict[str, dict[str, Journey]] = defaultdict(dict)
+    touched: dict[str, list[Touched]] = defaultdict(list)
     last: dict[tuple[str, str], int] = {}
     cooldown: dict[tuple[str, str], datetime] = {}
     if ids:
@@ -107,13 +115,27 @@ def load_journeys(
                     entered_at=entered_at,
                     queued_count=row.queued_count,
                     trigger_event_id=row.trigger_event_id,
+                    arm=row.arm,
+                    waiting_since=_instant(row.waiting_since),
+                    last_touch_at=_instant(row.last_touch_at),
+                    last_touch_step=row.last_touch_step,
+                    converted_at=_instant(row.converted_at),
                 )
+            elif touched_since is not None and row.converted_at is None and row.last_touch_at:
+                last_touch = _required(row.last_touch_at)
+                if last_touch >= touched_since:
+                    touched[row.customer_id].append(
+                        Touched(row.id, row.playbook, row.arm, last_touch, row.last_touch_step)
+                    )
     entries: dict[str, dict[str, Entries]] = defaultdict(dict)
     for (customer_id, playbook), number in last.items():
         entries[customer_id][playbook] = Entries(number, cooldown.get((customer_id, playbook)))
     return {
         customer_id: CustomerSnapshot(
-            customer_id, active.get(customer_id, {}), entries.get(customer_id, {})
+            customer_id,
+            active.get(customer_id, {}),
+            entries.get(customer_id, {}),
+            touched=tuple(touched.get(customer_id, ())),
         )
         for customer_id in ids
     }
@@ -154,7 +176,8 @@ Span = tuple[str | None, str | None]
 
 _ENROLLMENTS = (
     "SELECT id, customer_id, playbook, status, step_id, next_due_at, version, hold_reason, "
-    "entry_number, entered_at, queued_count, trigger_event_id FROM enrollments"
+    "entry_number, entered_at, queued_count, trigger_event_id, arm, waiting_since, "
+    "last_touch_at, last_touch_step, converted_at FROM enrollments"
 )
 # The entries that count for re-entry even when they queued nothing (plan, "Re-entry").
 COOLDOWN_STATUSES = frozenset(
@@ -296,6 +319,7 @@ def _write_all(
     )
     _insert(dialect, connection, NOTES, _NOTE_COLUMNS, notes)
     _join_cases(session, kinds[JoinCase], now)
+    _convert(session, kinds[Convert])
     _touch(session, {e.customer_id for e in kinds[TouchCustomer]}, now)
     documents: dict[int, Encoded] = {}
     rows = [_decision_row(d, refs, rules.version, now, documents) for d in kinds[Decide]]
@@ -346,6 +370,13 @@ def _move(session: Session, moves: Sequence[tuple[str, Move]], now: datetime) ->
                     state.queued_count,
                     _value(dialect, state.ended_at),
                     state.end_reason,
+                    state.arm,
+                    _value(dialect, state.waiting_since),
+                    _value(dialect, state.last_touch_at),
+                    state.last_touch_step,
+                    _value(dialect, state.converted_at),
+                    state.conversion_event_id,
+                    state.conversion_step,
                 )
             )
         statement = _move_statement(dialect, len(chunk))
@@ -353,49 +384,63 @@ def _move(session: Session, moves: Sequence[tuple[str, Move]], now: datetime) ->
     return sorted({customer for customer, move in moves if move.enrollment_id not in moved})
 
 
+# The columns a Move writes, with their types (PostgreSQL types the VALUES by casts).
+_MOVED = (
+    ("id", "INTEGER"),
+    ("version", "INTEGER"),
+    ("status", "VARCHAR"),
+    ("step_id", "VARCHAR"),
+    ("due_at", "TIMESTAMP WITH TIME ZONE"),
+    ("hold_reason", "VARCHAR"),
+    ("queued_count", "INTEGER"),
+    ("ended_at", "TIMESTAMP WITH TIME ZONE"),
+    ("end_reason", "VARCHAR"),
+    ("arm", "VARCHAR"),
+    ("waiting_since", "TIMESTAMP WITH TIME ZONE"),
+    ("last_touch_at", "TIMESTAMP WITH TIME ZONE"),
+    ("last_touch_step", "VARCHAR"),
+    ("converted_at", "TIMESTAMP WITH TIME ZONE"),
+    ("conversion_event_id", "VARCHAR"),
+    ("conversion_step", "VARCHAR"),
+)
+
+
 def _move_statement(dialect: str, rows: int) -> str:
     mark = "?" if dialect == "sqlite" else "%s"
-    if dialect == "sqlite":
-        casts = ["{}"] * 9
-    else:
-        casts = [
-            "CAST({} AS INTEGER)",
-            "CAST({} AS INTEGER)",
-            "CAST({} AS VARCHAR)",
-            "CAST({} AS VARCHAR)",
-            "CAST({} AS TIMESTAMP WITH TIME ZONE)",
-            "CAST({} AS VARCHAR)",
-            "CAST({} AS INTEGER)",
-            "CAST({} AS TIMESTAMP WITH TIME ZONE)",
-            "CAST({} AS VARCHAR)",
-        ]
-    names = (
-        "id",
-        "version",
-        "status",
-        "step_id",
-        "due_at",
-        "hold_reason",
-        "queued_count",
-        "ended_at",
-        "end_reason",
-    )
-    row = "(" + ", ".join(mark for _ in names) + ")"
     columns = ", ".join(
-        cast.format(f"column{i + 1}") + f" AS {name}"
-        for i, (cast, name) in enumerate(zip(casts, names, strict=True))
+        (f"column{i + 1}" if dialect == "sqlite" else f"CAST(column{i + 1} AS {kind})")
+        + f" AS {name}"
+        for i, (name, kind) in enumerate(_MOVED)
     )
+    row = "(" + ", ".join(mark for _ in _MOVED) + ")"
     values = ", ".join(row for _ in range(rows))
+    assignments = ", ".join(
+        f"{'next_due_at' if name == 'due_at' else name} = v.{name}"
+        for name, _ in _MOVED
+        if name not in ("id", "version")
+    )
     return (
-        "UPDATE enrollments SET status = v.status, step_id = v.step_id, "
-        "next_due_at = v.due_at, hold_reason = v.hold_reason, queued_count = v.queued_count, "
-        "ended_at = v.ended_at, end_reason = v.end_reason, "
+        f"UPDATE enrollments SET {assignments}, "
         "active_key = CASE WHEN v.status = 'active' THEN enrollments.active_key END, "
         "version = enrollments.version + 1 "
         f"FROM (SELECT {columns} FROM (VALUES {values}) AS w) AS v "
         "WHERE enrollments.id = v.id AND enrollments.version = v.version "
         "AND enrollments.status = 'active' RETURNING enrollments.id"
     )
+
+
+def _convert(session: Session, conversions: Sequence[Convert]) -> None:
+    """Credit conversions to ended enrollments, each once (a second evaluator that got
+    there first leaves nothing to do: the guard holds the first)."""
+    dialect = session.get_bind().dialect.name
+    mark = "?" if dialect == "sqlite" else "%s"
+    statement = (
+        f"UPDATE enrollments SET converted_at = {mark}, conversion_event_id = {mark}, "
+        f"conversion_step = {mark} WHERE id = {mark} AND converted_at IS NULL"
+    )
+    rows = [(_value(dialect, c.at), c.event_id, c.step_id, c.enrollment_id) for c in conversions]
+    if rows:
+        session.connection().exec_driver_sql(statement, rows)  # type: ignore[arg-type]
 
 
 def _insert_enrollments(
@@ -423,6 +468,13 @@ def _insert_enrollments(
             e.entered_at,
             e.state.ended_at,
             e.state.end_reason,
+            e.state.arm,
+            e.state.waiting_since,
+            e.state.last_touch_at,
+            e.state.last_touch_step,
+            e.state.converted_at,
+            e.state.conversion_event_id,
+            e.state.conversion_step,
         )
         for e in enrolls
     )
@@ -583,6 +635,13 @@ _ENROLLMENT_COLUMNS = (
     "entered_at",
     "ended_at",
     "end_reason",
+    "arm",
+    "waiting_since",
+    "last_touch_at",
+    "last_touch_step",
+    "converted_at",
+    "conversion_event_id",
+    "conversion_step",
 )
 _CASE_COLUMNS = (
     "id",
