@@ -82,6 +82,9 @@ def explain_customer(
         for step in playbook.steps:
             if step.when is not None:
                 parts[f"step {step.id}"] = step.when
+            if step.branch is not None:
+                for condition, goto in step.branch.cases:
+                    parts[f"branch {step.id} -> {goto or 'end'}"] = condition
         checks: list[Check] = []
         for label, condition in parts.items():
             explanation = conditions.explain(condition, facts)
@@ -178,11 +181,17 @@ def _journey_note(
         since = f"on this journey since {active.entered_at:%Y-%m-%d %H:%M}"
         due = f"{active.due_at:%Y-%m-%d %H:%M}" if active.due_at else "now"
         held = f"; held: {active.hold_reason}" if active.hold_reason else ""
+        if active.arm:
+            since += f" (arm {active.arm})"
         step = resolve_step(playbook, active.step_id)
         if step is None:
             return f"{since}; every step done, completes when its last message is due ({due})"
         if playbook.step(step) is None:
             return f"{since}; its next step {step!r} is no longer in the playbook: ends next tick"
+        current = playbook.step(step)
+        if current is not None and current.wait_for is not None and active.waiting_since:
+            event = current.wait_for.event
+            return f"{since}; at {step}, waiting for {event} until {due}"
         return f"{since}; next step {step} due {due}{held}"
     if not enrollments:
         return None
