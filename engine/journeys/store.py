@@ -21,15 +21,16 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session
 
-from engine.data.bulk import BulkInsert, Encoded, encode_json, sqlite_datetime
+from engine.data.bulk import BulkInsert, Encoded, encode_json
 from engine.data.models import Decision, Enrollment, Escalation, EscalationNote, Message
+from engine.data.moments import moment_parameter, read_moment, session_moment
 from engine.journeys.effects import (
     CancelQueued,
     CaseNote,
@@ -108,7 +109,7 @@ def load_journeys(
                     id=row.id,
                     playbook=row.playbook,
                     step_id=row.step_id,
-                    due_at=_instant(row.next_due_at),
+                    due_at=read_moment(row.next_due_at),
                     version=row.version,
                     hold_reason=row.hold_reason,
                     entry_number=row.entry_number,
@@ -116,10 +117,10 @@ def load_journeys(
                     queued_count=row.queued_count,
                     trigger_event_id=row.trigger_event_id,
                     arm=row.arm,
-                    waiting_since=_instant(row.waiting_since),
-                    last_touch_at=_instant(row.last_touch_at),
+                    waiting_since=read_moment(row.waiting_since),
+                    last_touch_at=read_moment(row.last_touch_at),
                     last_touch_step=row.last_touch_step,
-                    converted_at=_instant(row.converted_at),
+                    converted_at=read_moment(row.converted_at),
                 )
             elif touched_since is not None and row.converted_at is None and row.last_touch_at:
                 last_touch = _required(row.last_touch_at)
@@ -155,7 +156,7 @@ def load_context(
     caps = rules.policies.frequency_caps
     if ids and caps:
         horizon = now - max(cap.per for cap in caps)
-        params = {"ids": list(ids), "horizon": _param(session, horizon)}
+        params = {"ids": list(ids), "horizon": session_moment(session, horizon)}
         for row in session.execute(_RECENT, params):
             if row.kind == "marketing" and row.status in COUNTED_STATUSES:
                 recent[row.customer_id].append((_required(row.due_at), row.channel))
@@ -226,22 +227,9 @@ _OPEN_CASES = text(
 ).bindparams(bindparam("ids", expanding=True))
 
 
-def _instant(value: Any) -> datetime | None:
-    if value is None or isinstance(value, datetime):
-        return value.astimezone(UTC) if value is not None else None
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
 def _required(value: Any) -> datetime:
-    moment = _instant(value)
+    moment = read_moment(value)
     assert moment is not None
-    return moment
-
-
-def _param(session: Session, moment: datetime) -> Any:
-    """A datetime as a raw statement compares it: SQLite stores UTCDateTime as text."""
-    if session.get_bind().dialect.name == "sqlite":
-        return sqlite_datetime(moment)
     return moment
 
 
@@ -343,7 +331,9 @@ def _claim(session: Session, claims: Mapping[str, str], now: datetime) -> list[s
             "RETURNING id"
         ).bindparams(bindparam("ids", expanding=True))
         claimed.update(
-            session.execute(statement, {"now": _param(session, now), "ids": chunk}).scalars()
+            session.execute(
+                statement, {"now": session_moment(session, now), "ids": chunk}
+            ).scalars()
         )
     return sorted({claims[event_id] for event_id in ids if event_id not in claimed})
 
@@ -365,16 +355,16 @@ def _move(session: Session, moves: Sequence[tuple[str, Move]], now: datetime) ->
                     move.version,
                     str(state.status),
                     state.step_id,
-                    _value(dialect, state.due_at),
+                    moment_parameter(dialect, state.due_at),
                     state.hold_reason,
                     state.queued_count,
-                    _value(dialect, state.ended_at),
+                    moment_parameter(dialect, state.ended_at),
                     state.end_reason,
                     state.arm,
-                    _value(dialect, state.waiting_since),
-                    _value(dialect, state.last_touch_at),
+                    moment_parameter(dialect, state.waiting_since),
+                    moment_parameter(dialect, state.last_touch_at),
                     state.last_touch_step,
-                    _value(dialect, state.converted_at),
+                    moment_parameter(dialect, state.converted_at),
                     state.conversion_event_id,
                     state.conversion_step,
                 )
@@ -438,7 +428,10 @@ def _convert(session: Session, conversions: Sequence[Convert]) -> None:
         f"UPDATE enrollments SET converted_at = {mark}, conversion_event_id = {mark}, "
         f"conversion_step = {mark} WHERE id = {mark} AND converted_at IS NULL"
     )
-    rows = [(_value(dialect, c.at), c.event_id, c.step_id, c.enrollment_id) for c in conversions]
+    rows = [
+        (moment_parameter(dialect, c.at), c.event_id, c.step_id, c.enrollment_id)
+        for c in conversions
+    ]
     if rows:
         session.connection().exec_driver_sql(statement, rows)  # type: ignore[arg-type]
 
@@ -538,7 +531,7 @@ def _cancel_queued(session: Session, cancels: Sequence[CancelQueued], now: datet
                 "updated_at = :now WHERE enrollment_id IN :ids AND status = 'queued' "
                 "RETURNING id, customer_id, playbook, step_id, enrollment_id"
             ).bindparams(bindparam("ids", expanding=True))
-            params = {"reason": reason, "now": _param(session, now), "ids": chunk}
+            params = {"reason": reason, "now": session_moment(session, now), "ids": chunk}
             cancelled.extend((reason, row) for row in session.execute(statement, params))
     return cancelled
 
@@ -568,7 +561,7 @@ def _join_cases(session: Session, joins: Sequence[JoinCase], now: datetime) -> N
     for join in joins:
         session.execute(
             text("UPDATE escalations SET priority = :priority, updated_at = :now WHERE id = :id"),
-            {"priority": join.priority, "now": _param(session, now), "id": join.case_id},
+            {"priority": join.priority, "now": session_moment(session, now), "id": join.case_id},
         )
 
 
@@ -578,7 +571,7 @@ def _touch(session: Session, customer_ids: set[str], now: datetime) -> None:
     statement = text("UPDATE customers SET changed_at = :now WHERE id IN :ids").bindparams(
         bindparam("ids", expanding=True)
     )
-    session.execute(statement, {"now": _param(session, now), "ids": sorted(customer_ids)})
+    session.execute(statement, {"now": session_moment(session, now), "ids": sorted(customer_ids)})
 
 
 def _colliding(session: Session, plan: Plan) -> list[str]:
@@ -775,12 +768,6 @@ def _insert(
     bulk.write(connection, bulk.encode(rows))
 
 
-def _value(dialect: str, moment: datetime | None) -> Any:
-    if moment is None:
-        return None
-    return sqlite_datetime(moment) if dialect == "sqlite" else moment
-
-
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -795,12 +782,12 @@ def due_customer_ids(session: Session, now: datetime, since: datetime | None) ->
     ids: set[str] = set()
     if since is not None:
         changed = text("SELECT id FROM customers WHERE changed_at > :since")
-        ids.update(session.execute(changed, {"since": _param(session, since)}).scalars())
+        ids.update(session.execute(changed, {"since": session_moment(session, since)}).scalars())
     pending = text("SELECT DISTINCT customer_id FROM events WHERE evaluated_at IS NULL")
     ids.update(session.execute(pending).scalars())
     due = text(
         "SELECT DISTINCT customer_id FROM enrollments "
         "WHERE status = 'active' AND next_due_at <= :now"
     )
-    ids.update(session.execute(due, {"now": _param(session, now)}).scalars())
+    ids.update(session.execute(due, {"now": session_moment(session, now)}).scalars())
     return sorted(ids)
