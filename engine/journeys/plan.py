@@ -800,9 +800,9 @@ class _CustomerPlanner:
     def _send(
         self, working: _Working, playbook: Playbook, step: Step, facts: Mapping[str, Any]
     ) -> datetime | str | None:
-        """Queue the step's message through the policies: the time it is queued for,
-        "held" (the step stays due) or "dropped" (the journey ended), or None when it was
-        skipped (no consent: the journey goes on)."""
+        """Queue the step's message through the policies: the time it is queued for (or,
+        held out, would have been), "held" (the step stays due) or "dropped" (the journey
+        ended), or None when it was skipped (no consent: the journey goes on)."""
         assert step.send is not None
         channel = step.send.channel
         proposal = Proposal(
@@ -817,13 +817,6 @@ class _CustomerPlanner:
         if paused is not None:
             self._hold(working, step, paused.reason, None, facts, "complaint pause")
             return "held"
-        if working.held_out:
-            # Everything a treated customer meets up to here applies alike (consent, the
-            # complaint pause), so the comparison is fair; then nothing is sent.
-            self._decide(working, step.id, "held out", HELD_OUT[working.state.arm or ""], facts)
-            self.tally.append(("held out", playbook.id, working.state.arm or ""))
-            self._touch(working, step, self.now)
-            return None
         capped = frequency_caps(proposal, self.now, self.rules.policies.frequency_caps, self.recent)
         if capped is not None:
             if playbook.when_capped == "drop":
@@ -848,6 +841,15 @@ class _CustomerPlanner:
             send_at = quiet.until
             self._decide(working, step.id, "deferred", quiet.reason, facts, until=send_at)
             self.tally.append(("deferred", playbook.id, "quiet hours"))
+        if working.held_out:
+            # Everything a treated customer meets applies alike (consent, the complaint
+            # pause, the caps of what they were really sent, quiet hours), so the holdout
+            # is touched when its message would have gone and the comparison is fair;
+            # then nothing is sent (and nothing counts against a cap).
+            self._decide(working, step.id, "held out", HELD_OUT[working.state.arm or ""], facts)
+            self.tally.append(("held out", playbook.id, working.state.arm or ""))
+            self._touch(working, step, send_at)
+            return send_at
         self._queue(working, playbook, step, facts, send_at)
         return send_at
 

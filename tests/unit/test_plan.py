@@ -682,6 +682,41 @@ def test_a_held_out_customer_is_enrolled_and_sent_nothing(
     assert (enroll.state.last_touch_at, enroll.state.status) == (NOW, EnrollmentStatus.COMPLETED)
 
 
+def test_a_held_out_customer_meets_the_caps_a_treated_one_would(
+    rules: RuleSet, evaluator: ReferenceEvaluator
+) -> None:
+    """A treated customer's message waits for a frequency cap; the holdout's touch must
+    wait alike, or held-out customers are credited from earlier and uplift is biased."""
+    from engine.journeys.plan import share_of
+
+    customer = next(f"h{n}" for n in range(1000) if share_of(f"holdout:abtest:h{n}") < 0.10)
+    busy = snapshot(customer, recent=((NOW - timedelta(hours=2), "email"),))
+    result = plan(busy, [sweep(evaluator, customer, plan="ab")], rules, NOW)
+    (enroll,) = only(result.effects(), Enroll)
+    assert enroll.state.arm == "holdout"
+    assert enroll.state.last_touch_at is None
+    assert enroll.state.due_at == NOW + timedelta(hours=22)
+    assert enroll.state.hold_reason == "frequency cap: at most 1 email messages per 1d"
+    later = NOW + timedelta(hours=22)
+    held = journey(
+        "abtest",
+        enroll.state.step_id,
+        later,
+        arm="holdout",
+        entered_at=NOW,
+        queued_count=0,
+        hold_reason=enroll.state.hold_reason,
+    )
+    result = plan(
+        snapshot(customer, active={"abtest": held}),
+        [sweep(evaluator, customer, plan="ab")],
+        rules,
+        later,
+    )
+    (move,) = only(result.effects(), Move)
+    assert move.state.last_touch_at == later
+
+
 def test_the_global_control_group_gets_no_marketing_but_transactional_mail(
     rules: RuleSet, evaluator: ReferenceEvaluator
 ) -> None:
