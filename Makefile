@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
 
-.PHONY: demo run test test-fast bench soak lint clean venv browser
+.PHONY: demo run test test-fast bench soak experiment lint clean venv browser
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or 3.12 is required (durable-rules does not build on 3.13)"; exit 1; }
@@ -59,6 +59,11 @@ bench: venv
 # Ten million evaluations through durable_rules in worker processes (a few minutes).
 soak: venv
 	BENCH_CUSTOMERS=0 BENCH_EVAL_SIZES=0 BENCH_DISPATCH=0 BENCH_RENDER=0 BENCH_INGEST=0 BENCH_SOAK=10000000 $(BIN)/python -m bench
+
+# make experiment                   does the report's 95% uplift interval hold a known truth?
+# make experiment SEEDS=40 SIZE=3000 (customers per run)
+experiment: venv
+	EXPERIMENT_SEEDS=$(or $(SEEDS),20) EXPERIMENT_CUSTOMERS=$(or $(SIZE),3000) $(BIN)/python -m bench.experiment
 
 lint: venv
 	$(BIN)/ruff check engine channels scheduler.py tests bench

@@ -217,12 +217,41 @@ def _print_simulation(
                 f"  {row['at'][:16]}  {row['playbook']:<22} {row['step'] or '':<18} {row['outcome']:<9} {row['reason']}{until}",
                 markup=False,
             )
+    if report.experiment is not None:
+        _print_experiment(report.experiment)
     if outbox is not None:
         out.print(f"Rendered messages are under {outbox}/", markup=False)
     else:
         out.print("Rendered messages were discarded (keep them with --outbox DIR)", markup=False)
     if work_db is not None:
         out.print(f"The simulated database is kept in {work_db}", markup=False)
+
+
+def _print_experiment(outcome: Any) -> None:
+    table = Table(title=f"Experiment on {outcome.playbook}: the report next to the truth")
+    for column in ("arm", "enrolled", "converted", "rate", "true rate", "uplift (95% CI)"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    table.add_column("true uplift", justify="right")
+    table.add_column("covered", justify="left")
+    for arm in outcome.arms:
+        uplift = arm.result.uplift
+        if uplift is None:
+            estimate = "(comparison group)"
+        elif uplift.interval is None:
+            estimate = "not enough data"
+        else:
+            estimate = f"{uplift.difference:+.1%} [{uplift.interval.low:+.1%}, {uplift.interval.high:+.1%}]"
+        table.add_row(
+            arm.result.arm,
+            f"{arm.result.enrolled:,}",
+            f"{arm.result.converted:,}",
+            "-" if arm.result.rate is None else f"{arm.result.rate:.1%}",
+            f"{arm.true_rate:.1%}",
+            estimate,
+            "" if arm.true_uplift is None else f"{arm.true_uplift:+.1%}",
+            {True: "yes", False: "NO", None: ""}[arm.covered],
+        )
+    out.print(table)
 
 
 @app.command()

@@ -56,6 +56,7 @@ from engine.playbooks.model import (
 from engine.playbooks.schema import (
     CatalogSpec,
     EscalateSpec,
+    GoalSpec,
     PlaybookSpec,
     PoliciesSpec,
     RosterSpec,
@@ -469,6 +470,7 @@ def _compile_playbook(
         goal_on=spec.goal.event if spec.goal else None,
         goal_event=goal_event,
         goal_within=goal_within,
+        goal_text=_goal_text(spec.goal),
         holdout=holdout or 0.0,
         when_capped=spec.when_capped,
         quiet_hours=quiet,
@@ -477,6 +479,16 @@ def _compile_playbook(
         steps=steps,
         source=located.path,
     )
+
+
+def _goal_text(goal: GoalSpec | None) -> str | None:
+    """The goal as the marketer wrote it, for reports: "order_placed within 7d"."""
+    if goal is None:
+        return None
+    if goal.event is None:
+        return f"{goal.when} within {goal.within}"
+    where = f" where {goal.when}" if goal.when else ""
+    return f"{goal.event}{where} within {goal.within}"
 
 
 def _compile_goal(

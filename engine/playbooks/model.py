@@ -171,6 +171,7 @@ class Playbook:
     goal_on: str | None  # the goal as an event of this type...
     goal_event: Condition | None  # ...that meets this: event == "<type>" and (<when>)
     goal_within: timedelta  # the attribution window after the last message
+    goal_text: str | None  # the goal as written: "order_placed within 7d"
     holdout: float  # the share of entrants held out: enrolled, sent nothing
     when_capped: str
     quiet_hours: dict[str, QuietHours | None]  # per-channel overrides of the policies

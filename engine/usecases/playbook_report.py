@@ -27,14 +27,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import text
 from sqlmodel import Session
 
 from engine.data.moments import read_moment, session_moment
-from engine.language.durations import format_duration
 from engine.playbooks.model import CONTROL_ARM, HOLDOUT_ARM, RuleSet
 
 MIN_SAMPLE = 30  # enrollments in each group before an uplift is worth a number
@@ -160,11 +159,7 @@ def playbook_results(
     results = []
     for playbook_id in sorted(set(rules.playbooks) | set(found)):
         playbook = rules.playbooks.get(playbook_id)
-        goal = None
-        if playbook is not None and playbook.goal_event is not None:
-            goal = f"{playbook.goal_event.source} within {_days(playbook.goal_within)}"
-        elif playbook is not None and playbook.goal is not None:
-            goal = f"{playbook.goal.source} within {_days(playbook.goal_within)}"
+        goal = playbook.goal_text if playbook is not None else None
         arms = found.get(playbook_id, {})
         comparison_name = HOLDOUT_ARM if HOLDOUT_ARM in arms else CONTROL_ARM
         comparison = arms.get(comparison_name)
@@ -219,7 +214,3 @@ def as_json(results: list[PlaybookResult]) -> list[dict[str, Any]]:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
-
-
-def _days(delta: timedelta) -> str:
-    return format_duration(delta)

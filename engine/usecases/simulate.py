@@ -39,8 +39,10 @@ from engine.data.models import (
 from engine.data.uow import reading, unit_of_work
 from engine.errors import InvalidChoice, NotFound
 from engine.escalations import cases as escalations
-from engine.playbooks.model import RuleSet
+from engine.playbooks.model import RESERVED_ARMS, RuleSet
 from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
+from engine.usecases.playbook_report import ALL as ALL_ARM
+from engine.usecases.playbook_report import ArmResult, playbook_results
 
 # Chance per customer per simulated day.
 DAILY_RATES = {
@@ -84,6 +86,7 @@ class SimulationReport:
     cases_resolved: int = 0
     playbooks: dict[str, PlaybookTally] = field(default_factory=lambda: defaultdict(PlaybookTally))
     timeline: list[dict[str, Any]] = field(default_factory=list)
+    experiment: ExperimentOutcome | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +110,7 @@ class SimulationReport:
                 for pid, t in sorted(self.playbooks.items())
             },
             "timeline": self.timeline,
+            "experiment": self.experiment.as_dict() if self.experiment else None,
         }
 
 
@@ -134,13 +138,20 @@ class ActivityGenerator:
         # Ids of this run's customers and events: never one of the database's own.
         self.run = uuid.uuid4().hex[:8]
 
-    def hour(self, start: datetime, report: SimulationReport) -> None:
+    def hour(
+        self, start: datetime, report: SimulationReport, no_orders: set[str] | None = None
+    ) -> None:
+        """The activity of the hour from ``start``; no orders of the ``no_orders``
+        customers (an experiment places theirs)."""
         with unit_of_work(self.app.db) as session:
             for _ in range(self._count(self.base * NEW_SIGNUPS_PER_DAY / 24)):
                 self._new_customer(session, start, report)
             for kind, rate in DAILY_RATES.items():
                 for _ in range(self._count(len(self.customer_ids) * rate / 24)):
-                    self._event(session, self.rng.choice(self.customer_ids), kind, start, report)
+                    customer_id = self.rng.choice(self.customer_ids)
+                    if kind == "order_placed" and no_orders and customer_id in no_orders:
+                        continue
+                    self._event(session, customer_id, kind, start, report)
 
     def _count(self, expected: float) -> int:
         whole = int(expected)
@@ -212,7 +223,11 @@ class Experiment:
     held-out send) of an enrollment, its customer places an order within the playbook's
     attribution window with probability ``base_rate`` plus the lift of their arm (the
     holdout and the control group get the base rate). Written on the command line as
-    ``PLAYBOOK:BASE[,ARM=+LIFT...]``, e.g. ``re_engagement:0.05,b=+0.05``."""
+    ``PLAYBOOK:BASE[,ARM=+LIFT...]``, e.g. ``re_engagement:0.05,b=+0.05``.
+
+    So that the truth is exact, the experiment alone decides its customers' orders: the
+    synthetic activity places none for a customer on the playbook, and a first touch too
+    late for its answer to land before the simulation ends is not answered at all."""
 
     playbook: str
     base_rate: float
@@ -246,24 +261,45 @@ class Experiment:
         return self.base_rate + self.lifts.get(arm or "", 0.0)
 
 
+ANSWER_DELAY = (0.1, 0.8)  # an answer comes this share of the window after the touch
+
+
 class Responses:
     """Simulated customers answering a playbook's messages as an Experiment says."""
 
-    def __init__(self, app: App, experiment: Experiment, seed: int) -> None:
+    def __init__(self, app: App, experiment: Experiment, seed: int, end: datetime) -> None:
         playbook = app.rules.playbooks.get(experiment.playbook)
         if playbook is None:
             raise NotFound("playbook", experiment.playbook)
+        arms = sorted(
+            {arm.name for step in playbook.steps if step.split for arm in step.split.arms}
+        )
+        for arm in experiment.lifts:
+            if arm not in arms:
+                raise InvalidChoice(f"arm of {experiment.playbook}", arm, arms or ["(no split)"])
         self.app = app
         self.experiment = experiment
         self.window = playbook.goal_within
+        # The last first touch whose answer surely lands before the last tick, which
+        # evaluates the hour before it.
+        self.last_answerable = end - timedelta(hours=1) - self.window * ANSWER_DELAY[1]
         self.rng = random.Random(seed)
-        self.answered: set[int] = set()
+        self.answerable: dict[int, str] = {}  # enrollment id -> its arm, once touched in time
+        self.seen: set[int] = set()
         self.due: list[tuple[datetime, int, str]] = []  # (when, enrollment id, customer)
         self.run = uuid.uuid4().hex[:8]
 
+    def customers(self) -> set[str]:
+        """Every customer on the playbook: their orders are the experiment's to place."""
+        statement = select(col(Enrollment.customer_id)).where(
+            col(Enrollment.playbook) == self.experiment.playbook
+        )
+        with reading(self.app.db) as session:
+            return set(session.scalars(statement.distinct()))
+
     def hour(self, start: datetime, end: datetime, report: SimulationReport) -> None:
-        """Draw the answers to the touches of the hour before ``end``, and place the orders
-        that fall in it."""
+        """Draw the answers to the first touches of the hour before ``end``, and place the
+        orders that fall in it."""
         statement = select(
             col(Enrollment.id),
             col(Enrollment.customer_id),
@@ -277,12 +313,15 @@ class Responses:
         with reading(self.app.db) as session:
             touched = list(session.execute(statement))
         for enrollment_id, customer_id, arm, touch in touched:
-            if enrollment_id in self.answered:
+            if enrollment_id in self.seen:
                 continue  # an enrollment answers its first touch only
-            self.answered.add(enrollment_id)
+            self.seen.add(enrollment_id)
+            if touch > self.last_answerable:
+                continue
+            self.answerable[enrollment_id] = arm or ALL_ARM
             if self.rng.random() < self.experiment.rate(arm):
-                # Well inside the window, so that the order counts whatever the tick grid.
-                delay = self.window * (0.1 + 0.7 * self.rng.random())
+                low, high = ANSWER_DELAY
+                delay = self.window * (low + (high - low) * self.rng.random())
                 self.due.append((touch + delay, enrollment_id, customer_id))
         ready = [d for d in self.due if d[0] < end]
         self.due = [d for d in self.due if d[0] >= end]
@@ -297,6 +336,79 @@ class Responses:
                 )
                 if record_event(session, event, at) is not None:
                     report.events["order_placed (experiment)"] += 1
+
+
+@dataclass(frozen=True)
+class ArmOutcome:
+    """One arm of an experiment: what the report estimates next to what is true."""
+
+    result: ArmResult
+    answer_rate: float  # the experiment's rate for the arm
+    true_rate: float  # answer rate x the share of the arm's enrollments touched in time
+    true_uplift: float | None  # None: the comparison group itself
+
+    @property
+    def covered(self) -> bool | None:
+        """Whether the uplift's 95% interval holds the true uplift (None: no interval)."""
+        uplift = self.result.uplift
+        if self.true_uplift is None or uplift is None or uplift.interval is None:
+            return None
+        return uplift.interval.low <= self.true_uplift <= uplift.interval.high
+
+
+@dataclass(frozen=True)
+class ExperimentOutcome:
+    """The playbook report of the experiment's playbook over the simulated period, arm by
+    arm next to the truth the simulation drew its answers from. An enrollment that was
+    never touched in time cannot convert, so an arm's true rate is its answer rate times
+    the share of its enrollments touched in time (near 1 in a long enough simulation)."""
+
+    playbook: str
+    arms: list[ArmOutcome]
+
+    def as_dict(self) -> dict[str, Any]:
+        arms = []
+        for arm in self.arms:
+            uplift = arm.result.uplift
+            arms.append(
+                {
+                    "arm": arm.result.arm,
+                    "enrolled": arm.result.enrolled,
+                    "converted": arm.result.converted,
+                    "rate": arm.result.rate,
+                    "answer_rate": arm.answer_rate,
+                    "true_rate": arm.true_rate,
+                    "uplift": uplift.difference if uplift else None,
+                    "ci95": [uplift.interval.low, uplift.interval.high]
+                    if uplift and uplift.interval
+                    else None,
+                    "true_uplift": arm.true_uplift,
+                    "covered": arm.covered,
+                }
+            )
+        return {"playbook": self.playbook, "arms": arms}
+
+
+def experiment_outcome(
+    app: App, responses: Responses, start: datetime, end: datetime
+) -> ExperimentOutcome:
+    experiment = responses.experiment
+    with reading(app.db) as session:
+        results = playbook_results(session, app.rules, start, end)
+    found = next(r for r in results if r.playbook == experiment.playbook)
+    in_time = Counter(responses.answerable.values())
+    true_rates = {
+        name: experiment.rate(name) * in_time[name] / result.enrolled if result.enrolled else 0.0
+        for name, result in found.arms.items()
+    }
+    comparison = next((name for name in RESERVED_ARMS if name in found.arms), None)
+    arms = []
+    for name, result in found.arms.items():
+        true_uplift = None
+        if comparison is not None and name not in RESERVED_ARMS:
+            true_uplift = true_rates[name] - true_rates[comparison]
+        arms.append(ArmOutcome(result, experiment.rate(name), true_rates[name], true_uplift))
+    return ExperimentOutcome(experiment.playbook, arms)
 
 
 def resolve_old_cases(app: App, now: datetime) -> int:
@@ -329,12 +441,13 @@ def simulate(
     rules = app.rules
     report = SimulationReport(start=start, end=start + timedelta(days=days), activity=activity)
     generator = ActivityGenerator(app, rules, seed) if activity else None
-    responses = Responses(app, experiment, seed) if experiment is not None else None
+    responses = Responses(app, experiment, seed, report.end) if experiment is not None else None
     now = start
     for hour in range(days * 24):
         now = start + timedelta(hours=hour)
         if generator is not None and hour:  # the first tick sees the database as given
-            generator.hour(now - timedelta(hours=1), report)
+            reserved = responses.customers() if responses is not None else set()
+            generator.hour(now - timedelta(hours=1), report, no_orders=reserved)
         if responses is not None and hour:
             responses.hour(now - timedelta(hours=1), now, report)
         evaluation_tick(
@@ -346,6 +459,8 @@ def simulate(
             report.cases_resolved += resolve_old_cases(app, now)
         report.hours += 1
     _tally(app, report, start, now, customer)
+    if responses is not None:
+        report.experiment = experiment_outcome(app, responses, start, report.end)
     return report
 
 
