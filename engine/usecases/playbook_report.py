@@ -178,6 +178,20 @@ def data_span(session: Session) -> tuple[datetime | None, datetime | None]:
     return read_moment(row[0]), read_moment(row[1])
 
 
+def playbook_span(session: Session, playbook: str) -> tuple[datetime | None, datetime | None]:
+    """The first and last moment a playbook did something: an entry or a send."""
+    row = session.execute(
+        text(
+            "SELECT min(moment), max(moment) FROM ("
+            "SELECT entered_at AS moment FROM enrollments WHERE playbook = :playbook "
+            "UNION ALL SELECT sent_at FROM messages WHERE playbook = :playbook "
+            "AND sent_at IS NOT NULL) AS moments"
+        ),
+        {"playbook": playbook},
+    ).one()
+    return read_moment(row[0]), read_moment(row[1])
+
+
 def as_json(results: list[PlaybookResult]) -> list[dict[str, Any]]:
     out = []
     for result in results:

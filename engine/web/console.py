@@ -15,7 +15,10 @@ Pages:
                                  decisions; acknowledge · assign · resolve · reopen
     /console/customers/{id}      what we sent and why: messages with their decisions,
                                  enrollments, consent, suppressions (an id may hold '/')
-    /console/playbooks[/{id}]    rule file, counts, skip reasons, daily sends chart
+    /console/playbooks[/{id}]    per arm: sent, opened, clicked, converted, uplift against
+                                 the holdout; conversion by arm and daily sends charts over
+                                 a period (?since=&until=, default: the span with data);
+                                 skip reasons; the rule file
     /console/messages            messages by status (ambiguous ones need a person)
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import hmac
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -56,14 +59,17 @@ from engine.language.catalog import FactType
 from engine.playbooks.model import RuleSet
 from engine.usecases import staff as staff_sessions
 from engine.usecases.messages import find_messages, parse_status
+from engine.usecases.playbook_report import MIN_SAMPLE, playbook_results, playbook_span, wilson
 from engine.web import WebState, web_state
 from engine.web.auth import SESSION_COOKIE, ConsoleSession
+from engine.web.charts import BarChart, RateChart
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
 FLASH_COOKIE = "lifecycle_flash"
 SENT_STATES = (MessageStatus.SENT, MessageStatus.DELIVERED)
-CHART_DAYS = 30
+CHART_DAYS = 30  # a playbook page without data shows the last 30 days
+MAX_PERIOD_DAYS = 366
 PAGE_ROWS = 200
 CASE_ROWS = 50
 NOTE_MAX = 2000
@@ -694,73 +700,84 @@ def _day_expression(dialect: str, column: Any) -> Any:
     return func.strftime("%Y-%m-%d", column)
 
 
-def daily_sends(
-    session: Session, playbook: str, now: datetime, days: int = CHART_DAYS
-) -> list[tuple[date, int]]:
-    """Messages of the playbook handed to a provider, per UTC day, the last ``days`` days."""
-    first = now.date() - timedelta(days=days - 1)
-    start = datetime.combine(first, datetime.min.time(), tzinfo=now.tzinfo)
+def daily_sends(session: Session, playbook: str, first: date, last: date) -> list[tuple[date, int]]:
+    """Messages of the playbook handed to a provider, per UTC day, ``first`` to ``last``."""
+    start, end = _midnight(first), _midnight(last + timedelta(days=1))
     day = _day_expression(session.get_bind().dialect.name, col(Message.sent_at))
     statement = (
         select(day, func.count())
         .where(col(Message.playbook) == playbook, col(Message.kind) != "staff")
-        .where(col(Message.sent_at).is_not(None), col(Message.sent_at) >= start)
+        .where(col(Message.sent_at) >= start, col(Message.sent_at) < end)
         .group_by(day)
     )
     counts = {str(d): n for d, n in session.execute(statement)}
+    days = (last - first).days + 1
     return [
         (first + timedelta(days=i), counts.get((first + timedelta(days=i)).isoformat(), 0))
         for i in range(days)
     ]
 
 
-@dataclass(frozen=True)
-class Bar:
-    x: float
-    y: float
-    width: float
-    height: float
-    day: date
-    count: int
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, datetime.min.time(), tzinfo=UTC)
 
 
 @dataclass(frozen=True)
-class BarChart:
-    """Geometry for an inline SVG bar chart, computed here so the template only draws."""
+class Period:
+    """The days a playbook page shows, both ends included (UTC)."""
 
-    width: int
-    height: int
-    top: int
-    baseline: float
-    left: int
-    bars: list[Bar]
-    peak: int
-    total: int
+    first: date
+    last: date
+    defaulted: bool  # not asked for: the span that has data (or the last 30 days)
 
-    @classmethod
-    def of(cls, series: list[tuple[date, int]], width: int = 640, height: int = 180) -> BarChart:
-        left, right, top, bottom = 36, 8, 12, 28
-        plot_w, plot_h = width - left - right, height - top - bottom
-        peak = max((n for _, n in series), default=0)
-        slot = plot_w / max(len(series), 1)
-        bars = []
-        for i, (day, count) in enumerate(series):
-            bar_h = (count / peak) * plot_h if peak else 0.0
-            bars.append(
-                Bar(
-                    x=round(left + i * slot + slot * 0.1, 1),
-                    y=round(top + plot_h - bar_h, 1),
-                    width=round(slot * 0.8, 1),
-                    height=round(bar_h, 1),
-                    day=day,
-                    count=count,
-                )
+    @property
+    def since(self) -> datetime:
+        return _midnight(self.first)
+
+    @property
+    def until(self) -> datetime:
+        return _midnight(self.last + timedelta(days=1))
+
+
+def _date_parameter(name: str, text: str) -> date | None:
+    if not text.strip():
+        return None
+    try:
+        return date.fromisoformat(text.strip())
+    except ValueError:
+        raise ConsoleRefused(400, f"{name} must be a date like 2026-03-01, not {text!r}") from None
+
+
+def playbook_period(session: Session, playbook: str, since: str, until: str, today: date) -> Period:
+    """The period asked for, or by default the span with data: a simulated March shows
+    March, not an empty last 30 days."""
+    first, last = _date_parameter("since", since), _date_parameter("until", until)
+    defaulted = first is None and last is None
+    if first is None or last is None:
+        start, end = playbook_span(session, playbook)
+        data_first = start.date() if start else None
+        data_last = end.date() if end else None
+        if last is None:
+            last = data_last if data_last and (first is None or data_last >= first) else today
+        if first is None:
+            first = (
+                data_first
+                if data_first and data_first <= last
+                else last - timedelta(days=CHART_DAYS - 1)
             )
-        return cls(width, height, top, top + plot_h, left, bars, peak, sum(n for _, n in series))
+    if first > last:
+        raise ConsoleRefused(400, f"since ({first}) is after until ({last})")
+    if (last - first).days + 1 > MAX_PERIOD_DAYS:
+        raise ConsoleRefused(
+            400,
+            f"{first} to {last} is {(last - first).days + 1} days; "
+            f"show at most {MAX_PERIOD_DAYS} at a time",
+        )
+    return Period(first, last, defaulted)
 
 
 @router.get("/playbooks/{playbook_id}")
-def playbook_page(playbook_id: str, request: Request) -> Response:
+def playbook_page(playbook_id: str, request: Request, since: str = "", until: str = "") -> Response:
     staff = signed_in(request)
     web = web_state(request)
     rules, rules_error = _rules(web)
@@ -771,43 +788,42 @@ def playbook_page(playbook_id: str, request: Request) -> Response:
         return error_page(request, 404, f"no playbook {playbook_id!r}", staff)
     now = web.app.clock()
     with reading(web.app.db) as session:
-        enrolled = session.scalar(
-            select(func.count())
-            .select_from(Enrollment)
-            .where(col(Enrollment.playbook) == playbook_id)
-        )
-        converted = session.scalar(
-            select(func.count())
-            .select_from(Enrollment)
-            .where(
-                col(Enrollment.playbook) == playbook_id,
-                col(Enrollment.status) == EnrollmentStatus.EXITED,
-            )
-        )
-        sent = session.scalar(
-            select(func.count())
-            .select_from(Message)
-            .where(col(Message.playbook) == playbook_id, col(Message.kind) != "staff")
-            .where(col(Message.status).in_(SENT_STATES))
-        )
+        try:
+            period = playbook_period(session, playbook_id, since, until, now.date())
+        except ConsoleRefused as refused:
+            return error_page(request, refused.status, refused.message, staff)
+        (result,) = [
+            r
+            for r in playbook_results(session, rules, period.since, period.until)
+            if r.playbook == playbook_id
+        ]
         skipped: dict[str, int] = defaultdict(int)
         statement = (
             select(col(Decision.reason), func.count())
             .where(col(Decision.playbook) == playbook_id, col(Decision.outcome) == "skipped")
+            .where(col(Decision.at) >= period.since, col(Decision.at) < period.until)
             .group_by(col(Decision.reason))
         )
         for reason, count in session.execute(statement):
             skipped[(reason or "").split(":", 1)[0].strip() or "(no reason)"] += count
-        series = daily_sends(session, playbook_id, now)
+        series = daily_sends(session, playbook_id, period.first, period.last)
+    arms = list(result.arms.values())
+    comparison = next((arm.uplift.against for arm in arms if arm.uplift), None)
     context = {
         "section": "playbooks",
         "playbook": playbook,
         "source": rules.files.get(playbook_id, ""),
-        "enrolled": enrolled or 0,
-        "converted": converted or 0,
-        "sent": sent or 0,
+        "period": period,
+        "result": result,
+        "arms": arms,
+        "intervals": {arm.arm: wilson(arm.converted, arm.enrolled) for arm in arms if arm.enrolled},
+        "min_sample": MIN_SAMPLE,
+        "enrolled": sum(arm.enrolled for arm in arms),
+        "converted": sum(arm.converted for arm in arms),
+        "sent": sum(arm.sent for arm in arms),
         "skipped": sorted(skipped.items(), key=lambda item: (-item[1], item[0])),
         "chart": BarChart.of(series),
+        "rates": RateChart.of(arms, comparison) if result.goal else None,
     }
     return page(request, "playbook.html", context, staff)
 

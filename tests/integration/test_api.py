@@ -541,25 +541,33 @@ def test_the_playbook_page_counts_and_charts(
     client: TestClient, app: App, case_id: int, now: datetime
 ) -> None:
     with Session(app.db) as session:
-        for i, (status, days_ago) in enumerate([("exited", 1), ("active", 2), ("active", 40)]):
-            session.add(
-                Enrollment(
-                    customer_id="c1",
-                    playbook="welcome_series",
-                    status=EnrollmentStatus(status),
-                    rules_version="v",
-                    entered_at=now - timedelta(days=days_ago),
-                    entry_number=i + 1,
-                    active_key=f"c1|welcome_series|{i}" if status == "active" else None,
-                )
+        enrollments = []
+        for i, (status, days_ago) in enumerate(
+            [("converted", 1), ("active", 2), ("completed", 40)]
+        ):
+            enrollment = Enrollment(
+                customer_id="c1",
+                playbook="welcome_series",
+                status=EnrollmentStatus(status),
+                rules_version="v",
+                entered_at=now - timedelta(days=days_ago),
+                entry_number=i + 1,
+                active_key=f"c1|welcome_series|{i}" if status == "active" else None,
+                converted_at=now if status == "converted" else None,
             )
-        for i, days_ago in enumerate([0, 0, 3, 45]):
+            session.add(enrollment)
+            enrollments.append(enrollment)
+        session.flush()
+        # Two messages of the first journey today, one of the second three days ago, one
+        # of the third 45 days ago: the span with data is the last 46 days.
+        for i, (journey, days_ago) in enumerate([(0, 0), (0, 0), (1, 3), (2, 45)]):
             session.add(
                 Message(
                     id=f"m{i}",
                     dedupe_key=f"k{i}",
                     customer_id="c1",
                     playbook="welcome_series",
+                    enrollment_id=enrollments[journey].id,
                     channel="email",
                     template="welcome",
                     to_address="ann@example.com",
@@ -595,8 +603,39 @@ def test_the_playbook_page_counts_and_charts(
     assert f'data-day="{now.date().isoformat()}" data-count="2"' in text
     three_days_ago = (now - timedelta(days=3)).date().isoformat()
     assert f'data-day="{three_days_ago}" data-count="1"' in text
-    assert text.count('<rect class="bar"') == 30
+    # By default the period is the span with data, first send to last.
+    assert text.count("data-day=") == 46
+    first = (now - timedelta(days=45)).date().isoformat()
+    assert f'name="since" value="{first}"' in text
+    assert f'name="until" value="{now.date().isoformat()}"' in text
+    # One arm ("all": no split, no holdout), 1 of 3 converted, no uplift to show.
+    assert re.search(r'<tr data-arm="all">\s*<th scope="row">all</th>', text)
+    assert "33.3%" in text and "no holdout to compare with" in text
     assert "playbook: welcome_series" in text  # the rule file itself
+
+    week = client.get(
+        "/console/playbooks/welcome_series",
+        params={
+            "since": (now - timedelta(days=6)).date().isoformat(),
+            "until": now.date().isoformat(),
+        },
+    )
+    assert week.status_code == 200
+    assert week.text.count("data-day=") == 7
+    assert re.search(r'id="count-enrolled">2<', week.text)
+    assert re.search(r'id="count-sent">3<', week.text)
+
+    for params, message in (
+        ({"since": "March"}, "since must be a date like 2026-03-01, not &#39;March&#39;"),
+        (
+            {"since": "2026-03-09", "until": "2026-03-01"},
+            "since (2026-03-09) is after until (2026-03-01)",
+        ),
+        ({"since": "2024-01-01", "until": "2026-01-01"}, "show at most 366 at a time"),
+    ):
+        refused = client.get("/console/playbooks/welcome_series", params=params)
+        assert refused.status_code == 400 and message in refused.text, params
+
     listing = client.get("/console/playbooks")
     assert listing.status_code == 200 and "/console/playbooks/complaint_escalation" in listing.text
     assert client.get("/console/playbooks/nope").status_code == 404
