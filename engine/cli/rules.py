@@ -62,12 +62,22 @@ def init() -> None:
     rules = rules_of(application)
     settings = application.settings
     out.print(f"database ready: {settings.database_url}")
-    out.print(f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}")
+    for warning in rules.warnings:
+        out.print(str(warning), markup=False, soft_wrap=True)
+    out.print(
+        f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}"
+        f"{_warning_count(rules.warnings)}"
+    )
     out.print(
         _roster_line(rules, settings.roster_file or settings.rules_dir / ROSTER_FILE),
         markup=False,
         soft_wrap=True,
     )
+
+
+def _warning_count(warnings: tuple[object, ...]) -> str:
+    count = len(warnings)
+    return f", {count} warning{'s' if count != 1 else ''}" if count else ""
 
 
 def _roster_line(rules: RuleSet, path: Path) -> str:
@@ -91,6 +101,9 @@ def rules_check(
 ) -> None:
     """Validate every rule file; print each problem as path:line:col and exit 1 if any.
 
+    Warnings (path:line:col: warning: ..., like a deprecated key) are printed too and
+    alone exit 0.
+
     The support roster is LIFECYCLE_ROSTER_FILE, or support_roster.yaml in the rules
     directory; a playbook that escalates with no support lead to notify is a problem.
     """
@@ -102,14 +115,20 @@ def rules_check(
             roster_file=settings.roster_file,
         )
     except RulesInvalid as exc:
-        for problem in exc.problems:
+        for problem in sorted([*exc.problems, *exc.warnings]):
             out.print(str(problem), markup=False, soft_wrap=True)
         count = len(exc.problems)
-        err.print(f"{count} problem{'s' if count != 1 else ''} found", markup=False)
+        err.print(
+            f"{count} problem{'s' if count != 1 else ''} found{_warning_count(exc.warnings)}",
+            markup=False,
+        )
         raise typer.Exit(1) from exc
+    for warning in rules.warnings:
+        out.print(str(warning), markup=False, soft_wrap=True)
     out.print(
         f"{len(rules.playbooks)} playbooks ok ({', '.join(sorted(rules.playbooks))}); "
-        f"{len(rules.catalog.facts)} facts; rules version {rules.version}",
+        f"{len(rules.catalog.facts)} facts; rules version {rules.version}"
+        f"{_warning_count(rules.warnings)}",
         markup=False,
         soft_wrap=True,
     )

@@ -18,6 +18,7 @@ them together (``LIFECYCLE_MAX_PROPERTY_BYTES`` and friends, see engine.settings
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -277,7 +278,9 @@ def check_event_properties(
     event: EventIn, catalog: FactCatalog, limits: InputLimits | None = None
 ) -> list[str]:
     if event.type not in catalog.event_types:
-        return [f"type: unknown event type {event.type!r}; declare it in rules/catalog.yaml"]
+        close = difflib.get_close_matches(event.type, sorted(catalog.event_types), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return [f"type: unknown event type {event.type!r}{hint}; declare it in rules/catalog.yaml"]
     oversized = check_sizes(event.properties, "properties", limits or InputLimits())
     if oversized:
         return [f"{where}: {why}" for where, why in oversized.items()]

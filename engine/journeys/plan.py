@@ -550,7 +550,7 @@ class _CustomerPlanner:
             return "held"
         send_at = self.now
         quiet = quiet_hours(
-            self.now, self.rules.quiet_hours(playbook, channel), str(facts.get("timezone") or "UTC")
+            self.now, self.rules.send_window(playbook, channel), str(facts.get("timezone") or "UTC")
         )
         if quiet is not None:
             send_at = quiet.until

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from engine.language.durations import format_duration
-from engine.playbooks.model import FrequencyCap, QuietHours
+from engine.playbooks.model import FrequencyCap, SendWindow
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def complaint_pause(proposal: Proposal, facts: Mapping[str, object], now: dateti
     return None
 
 
-def next_allowed(moment: datetime, window: QuietHours, timezone: str) -> datetime:
+def next_allowed(moment: datetime, window: SendWindow, timezone: str) -> datetime:
     """The first minute at or after ``moment`` inside the sending window, in local time.
 
     Works on wall-clock minutes in the customer's zone, so a window start that a
@@ -89,7 +89,7 @@ def next_allowed(moment: datetime, window: QuietHours, timezone: str) -> datetim
     return resolved.astimezone(moment.tzinfo)
 
 
-def _inside(clock: object, window: QuietHours) -> bool:
+def _inside(clock: object, window: SendWindow) -> bool:
     start, end = window.start, window.end
     if start < end:
         return start <= clock < end  # type: ignore[operator]
@@ -109,7 +109,8 @@ def _resolve_wall_time(wall: datetime, zone: ZoneInfo) -> datetime:
     return probe.astimezone(zone)
 
 
-def quiet_hours(at: datetime, window: QuietHours | None, timezone: str) -> Defer | None:
+def quiet_hours(at: datetime, window: SendWindow | None, timezone: str) -> Defer | None:
+    """Outside its sending window (quiet hours), a message waits for the window to open."""
     if window is None:
         return None
     allowed = next_allowed(at, window, timezone)
@@ -118,7 +119,8 @@ def quiet_hours(at: datetime, window: QuietHours | None, timezone: str) -> Defer
     local = allowed.astimezone(ZoneInfo(timezone))
     return Defer(
         allowed,
-        f"quiet hours: {window} local time in {timezone}; deferred to {local:%Y-%m-%d %H:%M %Z}",
+        f"quiet hours: the sending window is {window} local time in {timezone}; "
+        f"deferred to {local:%Y-%m-%d %H:%M %Z}",
     )
 
 

@@ -3,11 +3,13 @@
 A rules directory holds:
 
     catalog.yaml       customer attributes and event types (with their properties)
-    policies.yaml      quiet hours, frequency caps and the brand shown in messages
+    policies.yaml      sending windows, frequency caps and the brand shown in messages
     <playbook>.yaml    one playbook per file (see README, "Writing playbooks")
 
 ``load_rules`` either returns a complete, valid ``RuleSet`` or raises ``RulesInvalid`` with
 all the problems; a running engine keeps its last good ``RuleSet`` when that happens.
+Warnings (``SourceProblem(warning=True)``: a deprecated key) do not stop the rules; they
+travel on the ``RuleSet`` (and on ``RulesInvalid``) for ``rules check`` to print.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+from dataclasses import replace
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,13 @@ from pydantic import BaseModel, ValidationError
 
 from engine.delivery.sms_segments import segments
 from engine.delivery.templates import TemplateStore, sample_context
-from engine.errors import ConditionError, DurationError, RulesInvalid, SourceProblem, TemplateError
+from engine.errors import (
+    ConditionSyntaxError,
+    DurationError,
+    RulesInvalid,
+    SourceProblem,
+    TemplateError,
+)
 from engine.language import conditions
 from engine.language.catalog import (
     EVENT_PROPERTY_PREFIX,
@@ -41,13 +50,14 @@ from engine.playbooks.model import (
     Lead,
     Playbook,
     Policies,
-    QuietHours,
     Roster,
     RuleSet,
     Send,
+    SendWindow,
     Step,
 )
 from engine.playbooks.schema import (
+    DEFAULT_SEND_WINDOW,
     CatalogSpec,
     EscalateSpec,
     PlaybookSpec,
@@ -152,7 +162,7 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _parse_clock_range(text: str) -> QuietHours:
+def _parse_clock_range(text: str) -> SendWindow:
     try:
         start_text, end_text = text.split("-")
         start = time.fromisoformat(start_text.strip())
@@ -161,13 +171,43 @@ def _parse_clock_range(text: str) -> QuietHours:
         raise ValueError(f"bad sending window {text!r}: write it like 08:00-21:00") from exc
     if start == end:
         raise ValueError(f"bad sending window {text!r}: start and end are the same")
-    return QuietHours(start=start, end=end)
+    return SendWindow(start=start, end=end)
 
 
-def _quiet_hours(
+def _send_window_spec(
+    located: Located,
+    send_window: dict[str, str | None] | None,
+    quiet_hours: dict[str, str | None] | None,
+) -> tuple[str, dict[str, str | None] | None]:
+    """The sending windows a file gives and the key they are under. ``quiet_hours`` is the
+    old name of ``send_window`` (it always held the hours when sending is allowed): still
+    read, with a warning; both at once is a mistake."""
+    if quiet_hours is None:
+        return "send_window", send_window
+    if send_window is not None:
+        located.problems.append(
+            located.at(
+                ("quiet_hours",),
+                "both send_window and quiet_hours are given: quiet_hours is the old name of "
+                "send_window; keep send_window only",
+                key=True,
+            )
+        )
+        return "send_window", send_window
+    warning = located.at(
+        ("quiet_hours",),
+        "quiet_hours is deprecated: it holds the hours when sending is allowed, so it is now "
+        "called send_window; rename the key (the meaning is the same)",
+        key=True,
+    )
+    located.problems.append(replace(warning, warning=True))
+    return "quiet_hours", quiet_hours
+
+
+def _send_windows(
     located: Located, where: tuple[str, ...], spec: dict[str, str | None]
-) -> dict[str, QuietHours | None]:
-    result: dict[str, QuietHours | None] = {}
+) -> dict[str, SendWindow | None]:
+    result: dict[str, SendWindow | None] = {}
     for channel, window in spec.items():
         if channel not in CHANNELS:
             located.problems.append(
@@ -316,7 +356,7 @@ def _check_roster_needed(
 
 def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
     path = directory / "policies.yaml"
-    fallback = Policies({"sms": QuietHours(time(8), time(21))}, (), {"name": "", "address": ""})
+    fallback = Policies({"sms": SendWindow(time(8), time(21))}, (), {"name": "", "address": ""})
     if not path.is_file():
         problems.append(SourceProblem(_display(path), 1, 1, "missing policies file"))
         return fallback
@@ -327,7 +367,10 @@ def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
     if spec is None:
         problems.extend(located.problems)
         return fallback
-    quiet = _quiet_hours(located, ("quiet_hours",), spec.quiet_hours)
+    key, windows = _send_window_spec(located, spec.send_window, spec.quiet_hours)
+    send_window = _send_windows(
+        located, (key,), windows if windows is not None else DEFAULT_SEND_WINDOW
+    )
     caps: list[FrequencyCap] = []
     for i, cap in enumerate(spec.frequency_caps):
         per = _duration(located, ("frequency_caps", i, "per"), cap.per)
@@ -338,7 +381,7 @@ def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
         elif per is not None:
             caps.append(FrequencyCap(cap.channel, cap.max, per))
     problems.extend(located.problems)
-    return Policies(quiet, tuple(caps), spec.brand.model_dump())
+    return Policies(send_window, tuple(caps), spec.brand.model_dump())
 
 
 class _ConditionChecker:
@@ -356,8 +399,9 @@ class _ConditionChecker:
         text = str(text)
         try:
             expr = conditions.parse(text)
-        except ConditionError as exc:
-            self._report(where, exc.offset, exc.message)
+        except ConditionSyntaxError as exc:
+            for error in exc.errors:
+                self._report(where, error.offset, error.message)
             return None
         found = conditions.check(expr, self.catalog)
         for problem in found:
@@ -383,6 +427,10 @@ class _ConditionChecker:
         self.located.problems.append(SourceProblem(self.located.path, line, column, message))
 
 
+def _error_count(located: Located) -> int:
+    return sum(1 for problem in located.problems if not problem.warning)
+
+
 def _compile_playbook(
     located: Located,
     spec: PlaybookSpec,
@@ -391,7 +439,7 @@ def _compile_playbook(
     policies: Policies,
     seen_ids: dict[str, str],
 ) -> Playbook | None:
-    before = len(located.problems)
+    before = _error_count(located)
     checker = _ConditionChecker(located, catalog)
     if spec.playbook in seen_ids:
         located.problems.append(
@@ -427,13 +475,14 @@ def _compile_playbook(
             )
         else:
             reentry = _duration(located, ("reentry",), text)
-    quiet = _quiet_hours(located, ("quiet_hours",), spec.quiet_hours)
+    key, windows = _send_window_spec(located, spec.send_window, spec.quiet_hours)
+    send_window = _send_windows(located, (key,), windows or {})
     if spec.max_sms_segments < 1:
         located.problems.append(
             located.at(("max_sms_segments",), "max_sms_segments must be at least 1")
         )
     steps = _compile_steps(located, spec, checker, templates, catalog, policies)
-    if len(located.problems) > before or steps is None:
+    if _error_count(located) > before or steps is None:
         return None
     enter_text = (
         " and ".join(
@@ -460,7 +509,7 @@ def _compile_playbook(
         exit=exit_condition,
         goal=goal,
         when_capped=spec.when_capped,
-        quiet_hours=quiet,
+        send_window=send_window,
         sms_opt_out_hint=spec.sms_opt_out_hint,
         max_sms_segments=spec.max_sms_segments,
         steps=steps,
@@ -646,10 +695,12 @@ def load_rules(
             )
         problems.extend(located.problems)
     _check_roster_needed(roster, roster_located, roster_path, escalating, problems)
+    warnings = tuple(p for p in problems if p.warning)
+    problems = [p for p in problems if not p.warning]
     if not seen and not problems:
         problems.append(SourceProblem(str(directory), 1, 1, "no playbook files (*.yaml) found"))
     if problems:
-        raise RulesInvalid(problems)
+        raise RulesInvalid(problems, warnings)
     return RuleSet(
         playbooks=playbooks,
         catalog=catalog,
@@ -658,4 +709,5 @@ def load_rules(
         roster=roster,
         directory=str(directory),
         files=files,
+        warnings=tuple(sorted(warnings)),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import time, timedelta
 
+from engine.errors import SourceProblem
 from engine.language.catalog import FactCatalog
 from engine.language.conditions import Condition
 
@@ -19,8 +20,10 @@ PRIORITIES = ("urgent", "high", "normal", "low")
 
 
 @dataclass(frozen=True)
-class QuietHours:
-    """Sending is allowed from ``start`` up to ``end`` local time; the rest is quiet."""
+class SendWindow:
+    """Sending is allowed from ``start`` up to ``end`` local time; the rest is quiet hours
+    (a message due then waits for the window to open). ``end`` before ``start`` spans
+    midnight."""
 
     start: time
     end: time
@@ -38,7 +41,7 @@ class FrequencyCap:
 
 @dataclass(frozen=True)
 class Policies:
-    quiet_hours: dict[str, QuietHours | None]
+    send_window: dict[str, SendWindow | None]  # per channel; None: any time
     frequency_caps: tuple[FrequencyCap, ...]
     brand: dict[str, str]
 
@@ -105,7 +108,7 @@ class Playbook:
     exit: Condition | None  # no longer eligible: the journey ends, queued messages cancelled
     goal: Condition | None  # reached: the journey ends as converted, queued messages cancelled
     when_capped: str
-    quiet_hours: dict[str, QuietHours | None]  # per-channel overrides of the policies
+    send_window: dict[str, SendWindow | None]  # per-channel overrides of the policies
     sms_opt_out_hint: str | None
     max_sms_segments: int
     steps: tuple[Step, ...]
@@ -153,6 +156,8 @@ class RuleSet:
     roster: Roster = Roster(())
     directory: str = ""
     files: dict[str, str] = field(default_factory=dict)  # playbook id -> file text
+    # Things that load but should change (a deprecated key): `rules check` prints them
+    warnings: tuple[SourceProblem, ...] = ()
 
     def conditions(self) -> dict[str, Condition]:
         """Every condition to evaluate, by rule id (enter, exit, goal, each step's when)."""
@@ -168,7 +173,8 @@ class RuleSet:
                     rules[step_rule(pb.id, step.id)] = step.when
         return rules
 
-    def quiet_hours(self, playbook: Playbook, channel: str) -> QuietHours | None:
-        if channel in playbook.quiet_hours:
-            return playbook.quiet_hours[channel]
-        return self.policies.quiet_hours.get(channel)
+    def send_window(self, playbook: Playbook, channel: str) -> SendWindow | None:
+        """When ``playbook`` may send on ``channel``: its own window, else the policies'."""
+        if channel in playbook.send_window:
+            return playbook.send_window[channel]
+        return self.policies.send_window.get(channel)

@@ -60,7 +60,8 @@ class PlaybookSpec(_Strict):
     exit: ExitSpec | None = None
     goal: GoalSpec | None = None
     when_capped: Literal["defer", "drop"] = "defer"
-    quiet_hours: dict[str, str | None] = {}
+    send_window: dict[str, str | None] | None = None
+    quiet_hours: dict[str, str | None] | None = None  # the old name of send_window
     sms_opt_out_hint: str | None = None
     max_sms_segments: int = 2
     steps: list[StepSpec]
@@ -112,7 +113,11 @@ class RosterSpec(_Strict):
     leads: list[LeadSpec]
 
 
+DEFAULT_SEND_WINDOW: dict[str, str | None] = {"sms": "08:00-21:00"}
+
+
 class PoliciesSpec(_Strict):
-    quiet_hours: dict[str, str | None] = {"sms": "08:00-21:00"}
+    send_window: dict[str, str | None] | None = None  # None: DEFAULT_SEND_WINDOW
+    quiet_hours: dict[str, str | None] | None = None  # the old name of send_window
     frequency_caps: list[CapSpec] = []
     brand: BrandSpec

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import ConditionError, FactValueError
+from engine.errors import ConditionError, ConditionSyntaxError, FactValueError
 from engine.evaluation.evaluators import DurableEvaluator, ReferenceEvaluator
 from engine.language import conditions as c
 from engine.language.catalog import FactCatalog, FactSource, FactSpec, FactType
@@ -222,6 +222,59 @@ def test_positions_point_at_names_and_literals() -> None:
 )
 def test_syntax_errors_say_what_and_where(text: str, message: str, offset: int) -> None:
     assert parse_error(text) == (message, offset)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "orders_count >= and email_opt_in or plan ==",
+            [
+                ("expected a fact, a value or '(', found 'and'", 16),
+                ("expected a fact, a value or '(', found the end of the condition", 43),
+            ],
+        ),
+        (
+            "plan = 'pro' && vip || nps_score => 9",
+            [
+                ("write '==' to compare; a single '=' is not an operator", 5),
+                ("write 'and' instead of '&&'", 13),
+                ("write 'or' instead of '||'", 20),
+                ("write '>=' for 'at least'", 33),
+            ],
+        ),
+        (
+            "(vip plan) and orders_count >= 2.5 or (email_opt_in",
+            [
+                ("expected ')' to close the '(' at column 1, found 'plan'", 5),
+                (
+                    "decimal numbers are not supported ('2.5'): facts are whole numbers, "
+                    "and money is written like $49.99",
+                    31,
+                ),
+                (
+                    "expected ')' to close the '(' at column 39, found the end of the condition",
+                    51,
+                ),
+            ],
+        ),
+        (
+            "vip and plan) or locale in ['en', nps_score] or # or x",
+            [
+                ("expected 'and', 'or' or the end of the condition, found ')'", 12),
+                ("a list holds values, not facts: found 'nps_score'", 34),
+                ("unexpected character '#'", 48),
+            ],
+        ),
+    ],
+)
+def test_every_syntax_error_of_a_condition_is_reported_at_its_place(
+    text: str, expected: list[tuple[str, int]]
+) -> None:
+    with pytest.raises(ConditionSyntaxError) as caught:
+        c.parse(text)
+    assert [(e.message, e.offset) for e in caught.value.errors] == expected
+    assert (caught.value.message, caught.value.offset) == expected[0]
 
 
 def test_condition_error_text_gives_the_column() -> None:

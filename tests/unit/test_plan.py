@@ -344,7 +344,7 @@ def test_an_sms_due_at_night_waits_for_the_morning_across_the_dst_change(
     assert queued.due_at == datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
     deferred = [d for d in only(result.effects(), Decide) if d.outcome == "deferred"]
     assert deferred[0].reason == (
-        "quiet hours: 08:00-21:00 local time in America/New_York; deferred to 2026-03-08 08:00 EDT"
+        "quiet hours: the sending window is 08:00-21:00 local time in America/New_York; deferred to 2026-03-08 08:00 EDT"
     )
 
 

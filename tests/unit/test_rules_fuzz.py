@@ -139,7 +139,7 @@ def file_lines(path: Path) -> list[str]:
 # fmt: off
 SCHEMA_KEYS = [
     "playbook", "stage", "description", "priority", "kind", "enter", "on", "when", "reentry",
-    "exit", "when_capped", "quiet_hours", "sms_opt_out_hint", "max_sms_segments", "steps",
+    "exit", "when_capped", "send_window", "quiet_hours", "sms_opt_out_hint", "max_sms_segments", "steps",
     "id", "wait", "send", "channel", "template", "escalate", "sla", "queue", "attributes",
     "events", "properties", "type", "example", "leads", "name", "email", "phone", "tier",
     "on_duty", "frequency_caps", "max", "per", "brand", "address", "sms",
