@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import re
 from dataclasses import replace
 from datetime import time, timedelta
 from pathlib import Path
@@ -39,6 +40,7 @@ from engine.language.catalog import (
     FactCatalog,
     FactSource,
     FactSpec,
+    FactType,
 )
 from engine.language.conditions import Condition
 from engine.language.durations import parse_duration
@@ -50,6 +52,7 @@ from engine.playbooks.model import (
     Lead,
     Playbook,
     Policies,
+    PriorityBy,
     Roster,
     RuleSet,
     Send,
@@ -62,6 +65,7 @@ from engine.playbooks.schema import (
     EscalateSpec,
     PlaybookSpec,
     PoliciesSpec,
+    PriorityBySpec,
     RosterSpec,
     SendSpec,
 )
@@ -528,6 +532,7 @@ def _compile_steps(
     steps: list[Step] = []
     ids: dict[str, int] = {}
     ok = True
+    waited = False  # a step so far waits: the steps from there on run after the event
     for i, step in enumerate(spec.steps):
         where = ("steps", i)
         if step.id in ids:
@@ -550,7 +555,9 @@ def _compile_steps(
         send = _check_send(located, (*where, "send"), step.send, templates, catalog, policies, spec)
         if step.send and send is None:
             ok = False
-        escalate = _check_escalate(located, (*where, "escalate"), step.escalate)
+        waited = waited or wait != timedelta(0)
+        on_entry = spec.enter.on is not None and not waited
+        escalate = _check_escalate(located, (*where, "escalate"), step.escalate, catalog, on_entry)
         if step.escalate and escalate is None:
             ok = False
         steps.append(Step(step.id, wait or timedelta(0), when, send, escalate))
@@ -628,21 +635,127 @@ def _template_problem(
 
 
 def _check_escalate(
-    located: Located, where: tuple[Any, ...], spec: EscalateSpec | None
+    located: Located,
+    where: tuple[Any, ...],
+    spec: EscalateSpec | None,
+    catalog: FactCatalog,
+    on_entry: bool,
 ) -> Escalate | None:
+    """``on_entry``: the step runs as the playbook is entered on an event (no wait before
+    it), so the event's properties are known to it."""
     if spec is None:
         return None
-    ok = True
-    if spec.priority not in PRIORITIES:
-        hint = _did_you_mean(spec.priority, list(PRIORITIES))
-        located.problems.append(
-            located.at((*where, "priority"), f"unknown priority {spec.priority!r}{hint}")
-        )
-        ok = False
+    priority_by: PriorityBy | None = None
+    if isinstance(spec.priority, dict):
+        priority_by = _priority_by(located, (*where, "priority"), spec.priority, catalog, on_entry)
+        ok = priority_by is not None
+        priority = priority_by.otherwise if priority_by is not None else "normal"
+    else:
+        priority = str(spec.priority)
+        ok = _known_priority(located, (*where, "priority"), priority)
     sla = _duration(located, (*where, "sla"), spec.sla)
     if sla is None or not ok:
         return None
-    return Escalate(spec.priority, spec.queue, sla)
+    return Escalate(priority, spec.queue, sla, priority_by)
+
+
+def _known_priority(located: Located, where: tuple[Any, ...], priority: object) -> bool:
+    if priority in PRIORITIES:
+        return True
+    hint = _did_you_mean(str(priority), list(PRIORITIES))
+    located.problems.append(
+        located.at(
+            where,
+            f"unknown priority {priority!r}{hint}; write one of {', '.join(PRIORITIES)}",
+        )
+    )
+    return False
+
+
+_PRIORITY_BY_TYPES = (FactType.INT, FactType.STRING, FactType.BOOL)
+_WHOLE_NUMBER = re.compile(r"^-?\d+$")
+
+
+def _priority_by(
+    located: Located,
+    where: tuple[Any, ...],
+    raw: dict[str, Any],
+    catalog: FactCatalog,
+    on_entry: bool,
+) -> PriorityBy | None:
+    """``priority: {by: <fact>, map: {<value>: <priority>}, otherwise: <priority>}``: the
+    fact must exist and be a number, text or true/false; each key a value of its type;
+    each priority one of PRIORITIES; an event property only where the event is known."""
+    try:
+        spec = PriorityBySpec.model_validate(raw)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = (*where, *error["loc"])
+            if error["type"] == "extra_forbidden":
+                name = str(error["loc"][-1])
+                hint = _did_you_mean(name, list(PriorityBySpec.model_fields))
+                message = f"unknown key {name!r}{hint}; allowed: by, map, otherwise"
+                located.problems.append(located.at(loc, message, key=True))
+            elif error["type"] == "missing":
+                located.problems.append(
+                    located.at(where, f"missing required key {error['loc'][-1]!r}")
+                )
+            else:
+                label = ".".join(str(part) for part in error["loc"])
+                located.problems.append(located.at(loc, f"priority.{label}: {error['msg']}"))
+        return None
+    before = _error_count(located)
+    fact = catalog.get(spec.by)
+    kind = fact.type if fact is not None else None
+    if fact is None:
+        hint = _did_you_mean(spec.by, catalog.names())
+        located.problems.append(located.at((*where, "by"), f"unknown fact {spec.by!r}{hint}"))
+    elif kind not in _PRIORITY_BY_TYPES:
+        located.problems.append(
+            located.at(
+                (*where, "by"),
+                f"{spec.by!r} is {kind}: a priority can be chosen by a number, text or "
+                "true/false fact",
+            )
+        )
+        kind = None
+    elif (
+        spec.by in EVENT_ONLY_FACTS or spec.by.startswith(EVENT_PROPERTY_PREFIX)
+    ) and not on_entry:
+        located.problems.append(
+            located.at(
+                (*where, "by"),
+                f"{spec.by!r} is only known while the playbook is entered on an event: use it "
+                "in a step that runs then (entered with enter.on, no wait before the step)",
+            )
+        )
+    values: list[tuple[bool | int | str, str]] = []
+    for key, priority in spec.map.items():
+        value = _priority_key(located, (*where, "map", key), key, spec.by, kind)
+        if _known_priority(located, (*where, "map", key), priority) and value is not None:
+            values.append((value, priority))
+    _known_priority(located, (*where, "otherwise"), spec.otherwise)
+    if _error_count(located) > before:
+        return None
+    return PriorityBy(spec.by, tuple(values), spec.otherwise)
+
+
+def _priority_key(
+    located: Located, where: tuple[Any, ...], key: str, fact: str, kind: FactType | None
+) -> bool | int | str | None:
+    """A key of a priority map as a value of ``fact``'s type (keys are read as text)."""
+    if kind is FactType.INT and _WHOLE_NUMBER.match(key):
+        return int(key)
+    if kind is FactType.BOOL and key in ("true", "false"):
+        return key == "true"
+    if kind is FactType.STRING:
+        return key
+    if kind is not None:
+        expected = "a whole number" if kind is FactType.INT else "true or false"
+        located.problems.append(
+            located.at(where, f"{key!r} is not a value of {fact!r}: write {expected}", key=True)
+        )
+    return None
 
 
 RESERVED_FILES = ("catalog.yaml", "policies.yaml", ROSTER_FILE)

@@ -8,6 +8,7 @@ evaluators decide.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time, timedelta
 
@@ -80,10 +81,44 @@ class Send:
 
 
 @dataclass(frozen=True)
+class PriorityBy:
+    """A case priority chosen by a fact's value (a complaint's severity): ``values`` pairs
+    each value with its priority; ``otherwise`` is for any other value, or none."""
+
+    fact: str
+    values: tuple[tuple[bool | int | str, str], ...]
+    otherwise: str
+
+    def priority_for(self, facts: Mapping[str, object]) -> tuple[str, str]:
+        """The priority for these facts and why, like ("high", "event.severity is 3")."""
+        actual = facts.get(self.fact)
+        for value, priority in self.values:
+            # exact types: True is not 1, so a bool fact never matches a number
+            if type(actual) is type(value) and actual == value:
+                return priority, f"{self.fact} is {_shown(actual)}"
+        if actual is None:
+            return self.otherwise, f"{self.fact} is unknown"
+        return self.otherwise, f"{self.fact} is {_shown(actual)}, not in the playbook's list"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@dataclass(frozen=True)
 class Escalate:
-    priority: str
+    priority: str  # the case priority; with priority_by, the one for values it does not list
     queue: str
     sla: timedelta
+    priority_by: PriorityBy | None = None
+
+    def priority_for(self, facts: Mapping[str, object]) -> tuple[str, str | None]:
+        """The case priority for these facts, and why when a fact chose it."""
+        if self.priority_by is None:
+            return self.priority, None
+        return self.priority_by.priority_for(facts)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,19 @@ class SendSpec(_Strict):
     template: str
 
 
+class PriorityBySpec(_Strict):
+    """``priority: {by: event.severity, map: {1: low, 3: high}, otherwise: normal}``."""
+
+    by: str
+    map: dict[str, str]
+    otherwise: str = "normal"
+
+
 class EscalateSpec(_Strict):
-    priority: str = "normal"
+    # A priority ("high"), or a PriorityBySpec mapping: the loader tells them apart, so a
+    # mistake in either is reported once, at its place (a pydantic union would report it
+    # once per alternative).
+    priority: Any = "normal"
     queue: str = "support"
     sla: str = "24h"
 

@@ -85,3 +85,41 @@ def test_every_syntax_error_of_a_condition_is_reported_at_its_column(rules: Path
         "'signed_up'?); declare it in catalog.yaml",
     ]
     assert result.stderr.strip() == "4 problems found"
+
+
+def test_the_priority_by_severity_map_is_checked(rules: Path) -> None:
+    path = rules / "complaint_escalation.yaml"
+    edit(path, "by: event.severity", "by: event.severerity")
+    edit(path, "map: {1: low, 2: normal, 3: high}", "map: {1: low, two: normal, 3: hihg}")
+    edit(path, "otherwise: high", "otherwise: soon")
+    result = rules_check(rules, FIXTURE_TEMPLATES)
+    assert result.returncode == 1
+    at = {needle: line_col(path, needle) for needle in ("event.severerity", "two:", "hihg", "soon")}
+    assert result.stdout.splitlines() == [
+        f"{path}:{at['event.severerity'][0]}:{at['event.severerity'][1]}: unknown fact "
+        "'event.severerity' (did you mean 'event.severity'?)",
+        f"{path}:{at['hihg'][0]}:{at['hihg'][1]}: unknown priority 'hihg' (did you mean "
+        "'high'?); write one of urgent, high, normal, low",
+        f"{path}:{at['soon'][0]}:{at['soon'][1]}: unknown priority 'soon'; write one of "
+        "urgent, high, normal, low",
+    ]
+    # With the fact right, a key that is not a value of it is found too.
+    edit(path, "by: event.severerity", "by: event.severity")
+    lines = rules_check(rules, FIXTURE_TEMPLATES).stdout.splitlines()
+    two = f"{path}:{at['two:'][0]}:{at['two:'][1]}"
+    assert f"{two}: 'two' is not a value of 'event.severity': write a whole number" in lines
+
+
+def test_an_event_property_chooses_a_priority_only_where_the_event_is_known(
+    rules: Path,
+) -> None:
+    path = rules / "complaint_escalation.yaml"
+    edit(path, "  - id: open_case\n", "  - id: open_case\n    wait: 1h\n")
+    edit(path, "otherwise: high", "otherwise: normal")
+    result = rules_check(rules, FIXTURE_TEMPLATES)
+    line, column = line_col(path, "event.severity")
+    assert result.stdout.splitlines() == [
+        f"{path}:{line}:{column}: 'event.severity' is only known while the playbook is "
+        "entered on an event: use it in a step that runs then (entered with enter.on, no "
+        "wait before the step)"
+    ]

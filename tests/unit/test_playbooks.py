@@ -152,7 +152,7 @@ def test_sms_over_the_segment_limit_is_reported(rules_copy: Path, tmp_path: Path
 
 def test_bad_reentry_and_priority(rules_copy: Path) -> None:
     edit(rules_copy / "re_engagement.yaml", "reentry: after 90d", "reentry: sometimes")
-    edit(rules_copy / "complaint_escalation.yaml", "priority: high ", "priority: hihg ")
+    edit(rules_copy / "complaint_escalation.yaml", "3: high}", "3: hihg}")
     text = "\n".join(problems_of(rules_copy))
     assert "bad reentry 'sometimes': write never or after 90d" in text
     assert "unknown priority 'hihg' (did you mean 'high'?)" in text
