@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     # Evaluation
     workers: int = Field(default=0, description="evaluation worker processes; 0 = one per core")
     batch_size: int = 2000
+    # durable: durable_rules where it is installed (Python 3.11, 3.12), else the reference
+    # evaluator, said at start (engine.evaluation.evaluators.durable_unavailable)
     engine: str = Field(default="durable", pattern="^(durable|reference)$")
 
     # Channels: console (the default, no credentials), sendgrid, twilio. None means "not
@@ -67,6 +69,7 @@ class Settings(BaseSettings):
         previous = self.secret_key_previous.get_secret_value() if self.secret_key_previous else ""
         earlier = [key.strip() for key in previous.split(",") if key.strip()]
         return [*earlier, self.secret_key.get_secret_value()]
+
     # Input bounds: larger API bodies are 413, larger values a 422 or an import row error
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, description="largest ingest API request body (bytes)"

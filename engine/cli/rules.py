@@ -73,11 +73,24 @@ def init() -> None:
         markup=False,
         soft_wrap=True,
     )
+    out.print(engine_line(settings.engine), markup=False, soft_wrap=True)
 
 
 def _warning_count(warnings: tuple[object, ...]) -> str:
     count = len(warnings)
     return f", {count} warning{'s' if count != 1 else ''}" if count else ""
+
+
+def engine_line(engine: str) -> str:
+    """Which evaluator the engine setting means on this Python, said plainly."""
+    from engine.evaluation.evaluators import durable_unavailable
+
+    unavailable = durable_unavailable() if engine == "durable" else None
+    if unavailable is not None:
+        return f"evaluation: {unavailable}"
+    if engine == "durable":
+        return "evaluation: durable_rules"
+    return "evaluation: the reference evaluator (LIFECYCLE_ENGINE=reference)"
 
 
 def _roster_line(rules: RuleSet, path: Path) -> str:
@@ -134,6 +147,7 @@ def rules_check(
     )
     roster = settings.roster_file or (directory or settings.rules_dir) / ROSTER_FILE
     out.print(_roster_line(rules, roster), markup=False, soft_wrap=True)
+    out.print(engine_line(settings.engine), markup=False, soft_wrap=True)
 
 
 @app.command()

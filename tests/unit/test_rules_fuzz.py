@@ -416,7 +416,7 @@ def test_what_the_fuzzing_found_is_reported_not_raised(
             "policies.yaml",
             "per: 7d}",
             "per: 99999999999w}",
-            "policies.yaml:14:33: bad duration '99999999999w': write a whole number and a "
+            "policies.yaml:16:33: bad duration '99999999999w': write a whole number and a "
             "unit, like 90m, 36h, 2d or 1w",
         ),
     ],
