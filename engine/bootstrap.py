@@ -57,6 +57,11 @@ class App:
             self._rules = self._load_rules()
         return self._rules
 
+    @property
+    def loaded_version(self) -> str | None:
+        """The version of the rules in force, or None before they are first loaded."""
+        return self._rules.version if self._rules is not None else None
+
     def reload_rules(self) -> RuleSet:
         """Load the rules again; on any problem the last good rules stay in force."""
         fresh = self._load_rules()
