@@ -521,7 +521,10 @@ class _CustomerPlanner:
         assert step.send is not None
         channel = step.send.channel
         proposal = Proposal(
-            channel=channel, marketing=playbook.marketing, priority=playbook.priority
+            channel=channel,
+            marketing=playbook.marketing,
+            priority=playbook.priority,
+            topic=playbook.topic,
         )
         refused = consent(proposal, facts)
         if isinstance(refused, Skip):

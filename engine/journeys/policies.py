@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from engine.language.catalog import TOPIC_PREFIX
 from engine.language.durations import format_duration
 from engine.playbooks.model import FrequencyCap, SendWindow
 
@@ -42,22 +43,33 @@ class Proposal:
     channel: str  # email | sms
     marketing: bool
     priority: int
+    topic: str | None = None  # the playbook's subscription topic (marketing only)
 
 
 def consent(proposal: Proposal, facts: Mapping[str, object]) -> Skip | None:
     """Email needs an unrevoked opt-in (for marketing) and an unsuppressed address; SMS
-    needs an explicit opt-in with no STOP since, and an unsuppressed number."""
+    needs an explicit opt-in with no STOP since, and an unsuppressed number. Marketing of
+    a topic needs the topic too (``topic.<name>``: opted in, or never opted out of a topic
+    that is opted in by default); transactional messages ignore topics."""
     if proposal.channel == "email":
         if not facts.get("has_email"):
             return Skip("no email address, or the address is suppressed")
         if proposal.marketing and not facts.get("email_opt_in"):
             return Skip("no email marketing consent")
-        return None
+        return _topic(proposal, facts)
     if not facts.get("has_phone"):
         return Skip("no phone number, or the number is suppressed")
     if not facts.get("sms_opt_in"):
         return Skip("no SMS consent (never opted in, or sent STOP)")
-    return None
+    return _topic(proposal, facts)
+
+
+def _topic(proposal: Proposal, facts: Mapping[str, object]) -> Skip | None:
+    if not proposal.marketing or proposal.topic is None:
+        return None
+    if facts.get(TOPIC_PREFIX + proposal.topic) is True:
+        return None
+    return Skip(f"not subscribed to the {proposal.topic} topic (opted out, or never opted in)")
 
 
 def complaint_pause(proposal: Proposal, facts: Mapping[str, object], now: datetime) -> Defer | None:

@@ -41,6 +41,7 @@ from engine.language.catalog import (
     FactSource,
     FactSpec,
     FactType,
+    Topic,
 )
 from engine.language.conditions import Condition
 from engine.language.durations import parse_duration
@@ -283,8 +284,26 @@ def load_catalog(
             properties[name] = FactSpec(
                 name, attr.type, attr.description, FactSource.EVENT, attr.example
             )
-    catalog = FactCatalog.build([*extra, *properties.values()], event_types=spec.events)
+    topics: list[Topic] = []
+    for name, topic in spec.topics.items():
+        if not _TOPIC_NAME.match(name):
+            problems.append(
+                located.at(
+                    ("topics", name),
+                    f"topic {name!r}: write a name of lower-case letters, digits and _, like "
+                    "product_news",
+                    key=True,
+                )
+            )
+            continue
+        topics.append(Topic(name, topic.description, topic.default == "opted_in"))
+    catalog = FactCatalog.build(
+        [*extra, *properties.values()], event_types=spec.events, topics=topics
+    )
     return catalog, located
+
+
+_TOPIC_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 ROSTER_FILE = "support_roster.yaml"
@@ -460,6 +479,7 @@ def _compile_playbook(
                 f"unknown event type {spec.enter.on!r}{hint}; declare it in catalog.yaml",
             )
         )
+    _check_topic(located, spec, catalog)
     allow_event = spec.enter.on is not None
     when = checker.compile(("enter", "when"), spec.enter.when, allow_event=allow_event)
     exit_condition = (
@@ -518,7 +538,33 @@ def _compile_playbook(
         max_sms_segments=spec.max_sms_segments,
         steps=steps,
         source=located.path,
+        topic=spec.topic,
     )
+
+
+def _check_topic(located: Located, spec: PlaybookSpec, catalog: FactCatalog) -> None:
+    """A playbook's topic is declared in catalog.yaml; only marketing has topics (a
+    transactional message goes whatever the customer's topics say)."""
+    if spec.topic is None:
+        return
+    if spec.topic not in catalog.topics:
+        hint = _did_you_mean(spec.topic, sorted(catalog.topics))
+        declared = ", ".join(sorted(catalog.topics)) or "none yet"
+        located.problems.append(
+            located.at(
+                ("topic",),
+                f"unknown topic {spec.topic!r}{hint}; declare it under topics: in catalog.yaml "
+                f"(declared: {declared})",
+            )
+        )
+    elif spec.kind != "marketing":
+        located.problems.append(
+            located.at(
+                ("topic",),
+                f"a {spec.kind} playbook has no topic: its messages go whatever the customer's "
+                "topics say; remove topic, or make the playbook kind: marketing",
+            )
+        )
 
 
 def _compile_steps(

@@ -148,6 +148,7 @@ class Playbook:
     max_sms_segments: int
     steps: tuple[Step, ...]
     source: str
+    topic: str | None = None  # its messages need the customer's topic.<topic> (marketing)
 
     @property
     def marketing(self) -> bool:

@@ -71,6 +71,7 @@ class PlaybookSpec(_Strict):
     exit: ExitSpec | None = None
     goal: GoalSpec | None = None
     when_capped: Literal["defer", "drop"] = "defer"
+    topic: str | None = None  # a subscription topic from catalog.yaml (marketing only)
     send_window: dict[str, str | None] | None = None
     quiet_hours: dict[str, str | None] | None = None  # the old name of send_window
     sms_opt_out_hint: str | None = None
@@ -96,9 +97,15 @@ class EventTypeSpec(_Strict):
     properties: dict[str, AttributeSpec] = {}
 
 
+class TopicSpec(_Strict):
+    description: str
+    default: Literal["opted_in", "opted_out"] = "opted_in"
+
+
 class CatalogSpec(_Strict):
     attributes: dict[str, AttributeSpec] = {}
     events: dict[str, EventTypeSpec] = {}
+    topics: dict[str, TopicSpec] = {}
 
 
 class CapSpec(_Strict):

@@ -123,3 +123,28 @@ def test_an_event_property_chooses_a_priority_only_where_the_event_is_known(
         "entered on an event: use it in a step that runs then (entered with enter.on, no "
         "wait before the step)"
     ]
+
+
+def test_a_playbook_names_a_declared_topic_and_only_marketing_has_one(rules: Path) -> None:
+    loyalty = rules / "loyalty_reward.yaml"
+    edit(loyalty, "topic: offers", "topic: ofers")
+    complaint = rules / "complaint_escalation.yaml"
+    complaint.write_text(complaint.read_text() + "topic: offers\n")
+    catalog = rules / "catalog.yaml"
+    edit(catalog, "topics:\n", "topics:\n  Big-News:\n    description: shouting\n")
+    result = rules_check(rules, FIXTURE_TEMPLATES)
+    assert result.returncode == 1
+    at = {
+        path: line_col(path, needle)
+        for path, needle in ((loyalty, "ofers"), (complaint, "offers"), (catalog, "Big-News"))
+    }
+    assert result.stdout.splitlines() == [
+        f"{catalog}:{at[catalog][0]}:{at[catalog][1]}: topic 'Big-News': write a name of "
+        "lower-case letters, digits and _, like product_news",
+        f"{complaint}:{at[complaint][0]}:{at[complaint][1]}: a transactional playbook has no "
+        "topic: its messages go whatever the customer's topics say; remove topic, or make the "
+        "playbook kind: marketing",
+        f"{loyalty}:{at[loyalty][0]}:{at[loyalty][1]}: unknown topic 'ofers' (did you mean "
+        "'offers'?); declare it under topics: in catalog.yaml (declared: newsletter, offers, "
+        "product_news)",
+    ]

@@ -107,6 +107,25 @@ def test_transactional_email_needs_an_address_but_no_marketing_opt_in() -> None:
     assert consent(service, {"has_email": True, "email_opt_in": False}) is None
 
 
+def test_marketing_of_a_topic_needs_the_channel_and_the_topic() -> None:
+    offers = Proposal(channel="email", marketing=True, priority=30, topic="offers")
+    consenting = {"has_email": True, "email_opt_in": True, "has_phone": True, "sms_opt_in": True}
+    assert consent(offers, {**consenting, "topic.offers": True}) is None
+    for value in (False, None):  # opted out, or a topic the facts do not know
+        refused = consent(offers, {**consenting, "topic.offers": value})
+        assert refused is not None and refused.reason == (
+            "not subscribed to the offers topic (opted out, or never opted in)"
+        )
+    # The channel comes first: no email consent is said as such, whatever the topic.
+    no_email = consent(offers, {**consenting, "email_opt_in": False, "topic.offers": True})
+    assert no_email is not None and no_email.reason == "no email marketing consent"
+    sms = Proposal(channel="sms", marketing=True, priority=30, topic="offers")
+    assert consent(sms, {**consenting, "topic.offers": False}) is not None
+    # Transactional messages ignore topics (a playbook cannot even name one).
+    service = Proposal(channel="email", marketing=False, priority=1, topic="offers")
+    assert consent(service, {**consenting, "topic.offers": False}) is None
+
+
 def test_complaint_pauses_marketing_only() -> None:
     now = datetime(2026, 6, 10, tzinfo=UTC)
     held = complaint_pause(MARKETING_EMAIL, {"open_complaints": 1}, now)
