@@ -18,6 +18,7 @@ from engine.cli.common import (
     read_settings,
     rules_of,
 )
+from engine.delivery.templates import TemplateStore
 from engine.errors import LifecycleError, RulesInvalid
 from engine.playbooks.loader import RESERVED_FILES, ROSTER_FILE, load_rules
 from engine.playbooks.model import RuleSet
@@ -74,6 +75,24 @@ def init() -> None:
         soft_wrap=True,
     )
     out.print(engine_line(settings.engine), markup=False, soft_wrap=True)
+
+
+def _variants_line(rules: RuleSet, templates: TemplateStore) -> str | None:
+    """The locale variants of the templates the playbooks send (each rendered by the check)."""
+    used = sorted(
+        {
+            (step.send.channel, step.send.template)
+            for playbook in rules.playbooks.values()
+            for step in playbook.steps
+            if step.send is not None
+        }
+    )
+    found = [
+        f"{channel}/{name} ({', '.join(locales)})"
+        for channel, name in used
+        if (locales := templates.locales(channel, name))
+    ]
+    return f"locale variants: {'; '.join(found)}" if found else None
 
 
 def _warning_count(warnings: tuple[object, ...]) -> str:
@@ -147,6 +166,9 @@ def rules_check(
     )
     roster = settings.roster_file or (directory or settings.rules_dir) / ROSTER_FILE
     out.print(_roster_line(rules, roster), markup=False, soft_wrap=True)
+    variants = _variants_line(rules, TemplateStore(templates or settings.templates_dir))
+    if variants:
+        out.print(variants, markup=False, soft_wrap=True)
     out.print(engine_line(settings.engine), markup=False, soft_wrap=True)
 
 

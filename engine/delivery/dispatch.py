@@ -432,7 +432,13 @@ class Dispatcher:
             "message_id": message.id,
             **{k: v for k, v in message.context.items() if k not in ("event",)},
         }
-        rendered = self.templates.render(message.channel, message.template, context)
+        rendered = self.templates.render(
+            message.channel,
+            message.template,
+            context,
+            locale=customer.get("locale"),
+            currency=self.rules.policies.currency,
+        )
         if isinstance(rendered, RenderedEmail):
             headers: dict[str, str] = {}
             if message.kind == "marketing":

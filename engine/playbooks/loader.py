@@ -23,10 +23,17 @@ from datetime import time, timedelta
 from pathlib import Path
 from typing import Any
 
+from babel.numbers import list_currencies
 from pydantic import BaseModel, ValidationError
 
 from engine.delivery.sms_segments import segments
-from engine.delivery.templates import TemplateStore, sample_context
+from engine.delivery.templates import (
+    DEFAULT_LOCALE,
+    RenderedEmail,
+    RenderedSms,
+    TemplateStore,
+    sample_context,
+)
 from engine.errors import (
     ConditionSyntaxError,
     DurationError,
@@ -304,6 +311,7 @@ def load_catalog(
 
 
 _TOPIC_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_CURRENCIES = frozenset(list_currencies())
 
 
 ROSTER_FILE = "support_roster.yaml"
@@ -403,8 +411,17 @@ def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
             )
         elif per is not None:
             caps.append(FrequencyCap(cap.channel, cap.max, per))
+    if spec.currency not in _CURRENCIES:
+        hint = _did_you_mean(spec.currency.upper(), sorted(_CURRENCIES))
+        located.problems.append(
+            located.at(
+                ("currency",),
+                f"unknown currency {spec.currency!r}{hint}: write an ISO 4217 code like USD, "
+                "GBP or EUR",
+            )
+        )
     problems.extend(located.problems)
-    return Policies(send_window, tuple(caps), spec.brand.model_dump())
+    return Policies(send_window, tuple(caps), spec.brand.model_dump(), spec.currency)
 
 
 class _ConditionChecker:
@@ -642,27 +659,50 @@ def _check_send(
     context["event"] = {
         s.name.removeprefix(EVENT_PROPERTY_PREFIX): s.example for s in catalog.event_properties()
     }
-    try:
-        rendered = templates.render(send.channel, send.template, context)
-    except TemplateError as exc:
-        located.problems.append(_template_problem(located, (*where, "template"), templates, exc))
-        return None
-    if send.channel == "sms":
-        body = rendered.body  # type: ignore[union-attr]
-        if spec.sms_opt_out_hint:
-            body = f"{body} {spec.sms_opt_out_hint}"
-        counted = segments(body)
-        if counted.segments > spec.max_sms_segments:
-            located.problems.append(
-                located.at(
-                    (*where, "template"),
-                    f"SMS {send.template!r} is {counted.segments} segments ({counted.encoding}, "
-                    f"{counted.characters} characters with the opt-out hint) but the playbook allows "
-                    f"{spec.max_sms_segments}",
-                )
+    # The default, then every locale variant, as a customer of that locale would get it.
+    ok = True
+    for variant in [None, *templates.locales(send.channel, send.template)]:
+        context["customer"] = {**context["customer"], "locale": variant or DEFAULT_LOCALE}
+        try:
+            rendered = templates.render(
+                send.channel, send.template, context, currency=policies.currency, variant=variant
             )
-            return None
-    return Send(send.channel, send.template)
+        except TemplateError as exc:
+            located.problems.append(
+                _template_problem(located, (*where, "template"), templates, exc)
+            )
+            ok = False
+            continue
+        if send.channel == "sms" and not _sms_fits(located, where, send, spec, rendered, variant):
+            ok = False
+    return Send(send.channel, send.template) if ok else None
+
+
+def _sms_fits(
+    located: Located,
+    where: tuple[Any, ...],
+    send: SendSpec,
+    spec: PlaybookSpec,
+    rendered: RenderedEmail | RenderedSms,
+    variant: str | None,
+) -> bool:
+    assert isinstance(rendered, RenderedSms)
+    body = rendered.body
+    if spec.sms_opt_out_hint:
+        body = f"{body} {spec.sms_opt_out_hint}"
+    counted = segments(body)
+    if counted.segments <= spec.max_sms_segments:
+        return True
+    which = f"SMS {send.template!r}" + (f" ({variant} variant)" if variant else "")
+    located.problems.append(
+        located.at(
+            (*where, "template"),
+            f"{which} is {counted.segments} segments ({counted.encoding}, "
+            f"{counted.characters} characters with the opt-out hint) but the playbook allows "
+            f"{spec.max_sms_segments}",
+        )
+    )
+    return False
 
 
 def _template_problem(
@@ -824,6 +864,10 @@ def load_rules(
     policies = load_policies(directory, problems)
     roster, roster_located = load_roster(roster_path, problems)
     templates = TemplateStore(Path(templates_dir))
+    problems.extend(
+        SourceProblem(_display(templates.directory / path), line, 1, message)
+        for path, line, message in templates.variant_problems()
+    )
     playbooks: dict[str, Playbook] = {}
     seen: dict[str, str] = {}
     digest = hashlib.sha256()

@@ -45,6 +45,7 @@ class Policies:
     send_window: dict[str, SendWindow | None]  # per channel; None: any time
     frequency_caps: tuple[FrequencyCap, ...]
     brand: dict[str, str]
+    currency: str = "USD"  # every money fact is cents of it (templates: the money filter)
 
 
 @dataclass(frozen=True)

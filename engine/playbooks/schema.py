@@ -139,3 +139,4 @@ class PoliciesSpec(_Strict):
     quiet_hours: dict[str, str | None] | None = None  # the old name of send_window
     frequency_caps: list[CapSpec] = []
     brand: BrandSpec
+    currency: str = "USD"  # of every money fact (ISO 4217); the templates' money filter
