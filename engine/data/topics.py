@@ -70,7 +70,6 @@ def check_topics(topics: Mapping[str, Any], catalog: FactCatalog) -> list[str]:
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             known = ", ".join(declared) or "none"
             problems.append(
-                f"topics.{name}: not a topic declared in rules/catalog.yaml{hint}; "
-                f"topics: {known}"
+                f"topics.{name}: not a topic declared in rules/catalog.yaml{hint}; topics: {known}"
             )
     return problems
