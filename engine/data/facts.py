@@ -2,8 +2,8 @@
 
 One query reads the customer rows (with their event roll-ups and topic choices), one
 counts open complaint cases, one finds suppressed addresses; no query is ever made per
-customer. Facts are plain
-typed Python values (see engine.language.catalog); the durable_rules encoding happens later.
+customer. Facts are plain typed Python values (see engine.language.catalog); the
+durable_rules encoding happens later.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.cli import rules_check
+from tests.support.edits import edit, line_col
 from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 
@@ -18,19 +19,6 @@ def rules(tmp_path: Path) -> Path:
     target = tmp_path / "rules"
     shutil.copytree(FIXTURE_RULES, target)
     return target
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
-def line_col(path: Path, needle: str) -> tuple[int, int]:
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if needle in line:
-            return number, line.index(needle) + 1
-    raise AssertionError(needle)
 
 
 def test_the_old_quiet_hours_key_still_works_with_a_warning_and_exit_0(rules: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 from engine.errors import RulesInvalid
 from engine.playbooks.loader import load_rules
 from engine.playbooks.model import enter_rule, exit_rule, goal_rule, step_rule
+from tests.support.edits import edit, line_col
 from tests.support.paths import FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,19 +54,6 @@ def problems_of(directory: Path) -> list[str]:
     with pytest.raises(RulesInvalid) as caught:
         load_rules(directory, TEMPLATES)
     return [str(p) for p in caught.value.problems]
-
-
-def edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text()
-    assert old in text, f"{old!r} not in {path}"
-    path.write_text(text.replace(old, new, 1))
-
-
-def line_col(path: Path, needle: str) -> tuple[int, int]:
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if needle in line:
-            return number, line.index(needle) + 1
-    raise AssertionError(needle)
 
 
 def test_misspelled_fact_is_located_with_a_suggestion(rules_copy: Path) -> None:
