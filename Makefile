@@ -1,9 +1,15 @@
 # Everything a person runs. `make demo` and `make test` work on a fresh machine with only
-# Python 3.11 or 3.12, gcc and make (durable-rules compiles its C core on install).
+# Python 3.11 or later, gcc and make (durable-rules compiles its C core on install, on 3.11
+# and 3.12; on 3.13+ it does not build and the reference evaluator runs instead).
+#
+# PYTHON picks the interpreter (default: the first of 3.12, 3.11, 3.13, python3 that runs);
+# each minor version gets its own virtualenv, so `make test PYTHON=python3.13` never reuses
+# a 3.11 one: .venv for 3.11 and 3.12, .venv-3.13 (and so on) for the others.
 
-PYTHON ?= $(shell for p in python3.12 python3.11 python3; do \
-	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3,11) <= sys.version_info[:2] < (3,13))' 2>/dev/null; then command -v $$p; break; fi; done)
-VENV := .venv
+PYTHON ?= $(shell for p in python3.12 python3.11 python3.13 python3; do \
+	if command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(not (3,11) <= sys.version_info[:2])' 2>/dev/null; then command -v $$p; break; fi; done)
+PYVER := $(shell $(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+VENV ?= $(if $(filter 3.11 3.12,$(PYVER)),.venv,.venv-$(PYVER))
 BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
@@ -11,7 +17,7 @@ DEMO_DB := sqlite:///demo.db
 .PHONY: demo run test test-fast bench soak experiment lint clean venv browser
 
 $(BIN)/python:
-	@test -n "$(PYTHON)" || { echo "Python 3.11 or 3.12 is required (durable-rules does not build on 3.13)"; exit 1; }
+	@test -n "$(PYVER)" || { echo "Python 3.11 or later is required (PYTHON=$(PYTHON) does not run)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
@@ -27,7 +33,7 @@ demo: venv
 	$(LIFECYCLE) rules check
 	@echo "== 2. seeding 2,000 synthetic customers into demo.db"
 	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) seed --customers 2000 --now 2026-03-02T09:00:00
-	@echo "== 3. evaluating every customer against every playbook (durable_rules)"
+	@echo "== 3. evaluating every customer against every playbook (durable_rules; the reference evaluator on Python 3.13+)"
 	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --now 2026-03-02T09:00:00
 	@echo "== 4. thirty simulated days of journeys on a fake clock, on a copy of demo.db (console channel, files in outbox/)"
 	LIFECYCLE_DATABASE_URL=$(DEMO_DB) COLUMNS=120 $(LIFECYCLE) simulate --days 30 --start 2026-03-02T09:00:00 --customer seed-00000001 --activity synthetic --work-db demo-simulated.db --outbox outbox
@@ -70,4 +76,4 @@ lint: venv
 	$(BIN)/mypy engine channels scheduler.py
 
 clean:
-	rm -rf $(VENV) demo.db* demo-simulated.db* outbox bench-results .pytest_cache .hypothesis
+	rm -rf .venv .venv-3.* demo.db* demo-simulated.db* outbox bench-results .pytest_cache .hypothesis

@@ -7,8 +7,9 @@ run catches up everything (the tick functions work from the database's state, no
 how many ticks were missed). ``max_instances=1``: a slow tick is never overlapped by the
 next one of the same kind.
 
-Rule files are reloaded every ``RULES_RELOAD`` seconds; a broken change is reported and
-the last good rules stay in force. Housekeeping (engine.runners.housekeeping: old webhook
+Rule files are reloaded every ``LIFECYCLE_RULES_RELOAD_S`` seconds (30) through
+engine.runners.reloading: a good change is logged with its version, a broken one with its
+problems, and the last good rules stay in force. Housekeeping (engine.runners.housekeeping: old webhook
 receipts, sessions and sign-in attempts) runs every hour.
 """
 
@@ -26,8 +27,8 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from engine.bootstrap import App
-from engine.errors import RulesInvalid
 from engine.runners.housekeeping import housekeeping_tick
+from engine.runners.reloading import RulesReloader
 from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
 
 log = logging.getLogger("lifecycle.scheduler")
@@ -42,13 +43,19 @@ class Intervals:
     rules_reload: timedelta = timedelta(seconds=30)
     housekeeping: timedelta = timedelta(hours=1)
 
+    @classmethod
+    def of(cls, app: App) -> Intervals:
+        """The defaults, with the rules reload interval the settings ask for."""
+        return cls(rules_reload=timedelta(seconds=app.settings.rules_reload_s))
+
 
 class LifecycleScheduler:
     """Owns the APScheduler instance and the jobs; ``run_forever`` blocks until a signal."""
 
     def __init__(self, app: App, intervals: Intervals | None = None) -> None:
         self.app = app
-        self.intervals = intervals or Intervals()
+        self.intervals = intervals or Intervals.of(app)
+        self.reloader = RulesReloader(app, log)
         self.stopped = threading.Event()
         self.scheduler = BackgroundScheduler(
             executors={"default": ThreadPoolExecutor(max_workers=4)},
@@ -135,12 +142,7 @@ class LifecycleScheduler:
             )
 
     def reload_rules(self) -> None:
-        try:
-            rules = self.app.reload_rules()
-        except RulesInvalid as exc:
-            log.error("rule files have problems; keeping the last good rules:\n%s", exc)
-            return
-        log.debug("rules version %s", rules.version)
+        self.reloader.reload()
 
     def _on_error(self, event: JobExecutionEvent) -> None:
         # A failed tick is loud and leaves its work in SQL; the next tick catches up.

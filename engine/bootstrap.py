@@ -30,6 +30,7 @@ from engine.data.ingest import InputLimits
 from engine.data.scratch import scratch_copy
 from engine.delivery.templates import TemplateStore
 from engine.errors import ConfigurationError, StartupRefused
+from engine.evaluation.evaluators import durable_unavailable
 from engine.playbooks.loader import load_rules
 from engine.playbooks.model import RuleSet
 from engine.settings import DEFAULT_SECRET_KEY, Settings
@@ -55,6 +56,11 @@ class App:
         if self._rules is None:
             self._rules = self._load_rules()
         return self._rules
+
+    @property
+    def loaded_version(self) -> str | None:
+        """The version of the rules in force, or None before they are first loaded."""
+        return self._rules.version if self._rules is not None else None
 
     def reload_rules(self) -> RuleSet:
         """Load the rules again; on any problem the last good rules stay in force."""
@@ -149,7 +155,8 @@ def check_startup(settings: Settings, command: str) -> list[str]:
     - the published default secret key (current or previous), or a short one: anyone
       could sign unsubscribe links and opt customers out;
     - a real channel without its credentials.
-    With console channels only, the default key is a warning.
+    With console channels only, the default key is a warning; so is the reference
+    evaluator standing in for durable_rules where it is not installed (Python 3.13+).
     """
     problems = [*_channel_pairing_problems(settings), *credential_problems(settings)]
     real = _real_channels(settings)
@@ -158,12 +165,15 @@ def check_startup(settings: Settings, command: str) -> list[str]:
         problems.extend(_secret_key_problems(settings, real))
     if problems:
         raise StartupRefused(command, problems)
+    warnings = []
     if key == DEFAULT_SECRET_KEY:
-        return [
+        warnings.append(
             "LIFECYCLE_SECRET_KEY is the published default: fine with console channels, but "
             f"set it before configuring SendGrid or Twilio (make one with: {MAKE_A_KEY})"
-        ]
-    return []
+        )
+    if settings.engine == "durable" and (unavailable := durable_unavailable()) is not None:
+        warnings.append(unavailable)
+    return warnings
 
 
 def _real_channels(settings: Settings) -> list[str]:

@@ -7,6 +7,7 @@ the text to a person and act on the parts.
     ├── SourceProblem              (not raised: one located mistake, ``path:line:col: message``)
     ├── RulesInvalid               rule files or the fact catalog have mistakes (all of them)
     ├── ConditionError             a condition expression cannot be parsed or type-checked
+    │   └── ConditionSyntaxError   every syntax mistake of one condition
     ├── DurationError              "2x" is not a duration
     ├── RuleEngineError            durable_rules refused a ruleset or a fact (code translated)
     ├── FactValueError             a fact value that could compare wrongly in durable_rules
@@ -39,12 +40,14 @@ class LifecycleError(Exception):
 
 @dataclass(frozen=True, order=True)
 class SourceProblem:
-    """One mistake at a place in a file, printed the way compilers do (1-based line and column)."""
+    """One mistake at a place in a file, printed the way compilers do (1-based line and
+    column). A ``warning`` (a deprecated key) does not stop the rules from loading."""
 
     path: str
     line: int
     column: int
     message: str
+    warning: bool = False
 
     def __str__(self) -> str:
         # One line, always: editors and grep read it that way, and a key or value quoted
@@ -52,14 +55,19 @@ class SourceProblem:
         message = "".join(
             c if c.isprintable() else c.encode("unicode_escape").decode() for c in self.message
         )
-        return f"{self.path}:{self.line}:{self.column}: {message}"
+        label = "warning: " if self.warning else ""
+        return f"{self.path}:{self.line}:{self.column}: {label}{message}"
 
 
 class RulesInvalid(LifecycleError):
-    """Raised by the playbook loader with every problem it found, never only the first."""
+    """Raised by the playbook loader with every problem it found, never only the first
+    (and the warnings, which alone would not have stopped the rules)."""
 
-    def __init__(self, problems: list[SourceProblem]) -> None:
+    def __init__(
+        self, problems: list[SourceProblem], warnings: tuple[SourceProblem, ...] = ()
+    ) -> None:
         self.problems = sorted(problems)
+        self.warnings = tuple(sorted(warnings))
         count = len(self.problems)
         lines = "\n".join(str(p) for p in self.problems)
         super().__init__(f"{count} problem{'s' if count != 1 else ''} in the rules:\n{lines}")
@@ -73,6 +81,16 @@ class ConditionError(LifecycleError):
         self.offset = offset
         self.source = source
         super().__init__(f"{message} (at column {offset + 1} of {source!r})")
+
+
+class ConditionSyntaxError(ConditionError):
+    """Every syntax mistake of one condition (``errors``, by offset), raised by the
+    condition parser; its own message and offset are the first mistake's."""
+
+    def __init__(self, errors: list[ConditionError]) -> None:
+        self.errors = tuple(errors)
+        first = self.errors[0]
+        super().__init__(first.message, first.offset, first.source)
 
 
 class DurationError(LifecycleError):

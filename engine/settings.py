@@ -27,7 +27,11 @@ class Settings(BaseSettings):
     # Evaluation
     workers: int = Field(default=0, description="evaluation worker processes; 0 = one per core")
     batch_size: int = 2000
+    # durable: durable_rules where it is installed (Python 3.11, 3.12), else the reference
+    # evaluator, said at start (engine.evaluation.evaluators.durable_unavailable)
     engine: str = Field(default="durable", pattern="^(durable|reference)$")
+    # `run` and `serve` reload the rule files this often, keeping the last good rules
+    rules_reload_s: float = Field(default=30.0, gt=0, description="seconds between rule reloads")
 
     # Channels: console (the default, no credentials), sendgrid, twilio. None means "not
     # set", which acts as console; the start-up check tells it from an explicit console.

@@ -23,6 +23,7 @@ from engine.cli.common import (
     print_json,
     rules_of,
 )
+from engine.cli.rules import engine_line
 from engine.errors import LifecycleError
 from engine.evaluation.evaluators import make_evaluator
 from engine.evaluation.model import Summary
@@ -44,7 +45,13 @@ def evaluate(
         ),
     ] = False,
     json_output: Annotated[bool, typer.Option("--json")] = False,
-    engine: Annotated[str, typer.Option(help="durable or reference")] = "durable",
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="durable (the reference evaluator where durable_rules is not installed) "
+            "or reference"
+        ),
+    ] = "durable",
     workers: Annotated[
         int | None, typer.Option(help="Worker processes (0: in this process).")
     ] = None,
@@ -77,6 +84,8 @@ def evaluate(
     summary = result.summary
     elapsed = time.perf_counter() - started
     _print_summary(rules, summary, details, elapsed, json_output)
+    if not json_output:
+        out.print(engine_line(engine), markup=False, soft_wrap=True)
 
 
 def _detail(rules: RuleSet, evaluation: Any) -> dict[str, Any]:

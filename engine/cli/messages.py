@@ -165,9 +165,16 @@ def preview(
         "message_id": "preview",
     }
     try:
-        rendered = application.templates.render(channel, template, context)
+        rendered = application.templates.render(
+            channel, template, context, locale=row.locale, currency=rules.policies.currency
+        )
     except TemplateError as exc:
         raise fail(str(exc)) from exc
+    variant = f"the {rendered.variant} variant" if rendered.variant else "the default"
+    out.print(
+        f"Template: {channel}/{template}, {variant} (customer locale {row.locale})",
+        markup=False,
+    )
     if isinstance(rendered, RenderedEmail):
         out.print(
             f"To: {row.email}\nSubject: {rendered.subject}\n\n{rendered.text}\n\n--- HTML ---\n{rendered.html}",

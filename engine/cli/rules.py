@@ -20,6 +20,7 @@ from engine.cli.common import (
 )
 from engine.data.db import existing_database
 from engine.data.uow import reading
+from engine.delivery.templates import TemplateStore
 from engine.errors import LifecycleError, RulesInvalid
 from engine.playbooks.loader import RESERVED_FILES, ROSTER_FILE, load_rules
 from engine.playbooks.model import RuleSet
@@ -65,12 +66,53 @@ def init() -> None:
     rules = rules_of(application)
     settings = application.settings
     out.print(f"database ready: {settings.database_url}")
-    out.print(f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}")
+    for warning in rules.warnings:
+        out.print(str(warning), markup=False, soft_wrap=True)
+    out.print(
+        f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}"
+        f"{_warning_count(rules.warnings)}"
+    )
     out.print(
         _roster_line(rules, settings.roster_file or settings.rules_dir / ROSTER_FILE),
         markup=False,
         soft_wrap=True,
     )
+    out.print(engine_line(settings.engine), markup=False, soft_wrap=True)
+
+
+def _variants_line(rules: RuleSet, templates: TemplateStore) -> str | None:
+    """The locale variants of the templates the playbooks send (each rendered by the check)."""
+    used = sorted(
+        {
+            (step.send.channel, step.send.template)
+            for playbook in rules.playbooks.values()
+            for step in playbook.steps
+            if step.send is not None
+        }
+    )
+    found = [
+        f"{channel}/{name} ({', '.join(locales)})"
+        for channel, name in used
+        if (locales := templates.locales(channel, name))
+    ]
+    return f"locale variants: {'; '.join(found)}" if found else None
+
+
+def _warning_count(warnings: tuple[object, ...]) -> str:
+    count = len(warnings)
+    return f", {count} warning{'s' if count != 1 else ''}" if count else ""
+
+
+def engine_line(engine: str) -> str:
+    """Which evaluator the engine setting means on this Python, said plainly."""
+    from engine.evaluation.evaluators import durable_unavailable
+
+    unavailable = durable_unavailable() if engine == "durable" else None
+    if unavailable is not None:
+        return f"evaluation: {unavailable}"
+    if engine == "durable":
+        return "evaluation: durable_rules"
+    return "evaluation: the reference evaluator (LIFECYCLE_ENGINE=reference)"
 
 
 def _roster_line(rules: RuleSet, path: Path) -> str:
@@ -101,7 +143,8 @@ def rules_check(
     """Validate every rule file; print each problem as path:line:col and exit 1 if any.
 
     Given the database (LIFECYCLE_DATABASE_URL, when it exists), it also warns of the
-    active journeys whose playbook or next step the rules no longer have.
+    active journeys whose playbook or next step the rules no longer have. Warnings
+    (path:line:col: warning: ..., like a deprecated key) are printed too and alone exit 0.
 
     The support roster is LIFECYCLE_ROSTER_FILE, or support_roster.yaml in the rules
     directory; a playbook that escalates with no support lead to notify is a problem.
@@ -114,19 +157,29 @@ def rules_check(
             roster_file=settings.roster_file,
         )
     except RulesInvalid as exc:
-        for problem in exc.problems:
+        for problem in sorted([*exc.problems, *exc.warnings]):
             out.print(str(problem), markup=False, soft_wrap=True)
         count = len(exc.problems)
-        err.print(f"{count} problem{'s' if count != 1 else ''} found", markup=False)
+        err.print(
+            f"{count} problem{'s' if count != 1 else ''} found{_warning_count(exc.warnings)}",
+            markup=False,
+        )
         raise typer.Exit(1) from exc
+    for warning in rules.warnings:
+        out.print(str(warning), markup=False, soft_wrap=True)
     out.print(
         f"{len(rules.playbooks)} playbooks ok ({', '.join(sorted(rules.playbooks))}); "
-        f"{len(rules.catalog.facts)} facts; rules version {rules.version}",
+        f"{len(rules.catalog.facts)} facts; rules version {rules.version}"
+        f"{_warning_count(rules.warnings)}",
         markup=False,
         soft_wrap=True,
     )
     roster = settings.roster_file or (directory or settings.rules_dir) / ROSTER_FILE
     out.print(_roster_line(rules, roster), markup=False, soft_wrap=True)
+    variants = _variants_line(rules, TemplateStore(templates or settings.templates_dir))
+    if variants:
+        out.print(variants, markup=False, soft_wrap=True)
+    out.print(engine_line(settings.engine), markup=False, soft_wrap=True)
     if database:
         _warn_of_stranded_journeys(settings.database_url, rules)
 

@@ -274,7 +274,8 @@ def serve(
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
-    """Serve the ingest API, the provider webhooks and the support console."""
+    """Serve the ingest API, the provider webhooks and the support console; the rule files
+    are reloaded every LIFECYCLE_RULES_RELOAD_S seconds (the last good rules stay)."""
     import logging
 
     import uvicorn
@@ -283,4 +284,10 @@ def serve(
 
     application = start_app("serve", log_level=logging.INFO)
     rules_of(application)
-    uvicorn.run(create_app(application), host=host, port=port, log_level="info")
+    every = application.settings.rules_reload_s
+    uvicorn.run(
+        create_app(application, reload_rules_every=every),
+        host=host,
+        port=port,
+        log_level="info",
+    )

@@ -1,8 +1,9 @@
 """The facts builder: typed facts for a batch of customers, in three SQL queries a batch.
 
-One query reads the customer rows (with their event roll-ups), one counts open complaint
-cases, one finds suppressed addresses; no query is ever made per customer. Facts are plain
-typed Python values (see engine.language.catalog); the durable_rules encoding happens later.
+One query reads the customer rows (with their event roll-ups and topic choices), one
+counts open complaint cases, one finds suppressed addresses; no query is ever made per
+customer. Facts are plain typed Python values (see engine.language.catalog); the
+durable_rules encoding happens later.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from sqlmodel import Session, col
 
 from engine.clock import epoch_days, whole_days_between
 from engine.data.models import Customer, Escalation, EscalationStatus, Event, Suppression
+from engine.data.topics import topic_facts
 from engine.evaluation.model import Subject
-from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
+from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType, Topic
 from engine.language.conditions import MAX_INT
 
 CUSTOMER_COLUMNS = (
@@ -39,6 +41,7 @@ CUSTOMER_COLUMNS = (
     col(Customer.last_order_at),
     col(Customer.last_activity_at),
     col(Customer.nps_score),
+    col(Customer.topics),  # the preference centre (engine.data.topics)
 )
 
 
@@ -65,6 +68,7 @@ CUSTOMER_FIELDS = (
     "last_order_at",
     "last_activity_at",
     "nps_score",
+    "topics",
 )
 # The row, and what the facts need of other tables, in one query: each subquery is one
 # index lookup (suppressions by address, escalations by customer).
@@ -97,6 +101,7 @@ class CustomerRow(NamedTuple):
     last_order_at: datetime | None
     last_activity_at: datetime | None
     nps_score: int | None
+    topics: dict[str, Any]
     email_suppressed: bool = False
     phone_suppressed: bool = False
     open_complaints: int = 0
@@ -114,11 +119,15 @@ def _instant(value: Any) -> datetime | None:
     return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
+def _json(value: Any) -> Any:
+    # SQLite hands back JSON columns as text through text(); PostgreSQL as values.
+    return json.loads(value) if isinstance(value, str) else value
+
+
 def _decoded(v: Sequence[Any]) -> CustomerRow:
     """A driver row (CUSTOMER_FIELDS, then the suppression flags and the open cases) as
     the typed columns would give it; written out field by field, since a sweep does it
     a million times."""
-    attributes = v[8]
     return CustomerRow(
         v[0],
         v[1],
@@ -128,16 +137,17 @@ def _decoded(v: Sequence[Any]) -> CustomerRow:
         v[5],
         bool(v[6]),
         bool(v[7]),
-        json.loads(attributes) if isinstance(attributes, str) else attributes,
+        _json(v[8]),
         _instant(v[9]),  # type: ignore[arg-type]  # never NULL
         v[10],
         v[11],
         _instant(v[12]),
         _instant(v[13]),
         v[14],
-        bool(v[15]),
+        _json(v[15]),
         bool(v[16]),
-        v[17],
+        bool(v[17]),
+        v[18],
     )
 
 
@@ -262,6 +272,7 @@ class _FactShape:
 
     attributes: tuple[tuple[str, FactType], ...]
     properties: tuple[tuple[str, str, FactType], ...]  # (fact name, property, type)
+    topics: tuple[Topic, ...]
 
     @classmethod
     def of(cls, catalog: FactCatalog) -> _FactShape:
@@ -271,6 +282,7 @@ class _FactShape:
                 (s.name, s.name.removeprefix(EVENT_PROPERTY_PREFIX), s.type)
                 for s in catalog.event_properties()
             ),
+            tuple(catalog.topics.values()),
         )
 
     def row_facts(self, row: CustomerRow, now: datetime, event: Event | None) -> dict[str, Any]:
@@ -314,6 +326,8 @@ class _FactShape:
         attributes = row.attributes or {}
         for name, kind in self.attributes:
             facts[name] = attribute_value(attributes.get(name), kind)
+        if self.topics:
+            facts.update(topic_facts(row.topics, self.topics))
         if event is None:
             for name, _, _ in self.properties:
                 facts[name] = None

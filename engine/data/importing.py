@@ -4,7 +4,8 @@ The format is chosen by the extension:
 
 ``.csv``    a header line, then one row per customer or event. Customers have the columns
             ``id,email,phone,first_name,timezone,locale,email_opt_in,sms_opt_in,signed_up_at``
-            plus ``attr.<name>`` for attributes; events have ``id,customer_id,type,occurred_at``
+            plus ``attr.<name>`` for attributes and ``topic.<name>`` for subscription topics
+            (true/false: the customer's choice); events have ``id,customer_id,type,occurred_at``
             plus ``prop.<name>`` for properties. Only ``id`` (and for events ``customer_id``,
             ``type`` and ``occurred_at``) must be there. Attribute and property cells are typed
             by rules/catalog.yaml: bool is true/false, yes/no or 1/0; int a whole number; money
@@ -57,6 +58,7 @@ from engine.data.ingest import (
     validation_reason,
 )
 from engine.data.models import Customer
+from engine.data.topics import check_topics
 from engine.data.uow import unit_of_work
 from engine.errors import EventConflict, ImportRowError, LifecycleError
 from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
@@ -76,6 +78,7 @@ CUSTOMER_COLUMNS = (
 EVENT_COLUMNS = ("id", "customer_id", "type", "occurred_at")
 ATTRIBUTE_PREFIX = "attr."
 PROPERTY_PREFIX = "prop."
+TOPIC_COLUMN_PREFIX = "topic."
 FORMATS = (".csv", ".jsonl")
 
 Progress = Callable[[int, int], None]
@@ -188,7 +191,7 @@ class _Row:
 @dataclass(frozen=True)
 class _Column:
     name: str  # as written in the header
-    target: str  # "field", "attribute" or "property"
+    target: str  # "field", "attribute", "property" or "topic"
     key: str  # the field, attribute or property name
     type: FactType | None = None  # for attributes and properties the catalog declares
 
@@ -268,12 +271,18 @@ def _csv_layout(
             problems.append(f"column {name!r} appears more than once")
         elif name in kind.columns:
             columns.append(_Column(name, "field", name))
+        elif kind.name == "customers" and name.startswith(TOPIC_COLUMN_PREFIX):
+            # a topic choice is true/false; an undeclared topic is refused row by row
+            key = name.removeprefix(TOPIC_COLUMN_PREFIX)
+            columns.append(_Column(name, "topic", key, FactType.BOOL))
         elif name.startswith(prefix):
             key = name.removeprefix(prefix)
             spec = catalog.get(key if target == "attribute" else EVENT_PROPERTY_PREFIX + key)
             columns.append(_Column(name, target, key, spec.type if spec else None))
         else:
             known = [*kind.columns, *(prefix + d for d in declared)]
+            if kind.name == "customers":
+                known += [TOPIC_COLUMN_PREFIX + topic for topic in catalog.topics]
             hint = difflib.get_close_matches(name, known, n=1)
             suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
             problems.append(
@@ -408,7 +417,7 @@ def _row_start(lines: _Lines) -> int | None:
 
 def _csv_record(layout: list[_Column], cells: list[str]) -> tuple[dict[str, Any], list[str]]:
     data: dict[str, Any] = {}
-    nested: dict[str, dict[str, Any]] = {"attribute": {}, "property": {}}
+    nested: dict[str, dict[str, Any]] = {"attribute": {}, "property": {}, "topic": {}}
     problems: list[str] = []
     for column, cell in zip(layout, cells, strict=True):
         text = cell.strip()
@@ -420,12 +429,14 @@ def _csv_record(layout: list[_Column], cells: list[str]) -> tuple[dict[str, Any]
         try:
             nested[column.target][column.key] = _typed_cell(text, column.type)
         except ValueError as exc:
-            where = "attributes" if column.target == "attribute" else "properties"
+            where = {"attribute": "attributes", "topic": "topics"}.get(column.target, "properties")
             problems.append(f"{where}.{column.key}: {exc}")
     if nested["attribute"]:
         data["attributes"] = nested["attribute"]
     if nested["property"]:
         data["properties"] = nested["property"]
+    if nested["topic"]:
+        data["topics"] = nested["topic"]
     return data, problems
 
 
@@ -470,7 +481,10 @@ class _Kind(Generic[Model]):
 
 
 def _check_customer(customer: CustomerIn, catalog: FactCatalog, limits: InputLimits) -> list[str]:
-    return check_attributes(customer.attributes, catalog, limits)
+    return [
+        *check_attributes(customer.attributes, catalog, limits),
+        *check_topics(customer.topics, catalog),
+    ]
 
 
 def _store_customers(
@@ -482,7 +496,7 @@ def _store_customers(
     drafts: dict[str, Any] = {}  # new customers, inserted with one executemany
     for item in batch:
         existing = known.get(item.id)
-        customer, changed = apply_customer(existing, item, now, new=customer_draft)
+        customer, changed = apply_customer(existing, item, now, new=customer_draft, via="import")
         if existing is None:
             drafts[item.id] = known[item.id] = customer
             report.created += 1

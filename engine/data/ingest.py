@@ -18,6 +18,7 @@ them together (``LIFECYCLE_MAX_PROPERTY_BYTES`` and friends, see engine.settings
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -30,12 +31,13 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 from sqlalchemy import bindparam, insert, select, update
 from sqlmodel import Session
 
 from engine.clock import as_utc
 from engine.data.models import Customer, Event
+from engine.data.topics import set_topic
 from engine.errors import EventConflict, FactValueError
 from engine.language.catalog import FactCatalog, FactSource, FactType
 from engine.language.conditions import canonical_value
@@ -59,6 +61,9 @@ class CustomerIn(BaseModel):
     sms_opt_in: bool = False
     signed_up_at: datetime | None = None
     attributes: dict[str, Any] = {}
+    # Subscription topics the customer chose: {"offers": false, "newsletter": true}; topics
+    # left out keep what is stored (engine.data.topics)
+    topics: dict[str, StrictBool] = {}
 
     @field_validator("id", "email", "phone", "first_name", "timezone", "locale", mode="before")
     @classmethod
@@ -277,7 +282,9 @@ def check_event_properties(
     event: EventIn, catalog: FactCatalog, limits: InputLimits | None = None
 ) -> list[str]:
     if event.type not in catalog.event_types:
-        return [f"type: unknown event type {event.type!r}; declare it in rules/catalog.yaml"]
+        close = difflib.get_close_matches(event.type, sorted(catalog.event_types), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return [f"type: unknown event type {event.type!r}{hint}; declare it in rules/catalog.yaml"]
     oversized = check_sizes(event.properties, "properties", limits or InputLimits())
     if oversized:
         return [f"{where}: {why}" for where, why in oversized.items()]
@@ -342,6 +349,7 @@ def apply_customer(
     now: datetime,
     *,
     new: Callable[..., Customer] = Customer,
+    via: str = "api",
 ) -> tuple[Customer, bool]:
     """Fold ``data`` into ``customer`` (a new one when None); says whether anything changed.
 
@@ -349,7 +357,8 @@ def apply_customer(
     import file never erases what is stored (consent above all), and attributes are merged
     key by key. When nothing differs, the row is left untouched: no stamp moves, so
     importing the same file twice changes nothing. ``new`` makes the new customer: the
-    importer passes ``customer_draft`` to insert new customers in bulk.
+    importer passes ``customer_draft`` to insert new customers in bulk. Topic choices are
+    recorded topic by topic, stamped with ``now`` and ``via`` (where they came from).
     """
     given = data.model_fields_set
     if customer is None:
@@ -375,6 +384,8 @@ def apply_customer(
         changed = set_email_consent(customer, data.email_opt_in, now) or changed
     if "sms_opt_in" in given:
         changed = set_sms_consent(customer, data.sms_opt_in, now) or changed
+    for topic, opted_in in data.topics.items():
+        changed = set_topic(customer, topic, opted_in, now, via) or changed
     merged = {**(customer.attributes or {}), **data.attributes}
     if merged != customer.attributes:
         customer.attributes = merged

@@ -56,6 +56,12 @@ class Customer(SQLModel, table=True):
     sms_opt_in_at: datetime | None = None
     sms_opt_out_at: datetime | None = None  # STOP received
     attributes: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    # The preference centre: the customer's own choices of subscription topics (declared in
+    # rules/catalog.yaml), {"offers": {"opted_in": false, "at": "<ISO time>", "via": "..."}};
+    # a topic not listed takes its default (engine.data.topics).
+    topics: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSON, nullable=False, server_default="{}")
+    )
     signed_up_at: datetime
     # Roll-ups of ingested events, maintained by engine.data.ingest in the event's transaction.
     orders_count: int = 0

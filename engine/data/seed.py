@@ -456,6 +456,7 @@ def generate_customer(number: int, now: datetime, *, seed: int = 7) -> SeededCus
         "sms_opt_in_at": _between(rng, signed_up, last) if sms_opt_in else None,
         "sms_opt_out_at": None,
         "attributes": attributes,
+        "topics": {},  # no topic choices: every topic takes its default
         "signed_up_at": signed_up,
         "orders_count": rollups.orders_count,
         "total_spend_cents": rollups.total_spend_cents,

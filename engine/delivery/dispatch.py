@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from itsdangerous import URLSafeSerializer
 from sqlalchemy import CursorResult, Engine, select, update
@@ -102,19 +102,34 @@ class DispatchReport:
         return sum(self.sent.values())
 
 
-def unsubscribe_token(secret_key: str, customer_id: str, channel: str, message_id: str) -> str:
+class UnsubscribeLink(NamedTuple):
+    """What a signed unsubscribe link says: whose, which channel, which message, and the
+    message's subscription topic (None: a message without one, or a link signed before
+    topics existed)."""
+
+    customer_id: str
+    channel: str
+    message_id: str
+    topic: str | None = None
+
+
+def unsubscribe_token(
+    secret_key: str, customer_id: str, channel: str, message_id: str, topic: str | None = None
+) -> str:
+    fields = [customer_id, channel, message_id]
     return URLSafeSerializer(secret_key, salt=SERIALIZER_SALT).dumps(
-        [customer_id, channel, message_id]
+        [*fields, topic] if topic else fields
     )
 
 
-def read_unsubscribe_token(secret_keys: str | Sequence[str], token: str) -> tuple[str, str, str]:
+def read_unsubscribe_token(secret_keys: str | Sequence[str], token: str) -> UnsubscribeLink:
     """Raises itsdangerous.BadSignature for a forged or damaged token. ``secret_keys`` may be
     a list, oldest first: a token signed with any of them verifies (key rotation)."""
     keys = [secret_keys] if isinstance(secret_keys, str) else list(secret_keys)
     serializer = URLSafeSerializer(keys, salt=SERIALIZER_SALT)
-    customer_id, channel, message_id = serializer.loads(token)
-    return str(customer_id), str(channel), str(message_id)
+    customer_id, channel, message_id, *rest = serializer.loads(token)
+    topic = str(rest[0]) if rest and rest[0] else None
+    return UnsubscribeLink(str(customer_id), str(channel), str(message_id), topic)
 
 
 def backoff(attempts: int, config: DispatchConfig, rng: random.Random) -> timedelta:
@@ -352,7 +367,13 @@ class Dispatcher:
                     open_complaints=complaints.get(row.id, 0),
                     suppressed=suppressed,
                 )
-                proposal = Proposal(message.channel, message.kind == "marketing", message.priority)
+                playbook = self.rules.playbooks.get(message.playbook or "")
+                proposal = Proposal(
+                    message.channel,
+                    message.kind == "marketing",
+                    message.priority,
+                    topic=playbook.topic if playbook is not None else None,
+                )
                 refused = consent(proposal, facts)
                 if refused is not None:
                     self._finish(
@@ -395,8 +416,11 @@ class Dispatcher:
     def _render(
         self, message: Message, customer: dict[str, Any], facts: dict[str, Any]
     ) -> Email | Sms:
+        playbook = self.rules.playbooks.get(message.playbook or "")
+        # The link names the message's topic: the page offers to leave only that topic.
+        topic = playbook.topic if playbook is not None and message.kind == "marketing" else None
         token = unsubscribe_token(
-            self.config.secret_key, message.customer_id or "", message.channel, message.id
+            self.config.secret_key, message.customer_id or "", message.channel, message.id, topic
         )
         unsubscribe_url = f"{self.config.public_base_url}/u/{token}"
         context = {
@@ -408,7 +432,13 @@ class Dispatcher:
             "message_id": message.id,
             **{k: v for k, v in message.context.items() if k not in ("event",)},
         }
-        rendered = self.templates.render(message.channel, message.template, context)
+        rendered = self.templates.render(
+            message.channel,
+            message.template,
+            context,
+            locale=customer.get("locale"),
+            currency=self.rules.policies.currency,
+        )
         if isinstance(rendered, RenderedEmail):
             headers: dict[str, str] = {}
             if message.kind == "marketing":
@@ -427,7 +457,6 @@ class Dispatcher:
             )
         assert isinstance(rendered, RenderedSms)
         body = rendered.body
-        playbook = self.rules.playbooks.get(message.playbook or "")
         if message.kind == "marketing" and playbook is not None and playbook.sms_opt_out_hint:
             body = f"{body} {playbook.sms_opt_out_hint}"
         return Sms(message_id=message.id, to=message.to_address, body=body)

@@ -10,6 +10,12 @@ events.
 ``ReferenceEvaluator`` answers the same question with ``engine.language.conditions.evaluate``;
 the differential tests hold the two to the same answers, and it is the fallback engine.
 
+durable-rules 2.0.28 (its last release) does not build on Python 3.13 and later, so it is
+installed only below 3.13 (pyproject's environment marker). Where it is missing, the
+engine name "durable" means the reference evaluator: ``make_evaluator`` builds that one,
+the evaluator's ``engine`` says so, and ``durable_unavailable()`` is the sentence that
+``lifecycle init``, ``rules check``, ``evaluate`` and the commands that serve or send print.
+
 ``engine.evaluation.workers`` runs either over batches in worker processes.
 
 Before rules reach durable_rules, ``RuleBundle.partitions`` checks them against the limits
@@ -26,11 +32,15 @@ import itertools
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 
-import durable_rules_engine
+try:
+    import durable_rules_engine
+except ImportError:  # Python 3.13+: durable-rules is not installed there (see the docstring)
+    durable_rules_engine = None
 
 from engine.errors import RuleEngineError
 from engine.language.catalog import FactType
@@ -55,10 +65,27 @@ __all__ = [
     "ReferenceEvaluator",
     "RuleBundle",
     "create_ruleset",
+    "durable_unavailable",
     "make_evaluator",
 ]
 
 ENGINES = ("durable", "reference")
+DURABLE_AVAILABLE = durable_rules_engine is not None
+
+
+def durable_unavailable() -> str | None:
+    """Why the engine "durable" is the reference evaluator on this Python, or None when
+    durable_rules is installed."""
+    if DURABLE_AVAILABLE:
+        return None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return (
+        f"durable_rules is not available on Python {version} (durable-rules 2.0.28 does not "
+        "build there), so the reference evaluator is used: engine.language.conditions, the "
+        "same semantics, held to durable_rules by differential tests"
+    )
+
+
 Row = tuple[str, Mapping[str, object]]
 Result = tuple[str, frozenset[str]]
 
@@ -329,6 +356,8 @@ class DurableEvaluator:
     engine = "durable"
 
     def __init__(self, conditions: Mapping[str, Condition]) -> None:
+        if durable_rules_engine is None:
+            raise RuleEngineError("start durable_rules", None, str(durable_unavailable()))
         self.bundle = RuleBundle.build(conditions)
         self.partitions = self.bundle.partitions()
         self._always = self.bundle.always
@@ -509,7 +538,12 @@ Evaluator = DurableEvaluator | ReferenceEvaluator
 
 
 def make_evaluator(conditions: Mapping[str, Condition], engine: str = "durable") -> Evaluator:
+    """The evaluator named ``engine``; "durable" is the reference evaluator where
+    durable_rules is not installed (``durable_unavailable`` says why; the evaluator's
+    ``engine`` says which one it is)."""
     if engine == "durable":
+        if not DURABLE_AVAILABLE:
+            return ReferenceEvaluator(conditions)
         return DurableEvaluator(conditions)
     if engine == "reference":
         return ReferenceEvaluator(conditions)

@@ -806,7 +806,10 @@ class _CustomerPlanner:
         assert step.send is not None
         channel = step.send.channel
         proposal = Proposal(
-            channel=channel, marketing=playbook.marketing, priority=playbook.priority
+            channel=channel,
+            marketing=playbook.marketing,
+            priority=playbook.priority,
+            topic=playbook.topic,
         )
         refused = consent(proposal, facts)
         if isinstance(refused, Skip):
@@ -835,7 +838,7 @@ class _CustomerPlanner:
             return "held"
         send_at = self.now
         quiet = quiet_hours(
-            self.now, self.rules.quiet_hours(playbook, channel), str(facts.get("timezone") or "UTC")
+            self.now, self.rules.send_window(playbook, channel), str(facts.get("timezone") or "UTC")
         )
         if quiet is not None:
             send_at = quiet.until
@@ -937,6 +940,8 @@ class _CustomerPlanner:
     ) -> None:
         escalate = step.escalate
         assert escalate is not None
+        # The playbook may choose the priority by a fact (the complaint's severity).
+        priority, chosen_by = escalate.priority_for(facts)
         reason = str(facts.get("event.reason") or f"{playbook.id} step {step.id}")[:500]
         self.tally.append(("escalated", playbook.id, ""))
         if self.case is not None:
@@ -945,8 +950,8 @@ class _CustomerPlanner:
                 CaseNote(case.ref, playbook.id, "joined", f"repeat complaint: {reason}")
             )
             current = case.raised_to or case.priority
-            if PRIORITY_ORDER.get(escalate.priority, 9) < PRIORITY_ORDER.get(current, 9):
-                case.raised_to = escalate.priority
+            if PRIORITY_ORDER.get(priority, 9) < PRIORITY_ORDER.get(current, 9):
+                case.raised_to = priority
             label = f"case {case.ref}" if isinstance(case.ref, int) else "the case opened now"
             note = f"joined {label} (repeat complaint)"
             self._decide(working, step.id, "escalated", note, facts)
@@ -959,16 +964,17 @@ class _CustomerPlanner:
             customer_id=self.customer_id,
             reason=reason,
             trigger_event_id=working.trigger_event_id,
-            priority=escalate.priority,
+            priority=priority,
             queue=escalate.queue,
             sla_due_at=sla_due_at,
             notified_tier=lead.tier if lead is not None else 0,
         )
-        self.case = _Case(key, escalate.priority, opened=opened)
+        self.case = _Case(key, priority, opened=opened)
         self.effects.append(CaseNote(key, playbook.id, "opened", reason))
         self.effects.append(TouchCustomer(self.customer_id))
+        why = f" as {chosen_by}" if chosen_by else ""
         note = (
-            f"case opened ({escalate.priority}, queue {escalate.queue}); "
+            f"case opened ({priority}{why}, queue {escalate.queue}); "
             f"SLA {sla_due_at:%Y-%m-%d %H:%M} UTC"
         )
         if lead is None:

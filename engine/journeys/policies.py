@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from engine.language.catalog import TOPIC_PREFIX
 from engine.language.durations import format_duration
-from engine.playbooks.model import FrequencyCap, QuietHours
+from engine.playbooks.model import FrequencyCap, SendWindow
 
 
 @dataclass(frozen=True)
@@ -42,22 +43,33 @@ class Proposal:
     channel: str  # email | sms
     marketing: bool
     priority: int
+    topic: str | None = None  # the playbook's subscription topic (marketing only)
 
 
 def consent(proposal: Proposal, facts: Mapping[str, object]) -> Skip | None:
     """Email needs an unrevoked opt-in (for marketing) and an unsuppressed address; SMS
-    needs an explicit opt-in with no STOP since, and an unsuppressed number."""
+    needs an explicit opt-in with no STOP since, and an unsuppressed number. Marketing of
+    a topic needs the topic too (``topic.<name>``: opted in, or never opted out of a topic
+    that is opted in by default); transactional messages ignore topics."""
     if proposal.channel == "email":
         if not facts.get("has_email"):
             return Skip("no email address, or the address is suppressed")
         if proposal.marketing and not facts.get("email_opt_in"):
             return Skip("no email marketing consent")
-        return None
+        return _topic(proposal, facts)
     if not facts.get("has_phone"):
         return Skip("no phone number, or the number is suppressed")
     if not facts.get("sms_opt_in"):
         return Skip("no SMS consent (never opted in, or sent STOP)")
-    return None
+    return _topic(proposal, facts)
+
+
+def _topic(proposal: Proposal, facts: Mapping[str, object]) -> Skip | None:
+    if not proposal.marketing or proposal.topic is None:
+        return None
+    if facts.get(TOPIC_PREFIX + proposal.topic) is True:
+        return None
+    return Skip(f"not subscribed to the {proposal.topic} topic (opted out, or never opted in)")
 
 
 def complaint_pause(proposal: Proposal, facts: Mapping[str, object], now: datetime) -> Defer | None:
@@ -68,7 +80,7 @@ def complaint_pause(proposal: Proposal, facts: Mapping[str, object], now: dateti
     return None
 
 
-def next_allowed(moment: datetime, window: QuietHours, timezone: str) -> datetime:
+def next_allowed(moment: datetime, window: SendWindow, timezone: str) -> datetime:
     """The first minute at or after ``moment`` inside the sending window, in local time.
 
     Works on wall-clock minutes in the customer's zone, so a window start that a
@@ -89,7 +101,7 @@ def next_allowed(moment: datetime, window: QuietHours, timezone: str) -> datetim
     return resolved.astimezone(moment.tzinfo)
 
 
-def _inside(clock: object, window: QuietHours) -> bool:
+def _inside(clock: object, window: SendWindow) -> bool:
     start, end = window.start, window.end
     if start < end:
         return start <= clock < end  # type: ignore[operator]
@@ -109,7 +121,8 @@ def _resolve_wall_time(wall: datetime, zone: ZoneInfo) -> datetime:
     return probe.astimezone(zone)
 
 
-def quiet_hours(at: datetime, window: QuietHours | None, timezone: str) -> Defer | None:
+def quiet_hours(at: datetime, window: SendWindow | None, timezone: str) -> Defer | None:
+    """Outside its sending window (quiet hours), a message waits for the window to open."""
     if window is None:
         return None
     allowed = next_allowed(at, window, timezone)
@@ -118,7 +131,8 @@ def quiet_hours(at: datetime, window: QuietHours | None, timezone: str) -> Defer
     local = allowed.astimezone(ZoneInfo(timezone))
     return Defer(
         allowed,
-        f"quiet hours: {window} local time in {timezone}; deferred to {local:%Y-%m-%d %H:%M %Z}",
+        f"quiet hours: the sending window is {window} local time in {timezone}; "
+        f"deferred to {local:%Y-%m-%d %H:%M %Z}",
     )
 
 

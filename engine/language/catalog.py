@@ -1,7 +1,10 @@
 """The fact catalog: every name a condition may use, with its type and meaning.
 
 Built-in facts are computed from customers, orders and events by ``engine.data.facts``; the
-marketing team adds customer attributes and event properties in ``rules/catalog.yaml``.
+marketing team adds customer attributes, event properties and subscription topics in
+``rules/catalog.yaml``. A topic (newsletter, offers...) is a true/false fact
+``topic.<name>``: whether the customer gets messages of that topic (their own choice, else
+the topic's default; see ``Topic``).
 Values are always typed and encoded so that durable_rules never compares across types:
 booleans are strict ``bool``, money is integer cents, dates are whole days since the Unix
 epoch, and text is ``str``. A missing value (``None``) makes every comparison with it false.
@@ -10,7 +13,7 @@ epoch, and text is ``str``. A missing value (``None``) makes every comparison wi
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 
@@ -28,6 +31,7 @@ class FactSource(StrEnum):
     BUILTIN = "builtin"
     ATTRIBUTE = "attribute"  # customers.attributes, declared in rules/catalog.yaml
     EVENT = "event"  # the triggering event's properties, declared in rules/catalog.yaml
+    TOPIC = "topic"  # topic.<name>: gets messages of that subscription topic
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,22 @@ BUILTIN_FACTS: tuple[FactSpec, ...] = (
 )
 
 EVENT_PROPERTY_PREFIX = "event."
+TOPIC_PREFIX = "topic."
+
+
+@dataclass(frozen=True)
+class Topic:
+    """A subscription topic of the preference centre. A customer who never chose gets its
+    messages when ``opted_in_by_default`` (channel consent still applies), and only after
+    opting in otherwise. ``description`` is shown to customers (the unsubscribe page)."""
+
+    name: str
+    description: str
+    opted_in_by_default: bool = True
+
+    @property
+    def fact(self) -> str:
+        return TOPIC_PREFIX + self.name
 
 
 @dataclass(frozen=True)
@@ -122,13 +142,30 @@ class FactCatalog:
 
     facts: Mapping[str, FactSpec]
     event_types: frozenset[str]
+    topics: Mapping[str, Topic] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, extra: Iterable[FactSpec] = (), event_types: Iterable[str] = ()) -> FactCatalog:
+    def build(
+        cls,
+        extra: Iterable[FactSpec] = (),
+        event_types: Iterable[str] = (),
+        topics: Iterable[Topic] = (),
+    ) -> FactCatalog:
         facts = {spec.name: spec for spec in BUILTIN_FACTS}
         for spec in extra:
             facts[spec.name] = spec
-        return cls(facts=facts, event_types=frozenset(event_types))
+        declared = {topic.name: topic for topic in topics}
+        for topic in declared.values():
+            default = "opted in" if topic.opted_in_by_default else "opted out"
+            facts[topic.fact] = FactSpec(
+                topic.fact,
+                FactType.BOOL,
+                f"Gets {topic.name} messages: {topic.description} ({default} unless the "
+                "customer chose).",
+                FactSource.TOPIC,
+                True,
+            )
+        return cls(facts=facts, event_types=frozenset(event_types), topics=declared)
 
     def get(self, name: str) -> FactSpec | None:
         return self.facts.get(name)

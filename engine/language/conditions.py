@@ -38,12 +38,12 @@ import json
 import operator
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, timedelta
 from enum import StrEnum
 from typing import Any, TypeAlias
 
-from engine.errors import ConditionError, FactValueError
+from engine.errors import ConditionError, ConditionSyntaxError, FactValueError
 from engine.language.catalog import FactCatalog, FactType
 
 __all__ = [
@@ -197,6 +197,7 @@ class _Token:
     text: str
     offset: int
     literal: Literal | None = None
+    after_error: bool = False  # right after a character the tokenizer skipped
 
 
 _KEYWORDS = frozenset({"and", "or", "not", "in", "true", "false"})
@@ -221,60 +222,128 @@ _HINTS = {
 _ESCAPES = {"\\": "\\", '"': '"', "'": "'", "n": "\n", "t": "\t"}
 
 
-def _tokenize(text: str) -> list[_Token]:
+# What a mistyped operator stands for, so that parsing goes on as if it had been written
+# right (every later mistake is still found): '&&' is read as 'and', '=' as '=='...
+_HINT_MEANS = {
+    "&&": ("keyword", "and"),
+    "&": ("keyword", "and"),
+    "||": ("keyword", "or"),
+    "|": ("keyword", "or"),
+    "<>": ("op", "!="),
+    "=>": ("op", ">="),
+    "=<": ("op", "<="),
+    "=": ("op", "=="),
+    "!": ("keyword", "not"),
+}
+_THOUSANDS = re.compile(r"(?:,\d{3})+", re.ASCII)
+
+
+def _tokenize(text: str) -> tuple[list[_Token], list[ConditionError]]:
+    """The tokens of ``text`` and every mistake found on the way. A mistake does not stop
+    the tokenizer: a mistyped operator stands for the one it resembles, a bad value for a
+    value, an unexpected character is skipped; the token after a skipped character is
+    marked ``after_error``, so that the parser does not report it as a second mistake."""
     tokens: list[_Token] = []
+    errors: list[ConditionError] = []
     i, n = 0, len(text)
+    skipped = False  # the previous character was skipped: mark the next token
+
+    def add(token: _Token) -> None:
+        nonlocal skipped
+        tokens.append(replace(token, after_error=True) if skipped else token)
+        skipped = False
+
     while i < n:
         ch = text[i]
         if ch.isspace():
             i += 1
             continue
         if ch in "()[],":
-            tokens.append(_Token(ch, ch, i))
+            add(_Token(ch, ch, i))
             i += 1
             continue
         two = text[i : i + 2]
-        if two in _HINTS:
-            raise ConditionError(_HINTS[two], i, text)
+        hint = two if two in _HINTS else (ch if ch in _HINTS and two not in _OPERATORS else None)
+        if hint is not None:
+            errors.append(ConditionError(_HINTS[hint], i, text))
+            kind, meant = _HINT_MEANS[hint]
+            add(_Token(kind, meant, i))
+            i += len(hint)
+            continue
         if two in _OPERATORS:
-            tokens.append(_Token("op", two, i))
+            add(_Token("op", two, i))
             i += 2
             continue
         if ch in "<>":
-            tokens.append(_Token("op", ch, i))
+            add(_Token("op", ch, i))
             i += 1
             continue
-        if ch in _HINTS:
-            raise ConditionError(_HINTS[ch], i, text)
         if ch in "\"'":
-            token, i = _string(text, i)
-            tokens.append(token)
+            try:
+                token, i = _string(text, i)
+            except ConditionError as exc:
+                errors.append(exc)
+                close = text.find(ch, exc.offset + 1)
+                token = _placeholder(LiteralKind.STRING, "", text[i : close + 1], i)
+                i = close + 1 if close != -1 else n
+            add(token)
             continue
         if ch == "$" or ch in _DIGITS or (ch == "-" and text[i + 1 : i + 2] in ("$", *_DIGITS)):
-            token, i = _number(text, i)
-            tokens.append(token)
+            try:
+                token, i = _number(text, i)
+            except ConditionError as exc:
+                errors.append(exc)
+                word = _WORDISH.match(text, i).group()  # type: ignore[union-attr]
+                end = i + max(len(word), 1)
+                thousands = _THOUSANDS.match(text, end)
+                end = thousands.end() if thousands else end
+                token = _placeholder(LiteralKind.INT, 0, text[i:end], i)
+                i = end
+            add(token)
             continue
         match = _NAME.match(text, i)
         if match:
             word = match.group()
             end = match.end()
             if text[end : end + 1] == ".":
-                raise ConditionError(f"a fact name cannot end with '.': {word + '.'!r}", i, text)
+                errors.append(
+                    ConditionError(f"a fact name cannot end with '.': {word + '.'!r}", i, text)
+                )
+                end += 1
             if word in _KEYWORDS:
                 if word in ("true", "false"):
                     literal = Literal(LiteralKind.BOOL, word == "true", word, i)
-                    tokens.append(_Token("literal", word, i, literal))
+                    add(_Token("literal", word, i, literal))
                 else:
-                    tokens.append(_Token("keyword", word, i))
+                    add(_Token("keyword", word, i))
             elif word.lower() in _KEYWORDS:
-                raise ConditionError(f"write {word.lower()!r} in lower case, not {word!r}", i, text)
+                errors.append(
+                    ConditionError(f"write {word.lower()!r} in lower case, not {word!r}", i, text)
+                )
+                lower = word.lower()
+                if lower in ("true", "false"):
+                    add(
+                        _Token(
+                            "literal", lower, i, Literal(LiteralKind.BOOL, lower == "true", word, i)
+                        )
+                    )
+                else:
+                    add(_Token("keyword", lower, i))
             else:
-                tokens.append(_Token("name", word, i))
+                add(_Token("name", word, i))
             i = end
             continue
-        raise ConditionError(f"unexpected character {ch!r}", i, text)
-    tokens.append(_Token("end", "", n))
-    return tokens
+        errors.append(ConditionError(f"unexpected character {ch!r}", i, text))
+        skipped = True
+        i += 1
+    tokens.append(_Token("end", "", n, after_error=skipped))
+    return tokens, errors
+
+
+def _placeholder(kind: LiteralKind, value: bool | int | str, written: str, offset: int) -> _Token:
+    """A value that stands where a malformed one was written, so parsing goes on (its
+    mistake is reported; a condition with a mistake is never checked or run)."""
+    return _Token("literal", written, offset, Literal(kind, value, written, offset))
 
 
 def _string(text: str, start: int) -> tuple[_Token, int]:
@@ -388,10 +457,26 @@ def _check_range(value: int, written: str, offset: int, text: str) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+class _Abandon(Exception):
+    """The parser found a mistake (recorded already) and gives up the operand it was in."""
+
+
+class _TooDeep(Exception):
+    """Nested past MAX_DEPTH: parsing stops at once (recovering would recurse as deep)."""
+
+
 class _Parser:
+    """A recursive-descent parser that reports every syntax mistake, not only the first.
+
+    A mistake abandons the operand it is in (``_Abandon``); the parser skips to the next
+    ``and`` or ``or`` at that level, or the ``)`` that closes it, and goes on from there
+    (panic-mode recovery), so ``a >= and b == or c`` reports both operands. A token right
+    after a character the tokenizer skipped is not reported again.
+    """
+
     def __init__(self, text: str) -> None:
         self.text = text
-        self.tokens = _tokenize(text)
+        self.tokens, self.errors = _tokenize(text)
         self.i = 0
         self.depth = 0
 
@@ -400,7 +485,8 @@ class _Parser:
         condition nested past MAX_DEPTH is refused here instead of by a RecursionError."""
         self.depth += 1
         if self.depth > MAX_DEPTH:
-            raise self.fail(f"nested too deeply (at most {MAX_DEPTH} levels)", token)
+            self.fail(f"nested too deeply (at most {MAX_DEPTH} levels)", token)
+            raise _TooDeep
 
     @property
     def tok(self) -> _Token:
@@ -414,39 +500,79 @@ class _Parser:
     def at(self, kind: str, text: str | None = None) -> bool:
         return self.tok.kind == kind and (text is None or self.tok.text == text)
 
-    def fail(self, message: str, token: _Token | None = None) -> ConditionError:
-        return ConditionError(message, (token or self.tok).offset, self.text)
+    def fail(self, message: str, token: _Token | None = None) -> _Abandon:
+        """Record a mistake at ``token`` (default: the current one); the caller raises the
+        ``_Abandon`` returned."""
+        token = token or self.tok
+        if not token.after_error and all(e.offset != token.offset for e in self.errors):
+            self.errors.append(ConditionError(message, token.offset, self.text))
+        return _Abandon()
 
     def found(self, token: _Token | None = None) -> str:
         token = token or self.tok
         return "the end of the condition" if token.kind == "end" else repr(token.text)
 
     def parse(self) -> Expr:
+        """The tree of the whole text; any mistake is in ``self.errors`` afterwards (the
+        tree is then only what could be read, and must not be used)."""
         if self.at("end"):
-            raise self.fail("the condition is empty")
-        expr = self.or_()
-        if not self.at("end"):
-            token = self.tok
-            hint = " (write '==' to compare)" if token.text in ("is", "equals") else ""
-            raise self.fail(
-                f"expected 'and', 'or' or the end of the condition, found {self.found()}{hint}"
-            )
+            self.fail("the condition is empty")
+            return _NOTHING
+        try:
+            expr = self.or_()
+            while not self.at("end"):
+                token = self.tok
+                hint = " (write '==' to compare)" if token.text in ("is", "equals") else ""
+                self.fail(
+                    f"expected 'and', 'or' or the end of the condition, found {self.found()}{hint}"
+                )
+                self.take()
+                self.skip_to_sync(stop_at_close=False)
+                if self.at("keyword"):  # 'and' or 'or': read what follows it too
+                    self.take()
+                    self.or_()
+        except _TooDeep:
+            return _NOTHING
         return expr
 
+    def skip_to_sync(self, *, stop_at_close: bool = True) -> None:
+        """Skip to the next 'and' or 'or' outside any parentheses opened while skipping,
+        the ')' that closes the group being read (``stop_at_close``), or the end."""
+        opened = 0
+        while not self.at("end"):
+            token = self.tok
+            if token.kind == "(":
+                opened += 1
+            elif token.kind == ")":
+                if opened == 0 and stop_at_close:
+                    return
+                opened = max(0, opened - 1)
+            elif token.kind == "keyword" and token.text in ("and", "or") and opened == 0:
+                return
+            self.take()
+
+    def operand_of(self, read: Callable[[], Expr]) -> Expr:
+        """``read()``, or after a mistake in it, the rest of that operand skipped."""
+        try:
+            return read()
+        except _Abandon:
+            self.skip_to_sync()
+            return _NOTHING
+
     def or_(self) -> Expr:
-        first = self.and_()
+        first = self.operand_of(self.and_)
         operands = [first]
         while self.at("keyword", "or"):
             self.take()
-            operands.append(self.and_())
+            operands.append(self.operand_of(self.and_))
         return first if len(operands) == 1 else Or(tuple(operands), _start(first))
 
     def and_(self) -> Expr:
-        first = self.not_()
+        first = self.operand_of(self.not_)
         operands = [first]
         while self.at("keyword", "and"):
             self.take()
-            operands.append(self.not_())
+            operands.append(self.operand_of(self.not_))
         return first if len(operands) == 1 else And(tuple(operands), _start(first))
 
     def not_(self) -> Expr:
@@ -457,8 +583,10 @@ class _Parser:
                     "'not in' needs a fact before it, like: locale not in [\"fr-FR\"]", token
                 )
             self.nest(token)
-            inner = self.not_()
-            self.depth -= 1
+            try:
+                inner = self.not_()
+            finally:
+                self.depth -= 1
             return Not(inner, token.offset)
         return self.comparison()
 
@@ -466,14 +594,10 @@ class _Parser:
         if self.at("("):
             opening = self.take()
             self.nest(opening)
-            inner = self.or_()
-            self.depth -= 1
-            if not self.at(")"):
-                raise self.fail(
-                    f"expected ')' to close the '(' at column {opening.offset + 1}, "
-                    f"found {self.found()}"
-                )
-            self.take()
+            try:
+                inner = self.group(opening)
+            finally:
+                self.depth -= 1
             if (
                 self.at("op")
                 or self.at("keyword", "in")
@@ -502,6 +626,23 @@ class _Parser:
             self.take()
             return Membership(left, self.items(), True, token.offset)
         return left
+
+    def group(self, opening: _Token) -> Expr:
+        """What is inside '(' ... ')', and the ')'. Something else where the ')' should
+        be is a mistake; the rest of the group is still read, up to its ')'."""
+        inner = self.or_()
+        while not self.at(")"):
+            expected = f"expected ')' to close the '(' at column {opening.offset + 1}"
+            if self.at("end"):
+                raise self.fail(f"{expected}, found the end of the condition")
+            self.fail(f"{expected}, found {self.found()}")
+            self.take()
+            self.skip_to_sync()
+            if self.at("keyword"):  # 'and' or 'or' inside the group: read on
+                self.take()
+                self.or_()
+        self.take()
+        return inner
 
     def operand(self) -> FactRef | Literal:
         token = self.tok
@@ -557,8 +698,17 @@ def _start(expr: Expr) -> int:
 
 
 def parse(text: str) -> Expr:
-    """The syntax tree of ``text``; raises ``ConditionError`` (0-based offset) if malformed."""
-    return _Parser(text).parse()
+    """The syntax tree of ``text``; raises ``ConditionSyntaxError`` with every syntax
+    mistake (each at its 0-based offset, in order) if it has any."""
+    parser = _Parser(text)
+    expr = parser.parse()
+    if parser.errors:
+        raise ConditionSyntaxError(sorted(parser.errors, key=lambda e: e.offset))
+    return expr
+
+
+# Stands for an operand that could not be read (its mistake is reported).
+_NOTHING = Literal(LiteralKind.BOOL, True, "true", 0)
 
 
 # --------------------------------------------------------------------------- checking

@@ -3,11 +3,13 @@
 A rules directory holds:
 
     catalog.yaml       customer attributes and event types (with their properties)
-    policies.yaml      quiet hours, frequency caps and the brand shown in messages
+    policies.yaml      sending windows, frequency caps and the brand shown in messages
     <playbook>.yaml    one playbook per file (see README, "Writing playbooks")
 
 ``load_rules`` either returns a complete, valid ``RuleSet`` or raises ``RulesInvalid`` with
 all the problems; a running engine keeps its last good ``RuleSet`` when that happens.
+Warnings (``SourceProblem(warning=True)``: a deprecated key) do not stop the rules; they
+travel on the ``RuleSet`` (and on ``RulesInvalid``) for ``rules check`` to print.
 """
 
 from __future__ import annotations
@@ -15,21 +17,38 @@ from __future__ import annotations
 import copy
 import difflib
 import hashlib
+import re
+from dataclasses import replace
 from datetime import time, timedelta
 from pathlib import Path
 from typing import Any
 
+from babel.numbers import list_currencies
 from pydantic import BaseModel, ValidationError
 
 from engine.delivery.sms_segments import segments
-from engine.delivery.templates import TemplateStore, sample_context
-from engine.errors import ConditionError, DurationError, RulesInvalid, SourceProblem, TemplateError
+from engine.delivery.templates import (
+    DEFAULT_LOCALE,
+    RenderedEmail,
+    RenderedSms,
+    TemplateStore,
+    sample_context,
+)
+from engine.errors import (
+    ConditionSyntaxError,
+    DurationError,
+    RulesInvalid,
+    SourceProblem,
+    TemplateError,
+)
 from engine.language import conditions
 from engine.language.catalog import (
     EVENT_PROPERTY_PREFIX,
     FactCatalog,
     FactSource,
     FactSpec,
+    FactType,
+    Topic,
 )
 from engine.language.conditions import Condition
 from engine.language.durations import parse_duration
@@ -45,20 +64,23 @@ from engine.playbooks.model import (
     Lead,
     Playbook,
     Policies,
-    QuietHours,
+    PriorityBy,
     Roster,
     RuleSet,
     Send,
+    SendWindow,
     Split,
     Step,
     WaitFor,
 )
 from engine.playbooks.schema import (
+    DEFAULT_SEND_WINDOW,
     CatalogSpec,
     EscalateSpec,
     GoalSpec,
     PlaybookSpec,
     PoliciesSpec,
+    PriorityBySpec,
     RosterSpec,
     SendSpec,
     StepSpec,
@@ -160,7 +182,7 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _parse_clock_range(text: str) -> QuietHours:
+def _parse_clock_range(text: str) -> SendWindow:
     try:
         start_text, end_text = text.split("-")
         start = time.fromisoformat(start_text.strip())
@@ -169,13 +191,43 @@ def _parse_clock_range(text: str) -> QuietHours:
         raise ValueError(f"bad sending window {text!r}: write it like 08:00-21:00") from exc
     if start == end:
         raise ValueError(f"bad sending window {text!r}: start and end are the same")
-    return QuietHours(start=start, end=end)
+    return SendWindow(start=start, end=end)
 
 
-def _quiet_hours(
+def _send_window_spec(
+    located: Located,
+    send_window: dict[str, str | None] | None,
+    quiet_hours: dict[str, str | None] | None,
+) -> tuple[str, dict[str, str | None] | None]:
+    """The sending windows a file gives and the key they are under. ``quiet_hours`` is the
+    old name of ``send_window`` (it always held the hours when sending is allowed): still
+    read, with a warning; both at once is a mistake."""
+    if quiet_hours is None:
+        return "send_window", send_window
+    if send_window is not None:
+        located.problems.append(
+            located.at(
+                ("quiet_hours",),
+                "both send_window and quiet_hours are given: quiet_hours is the old name of "
+                "send_window; keep send_window only",
+                key=True,
+            )
+        )
+        return "send_window", send_window
+    warning = located.at(
+        ("quiet_hours",),
+        "quiet_hours is deprecated: it holds the hours when sending is allowed, so it is now "
+        "called send_window; rename the key (the meaning is the same)",
+        key=True,
+    )
+    located.problems.append(replace(warning, warning=True))
+    return "quiet_hours", quiet_hours
+
+
+def _send_windows(
     located: Located, where: tuple[str, ...], spec: dict[str, str | None]
-) -> dict[str, QuietHours | None]:
-    result: dict[str, QuietHours | None] = {}
+) -> dict[str, SendWindow | None]:
+    result: dict[str, SendWindow | None] = {}
     for channel, window in spec.items():
         if channel not in CHANNELS:
             located.problems.append(
@@ -247,8 +299,27 @@ def load_catalog(
             properties[name] = FactSpec(
                 name, attr.type, attr.description, FactSource.EVENT, attr.example
             )
-    catalog = FactCatalog.build([*extra, *properties.values()], event_types=spec.events)
+    topics: list[Topic] = []
+    for name, topic in spec.topics.items():
+        if not _TOPIC_NAME.match(name):
+            problems.append(
+                located.at(
+                    ("topics", name),
+                    f"topic {name!r}: write a name of lower-case letters, digits and _, like "
+                    "product_news",
+                    key=True,
+                )
+            )
+            continue
+        topics.append(Topic(name, topic.description, topic.default == "opted_in"))
+    catalog = FactCatalog.build(
+        [*extra, *properties.values()], event_types=spec.events, topics=topics
+    )
     return catalog, located
+
+
+_TOPIC_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_CURRENCIES = frozenset(list_currencies())
 
 
 ROSTER_FILE = "support_roster.yaml"
@@ -324,7 +395,7 @@ def _check_roster_needed(
 
 def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
     path = directory / "policies.yaml"
-    fallback = Policies({"sms": QuietHours(time(8), time(21))}, (), {"name": "", "address": ""})
+    fallback = Policies({"sms": SendWindow(time(8), time(21))}, (), {"name": "", "address": ""})
     if not path.is_file():
         problems.append(SourceProblem(_display(path), 1, 1, "missing policies file"))
         return fallback
@@ -335,7 +406,10 @@ def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
     if spec is None:
         problems.extend(located.problems)
         return fallback
-    quiet = _quiet_hours(located, ("quiet_hours",), spec.quiet_hours)
+    key, windows = _send_window_spec(located, spec.send_window, spec.quiet_hours)
+    send_window = _send_windows(
+        located, (key,), windows if windows is not None else DEFAULT_SEND_WINDOW
+    )
     caps: list[FrequencyCap] = []
     for i, cap in enumerate(spec.frequency_caps):
         per = _duration(located, ("frequency_caps", i, "per"), cap.per)
@@ -346,8 +420,19 @@ def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
         elif per is not None:
             caps.append(FrequencyCap(cap.channel, cap.max, per))
     control = _share(located, ("control_group",), spec.control_group)
+    if spec.currency not in _CURRENCIES:
+        hint = _did_you_mean(spec.currency.upper(), sorted(_CURRENCIES))
+        located.problems.append(
+            located.at(
+                ("currency",),
+                f"unknown currency {spec.currency!r}{hint}: write an ISO 4217 code like USD, "
+                "GBP or EUR",
+            )
+        )
     problems.extend(located.problems)
-    return Policies(quiet, tuple(caps), spec.brand.model_dump(), control or 0.0)
+    return Policies(
+        send_window, tuple(caps), spec.brand.model_dump(), control or 0.0, spec.currency
+    )
 
 
 class _ConditionChecker:
@@ -365,8 +450,9 @@ class _ConditionChecker:
         text = str(text)
         try:
             expr = conditions.parse(text)
-        except ConditionError as exc:
-            self._report(where, exc.offset, exc.message)
+        except ConditionSyntaxError as exc:
+            for error in exc.errors:
+                self._report(where, error.offset, error.message)
             return None
         found = conditions.check(expr, self.catalog)
         for problem in found:
@@ -392,6 +478,10 @@ class _ConditionChecker:
         self.located.problems.append(SourceProblem(self.located.path, line, column, message))
 
 
+def _error_count(located: Located) -> int:
+    return sum(1 for problem in located.problems if not problem.warning)
+
+
 def _compile_playbook(
     located: Located,
     spec: PlaybookSpec,
@@ -400,7 +490,7 @@ def _compile_playbook(
     policies: Policies,
     seen_ids: dict[str, str],
 ) -> Playbook | None:
-    before = len(located.problems)
+    before = _error_count(located)
     checker = _ConditionChecker(located, catalog)
     if spec.playbook in seen_ids:
         located.problems.append(
@@ -417,6 +507,7 @@ def _compile_playbook(
                 f"unknown event type {spec.enter.on!r}{hint}; declare it in catalog.yaml",
             )
         )
+    _check_topic(located, spec, catalog)
     allow_event = spec.enter.on is not None
     when = checker.compile(("enter", "when"), spec.enter.when, allow_event=allow_event)
     exit_condition = (
@@ -435,13 +526,14 @@ def _compile_playbook(
             )
         else:
             reentry = _duration(located, ("reentry",), text)
-    quiet = _quiet_hours(located, ("quiet_hours",), spec.quiet_hours)
+    key, windows = _send_window_spec(located, spec.send_window, spec.quiet_hours)
+    send_window = _send_windows(located, (key,), windows or {})
     if spec.max_sms_segments < 1:
         located.problems.append(
             located.at(("max_sms_segments",), "max_sms_segments must be at least 1")
         )
     steps = _compile_steps(located, spec, checker, templates, catalog, policies)
-    if len(located.problems) > before or steps is None:
+    if _error_count(located) > before or steps is None:
         return None
     enter_text = (
         " and ".join(
@@ -473,11 +565,12 @@ def _compile_playbook(
         goal_text=_goal_text(spec.goal),
         holdout=holdout or 0.0,
         when_capped=spec.when_capped,
-        quiet_hours=quiet,
+        send_window=send_window,
         sms_opt_out_hint=spec.sms_opt_out_hint,
         max_sms_segments=spec.max_sms_segments,
         steps=steps,
         source=located.path,
+        topic=spec.topic,
     )
 
 
@@ -556,6 +649,31 @@ def _share(located: Located, where: tuple[Any, ...], text: str | None) -> float 
     return share
 
 
+def _check_topic(located: Located, spec: PlaybookSpec, catalog: FactCatalog) -> None:
+    """A playbook's topic is declared in catalog.yaml; only marketing has topics (a
+    transactional message goes whatever the customer's topics say)."""
+    if spec.topic is None:
+        return
+    if spec.topic not in catalog.topics:
+        hint = _did_you_mean(spec.topic, sorted(catalog.topics))
+        declared = ", ".join(sorted(catalog.topics)) or "none yet"
+        located.problems.append(
+            located.at(
+                ("topic",),
+                f"unknown topic {spec.topic!r}{hint}; declare it under topics: in catalog.yaml "
+                f"(declared: {declared})",
+            )
+        )
+    elif spec.kind != "marketing":
+        located.problems.append(
+            located.at(
+                ("topic",),
+                f"a {spec.kind} playbook has no topic: its messages go whatever the customer's "
+                "topics say; remove topic, or make the playbook kind: marketing",
+            )
+        )
+
+
 def _compile_steps(
     located: Located,
     spec: PlaybookSpec,
@@ -584,9 +702,15 @@ def _compile_steps(
             )
             ok = False
         ids.setdefault(step.id, i)
-    for i in range(len(spec.steps)):
+    waited = False  # a step so far waits: the steps from there on run after the event
+    for i, step in enumerate(spec.steps):
         following = spec.steps[i + 1].id if i + 1 < len(spec.steps) else END
-        compiled = _compile_step(located, spec, i, following, checker, templates, catalog, policies)
+        # Conservatively in file order: a step after any wait may run after the event.
+        waited = waited or bool(step.wait) or step.wait_for is not None
+        on_entry = spec.enter.on is not None and not waited
+        compiled = _compile_step(
+            located, spec, i, following, checker, templates, catalog, policies, on_entry
+        )
         if compiled is None:
             ok = False
         else:
@@ -605,10 +729,13 @@ def _compile_step(
     templates: TemplateStore,
     catalog: FactCatalog,
     policies: Policies,
+    on_entry: bool,
 ) -> Step | None:
+    """``on_entry``: the step runs as the playbook is entered on an event (no wait before
+    it), so the event's properties are known to it."""
     step = spec.steps[index]
     where = ("steps", index)
-    before = len(located.problems)
+    before = _error_count(located)
     wait = _duration(located, (*where, "wait"), step.wait) if step.wait else timedelta(0)
     kinds = [
         name
@@ -638,11 +765,11 @@ def _compile_step(
         )
     when = checker.compile((*where, "when"), step.when, allow_event=False)
     send = _check_send(located, (*where, "send"), step.send, templates, catalog, policies, spec)
-    escalate = _check_escalate(located, (*where, "escalate"), step.escalate)
+    escalate = _check_escalate(located, (*where, "escalate"), step.escalate, catalog, on_entry)
     wait_for = _compile_wait_for(located, (*where, "wait_for"), step, checker, catalog)
     branch = _compile_branch(located, (*where, "branch"), step, checker)
     split = _compile_split(located, (*where, "split"), step)
-    if len(located.problems) > before:
+    if _error_count(located) > before:
         return None
     return Step(
         step.id,
@@ -707,7 +834,7 @@ def _compile_split(located: Located, where: tuple[Any, ...], step: StepSpec) -> 
     arms = step.split
     if arms is None:
         return None
-    before = len(located.problems)
+    before = _error_count(located)
     if len(arms) < 2:
         located.problems.append(located.at(where, "a split needs at least two arms"))
     names: set[str] = set()
@@ -725,7 +852,7 @@ def _compile_split(located: Located, where: tuple[Any, ...], step: StepSpec) -> 
             located.problems.append(
                 located.at((*where, i, "weight"), "a weight is a whole number, 1 or more")
             )
-    if len(located.problems) > before:
+    if _error_count(located) > before:
         return None
     return Split(tuple(Arm(a.arm, a.weight, _target(a.goto)) for a in arms))
 
@@ -734,7 +861,7 @@ def _check_graph(located: Located, steps: list[StepSpec], ids: dict[str, int]) -
     """Every id a step names exists; every step can be reached from the first; no cycle
     runs without waiting (it would loop within one tick). Checked on the file as written,
     so these problems are reported with every other one."""
-    before = len(located.problems)
+    before = _error_count(located)
     known = {step.id for step in steps}
     links = {step.id: _links(index, step) for index, step in enumerate(steps)}
     for step in steps:
@@ -782,7 +909,7 @@ def _check_graph(located: Located, steps: list[StepSpec], ids: dict[str, int]) -
                 + " (give one of them a wait)",
             )
         )
-    return len(located.problems) == before
+    return _error_count(located) == before
 
 
 def _waits(step: StepSpec) -> bool:
@@ -878,27 +1005,50 @@ def _check_send(
     context["event"] = {
         s.name.removeprefix(EVENT_PROPERTY_PREFIX): s.example for s in catalog.event_properties()
     }
-    try:
-        rendered = templates.render(send.channel, send.template, context)
-    except TemplateError as exc:
-        located.problems.append(_template_problem(located, (*where, "template"), templates, exc))
-        return None
-    if send.channel == "sms":
-        body = rendered.body  # type: ignore[union-attr]
-        if spec.sms_opt_out_hint:
-            body = f"{body} {spec.sms_opt_out_hint}"
-        counted = segments(body)
-        if counted.segments > spec.max_sms_segments:
-            located.problems.append(
-                located.at(
-                    (*where, "template"),
-                    f"SMS {send.template!r} is {counted.segments} segments ({counted.encoding}, "
-                    f"{counted.characters} characters with the opt-out hint) but the playbook allows "
-                    f"{spec.max_sms_segments}",
-                )
+    # The default, then every locale variant, as a customer of that locale would get it.
+    ok = True
+    for variant in [None, *templates.locales(send.channel, send.template)]:
+        context["customer"] = {**context["customer"], "locale": variant or DEFAULT_LOCALE}
+        try:
+            rendered = templates.render(
+                send.channel, send.template, context, currency=policies.currency, variant=variant
             )
-            return None
-    return Send(send.channel, send.template)
+        except TemplateError as exc:
+            located.problems.append(
+                _template_problem(located, (*where, "template"), templates, exc)
+            )
+            ok = False
+            continue
+        if send.channel == "sms" and not _sms_fits(located, where, send, spec, rendered, variant):
+            ok = False
+    return Send(send.channel, send.template) if ok else None
+
+
+def _sms_fits(
+    located: Located,
+    where: tuple[Any, ...],
+    send: SendSpec,
+    spec: PlaybookSpec,
+    rendered: RenderedEmail | RenderedSms,
+    variant: str | None,
+) -> bool:
+    assert isinstance(rendered, RenderedSms)
+    body = rendered.body
+    if spec.sms_opt_out_hint:
+        body = f"{body} {spec.sms_opt_out_hint}"
+    counted = segments(body)
+    if counted.segments <= spec.max_sms_segments:
+        return True
+    which = f"SMS {send.template!r}" + (f" ({variant} variant)" if variant else "")
+    located.problems.append(
+        located.at(
+            (*where, "template"),
+            f"{which} is {counted.segments} segments ({counted.encoding}, "
+            f"{counted.characters} characters with the opt-out hint) but the playbook allows "
+            f"{spec.max_sms_segments}",
+        )
+    )
+    return False
 
 
 def _template_problem(
@@ -917,21 +1067,127 @@ def _template_problem(
 
 
 def _check_escalate(
-    located: Located, where: tuple[Any, ...], spec: EscalateSpec | None
+    located: Located,
+    where: tuple[Any, ...],
+    spec: EscalateSpec | None,
+    catalog: FactCatalog,
+    on_entry: bool,
 ) -> Escalate | None:
+    """``on_entry``: the step runs as the playbook is entered on an event (no wait before
+    it), so the event's properties are known to it."""
     if spec is None:
         return None
-    ok = True
-    if spec.priority not in PRIORITIES:
-        hint = _did_you_mean(spec.priority, list(PRIORITIES))
-        located.problems.append(
-            located.at((*where, "priority"), f"unknown priority {spec.priority!r}{hint}")
-        )
-        ok = False
+    priority_by: PriorityBy | None = None
+    if isinstance(spec.priority, dict):
+        priority_by = _priority_by(located, (*where, "priority"), spec.priority, catalog, on_entry)
+        ok = priority_by is not None
+        priority = priority_by.otherwise if priority_by is not None else "normal"
+    else:
+        priority = str(spec.priority)
+        ok = _known_priority(located, (*where, "priority"), priority)
     sla = _duration(located, (*where, "sla"), spec.sla)
     if sla is None or not ok:
         return None
-    return Escalate(spec.priority, spec.queue, sla)
+    return Escalate(priority, spec.queue, sla, priority_by)
+
+
+def _known_priority(located: Located, where: tuple[Any, ...], priority: object) -> bool:
+    if priority in PRIORITIES:
+        return True
+    hint = _did_you_mean(str(priority), list(PRIORITIES))
+    located.problems.append(
+        located.at(
+            where,
+            f"unknown priority {priority!r}{hint}; write one of {', '.join(PRIORITIES)}",
+        )
+    )
+    return False
+
+
+_PRIORITY_BY_TYPES = (FactType.INT, FactType.STRING, FactType.BOOL)
+_WHOLE_NUMBER = re.compile(r"^-?\d+$")
+
+
+def _priority_by(
+    located: Located,
+    where: tuple[Any, ...],
+    raw: dict[str, Any],
+    catalog: FactCatalog,
+    on_entry: bool,
+) -> PriorityBy | None:
+    """``priority: {by: <fact>, map: {<value>: <priority>}, otherwise: <priority>}``: the
+    fact must exist and be a number, text or true/false; each key a value of its type;
+    each priority one of PRIORITIES; an event property only where the event is known."""
+    try:
+        spec = PriorityBySpec.model_validate(raw)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = (*where, *error["loc"])
+            if error["type"] == "extra_forbidden":
+                name = str(error["loc"][-1])
+                hint = _did_you_mean(name, list(PriorityBySpec.model_fields))
+                message = f"unknown key {name!r}{hint}; allowed: by, map, otherwise"
+                located.problems.append(located.at(loc, message, key=True))
+            elif error["type"] == "missing":
+                located.problems.append(
+                    located.at(where, f"missing required key {error['loc'][-1]!r}")
+                )
+            else:
+                label = ".".join(str(part) for part in error["loc"])
+                located.problems.append(located.at(loc, f"priority.{label}: {error['msg']}"))
+        return None
+    before = _error_count(located)
+    fact = catalog.get(spec.by)
+    kind = fact.type if fact is not None else None
+    if fact is None:
+        hint = _did_you_mean(spec.by, catalog.names())
+        located.problems.append(located.at((*where, "by"), f"unknown fact {spec.by!r}{hint}"))
+    elif kind not in _PRIORITY_BY_TYPES:
+        located.problems.append(
+            located.at(
+                (*where, "by"),
+                f"{spec.by!r} is {kind}: a priority can be chosen by a number, text or "
+                "true/false fact",
+            )
+        )
+        kind = None
+    elif (
+        spec.by in EVENT_ONLY_FACTS or spec.by.startswith(EVENT_PROPERTY_PREFIX)
+    ) and not on_entry:
+        located.problems.append(
+            located.at(
+                (*where, "by"),
+                f"{spec.by!r} is only known while the playbook is entered on an event: use it "
+                "in a step that runs then (entered with enter.on, no wait before the step)",
+            )
+        )
+    values: list[tuple[bool | int | str, str]] = []
+    for key, priority in spec.map.items():
+        value = _priority_key(located, (*where, "map", key), key, spec.by, kind)
+        if _known_priority(located, (*where, "map", key), priority) and value is not None:
+            values.append((value, priority))
+    _known_priority(located, (*where, "otherwise"), spec.otherwise)
+    if _error_count(located) > before:
+        return None
+    return PriorityBy(spec.by, tuple(values), spec.otherwise)
+
+
+def _priority_key(
+    located: Located, where: tuple[Any, ...], key: str, fact: str, kind: FactType | None
+) -> bool | int | str | None:
+    """A key of a priority map as a value of ``fact``'s type (keys are read as text)."""
+    if kind is FactType.INT and _WHOLE_NUMBER.match(key):
+        return int(key)
+    if kind is FactType.BOOL and key in ("true", "false"):
+        return key == "true"
+    if kind is FactType.STRING:
+        return key
+    if kind is not None:
+        expected = "a whole number" if kind is FactType.INT else "true or false"
+        located.problems.append(
+            located.at(where, f"{key!r} is not a value of {fact!r}: write {expected}", key=True)
+        )
+    return None
 
 
 RESERVED_FILES = ("catalog.yaml", "policies.yaml", ROSTER_FILE)
@@ -954,6 +1210,10 @@ def load_rules(
     policies = load_policies(directory, problems)
     roster, roster_located = load_roster(roster_path, problems)
     templates = TemplateStore(Path(templates_dir))
+    problems.extend(
+        SourceProblem(_display(templates.directory / path), line, 1, message)
+        for path, line, message in templates.variant_problems()
+    )
     playbooks: dict[str, Playbook] = {}
     seen: dict[str, str] = {}
     digest = hashlib.sha256()
@@ -984,10 +1244,12 @@ def load_rules(
             )
         problems.extend(located.problems)
     _check_roster_needed(roster, roster_located, roster_path, escalating, problems)
+    warnings = tuple(p for p in problems if p.warning)
+    problems = [p for p in problems if not p.warning]
     if not seen and not problems:
         problems.append(SourceProblem(str(directory), 1, 1, "no playbook files (*.yaml) found"))
     if problems:
-        raise RulesInvalid(problems)
+        raise RulesInvalid(problems, warnings)
     return RuleSet(
         playbooks=playbooks,
         catalog=catalog,
@@ -996,4 +1258,5 @@ def load_rules(
         roster=roster,
         directory=str(directory),
         files=files,
+        warnings=tuple(sorted(warnings)),
     )

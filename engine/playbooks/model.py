@@ -8,10 +8,12 @@ evaluators decide.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time, timedelta
 from functools import cached_property
 
+from engine.errors import SourceProblem
 from engine.language.catalog import FactCatalog
 from engine.language.conditions import Condition
 
@@ -20,8 +22,10 @@ PRIORITIES = ("urgent", "high", "normal", "low")
 
 
 @dataclass(frozen=True)
-class QuietHours:
-    """Sending is allowed from ``start`` up to ``end`` local time; the rest is quiet."""
+class SendWindow:
+    """Sending is allowed from ``start`` up to ``end`` local time; the rest is quiet hours
+    (a message due then waits for the window to open). ``end`` before ``start`` spans
+    midnight."""
 
     start: time
     end: time
@@ -39,10 +43,11 @@ class FrequencyCap:
 
 @dataclass(frozen=True)
 class Policies:
-    quiet_hours: dict[str, QuietHours | None]
+    send_window: dict[str, SendWindow | None]  # per channel; None: any time
     frequency_caps: tuple[FrequencyCap, ...]
     brand: dict[str, str]
     control_group: float = 0.0  # the share of all customers who get no marketing at all
+    currency: str = "USD"  # every money fact is cents of it (templates: the money filter)
 
 
 @dataclass(frozen=True)
@@ -79,10 +84,44 @@ class Send:
 
 
 @dataclass(frozen=True)
+class PriorityBy:
+    """A case priority chosen by a fact's value (a complaint's severity): ``values`` pairs
+    each value with its priority; ``otherwise`` is for any other value, or none."""
+
+    fact: str
+    values: tuple[tuple[bool | int | str, str], ...]
+    otherwise: str
+
+    def priority_for(self, facts: Mapping[str, object]) -> tuple[str, str]:
+        """The priority for these facts and why, like ("high", "event.severity is 3")."""
+        actual = facts.get(self.fact)
+        for value, priority in self.values:
+            # exact types: True is not 1, so a bool fact never matches a number
+            if type(actual) is type(value) and actual == value:
+                return priority, f"{self.fact} is {_shown(actual)}"
+        if actual is None:
+            return self.otherwise, f"{self.fact} is unknown"
+        return self.otherwise, f"{self.fact} is {_shown(actual)}, not in the playbook's list"
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@dataclass(frozen=True)
 class Escalate:
-    priority: str
+    priority: str  # the case priority; with priority_by, the one for values it does not list
     queue: str
     sla: timedelta
+    priority_by: PriorityBy | None = None
+
+    def priority_for(self, facts: Mapping[str, object]) -> tuple[str, str | None]:
+        """The case priority for these facts, and why when a fact chose it."""
+        if self.priority_by is None:
+            return self.priority, None
+        return self.priority_by.priority_for(facts)
 
 
 END = "end"  # as a step's successor: the journey ends there
@@ -174,11 +213,12 @@ class Playbook:
     goal_text: str | None  # the goal as written: "order_placed within 7d"
     holdout: float  # the share of entrants held out: enrolled, sent nothing
     when_capped: str
-    quiet_hours: dict[str, QuietHours | None]  # per-channel overrides of the policies
+    send_window: dict[str, SendWindow | None]  # per-channel overrides of the policies
     sms_opt_out_hint: str | None
     max_sms_segments: int
     steps: tuple[Step, ...]
     source: str
+    topic: str | None = None  # its messages need the customer's topic.<topic> (marketing)
 
     @property
     def marketing(self) -> bool:
@@ -232,6 +272,8 @@ class RuleSet:
     roster: Roster = Roster(())
     directory: str = ""
     files: dict[str, str] = field(default_factory=dict)  # playbook id -> file text
+    # Things that load but should change (a deprecated key): `rules check` prints them
+    warnings: tuple[SourceProblem, ...] = ()
 
     def conditions(self) -> dict[str, Condition]:
         """Every condition to evaluate, by rule id (enter, exit, goal, each step's when)."""
@@ -254,7 +296,8 @@ class RuleSet:
                         rules[branch_rule(pb.id, step.id, i)] = condition
         return rules
 
-    def quiet_hours(self, playbook: Playbook, channel: str) -> QuietHours | None:
-        if channel in playbook.quiet_hours:
-            return playbook.quiet_hours[channel]
-        return self.policies.quiet_hours.get(channel)
+    def send_window(self, playbook: Playbook, channel: str) -> SendWindow | None:
+        """When ``playbook`` may send on ``channel``: its own window, else the policies'."""
+        if channel in playbook.send_window:
+            return playbook.send_window[channel]
+        return self.policies.send_window.get(channel)

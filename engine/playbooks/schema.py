@@ -22,8 +22,19 @@ class SendSpec(_Strict):
     template: str
 
 
+class PriorityBySpec(_Strict):
+    """``priority: {by: event.severity, map: {1: low, 3: high}, otherwise: normal}``."""
+
+    by: str
+    map: dict[str, str]
+    otherwise: str = "normal"
+
+
 class EscalateSpec(_Strict):
-    priority: str = "normal"
+    # A priority ("high"), or a PriorityBySpec mapping: the loader tells them apart, so a
+    # mistake in either is reported once, at its place (a pydantic union would report it
+    # once per alternative).
+    priority: Any = "normal"
     queue: str = "support"
     sla: str = "24h"
 
@@ -98,7 +109,9 @@ class PlaybookSpec(_Strict):
     goal: GoalSpec | None = None
     holdout: str | None = None  # a share of the customers who enter: sent nothing, e.g. 10%
     when_capped: Literal["defer", "drop"] = "defer"
-    quiet_hours: dict[str, str | None] = {}
+    topic: str | None = None  # a subscription topic from catalog.yaml (marketing only)
+    send_window: dict[str, str | None] | None = None
+    quiet_hours: dict[str, str | None] | None = None  # the old name of send_window
     sms_opt_out_hint: str | None = None
     max_sms_segments: int = 2
     steps: list[StepSpec]
@@ -122,9 +135,15 @@ class EventTypeSpec(_Strict):
     properties: dict[str, AttributeSpec] = {}
 
 
+class TopicSpec(_Strict):
+    description: str
+    default: Literal["opted_in", "opted_out"] = "opted_in"
+
+
 class CatalogSpec(_Strict):
     attributes: dict[str, AttributeSpec] = {}
     events: dict[str, EventTypeSpec] = {}
+    topics: dict[str, TopicSpec] = {}
 
 
 class CapSpec(_Strict):
@@ -150,8 +169,13 @@ class RosterSpec(_Strict):
     leads: list[LeadSpec]
 
 
+DEFAULT_SEND_WINDOW: dict[str, str | None] = {"sms": "08:00-21:00"}
+
+
 class PoliciesSpec(_Strict):
-    quiet_hours: dict[str, str | None] = {"sms": "08:00-21:00"}
+    send_window: dict[str, str | None] | None = None  # None: DEFAULT_SEND_WINDOW
+    quiet_hours: dict[str, str | None] | None = None  # the old name of send_window
     frequency_caps: list[CapSpec] = []
     brand: BrandSpec
     control_group: str | None = None  # a share of all customers who get no marketing
+    currency: str = "USD"  # of every money fact (ISO 4217); the templates' money filter

@@ -31,6 +31,7 @@ from engine.data.models import (
     Suppression,
     WebhookReceipt,
 )
+from engine.data.topics import set_topic
 from engine.data.uow import unit_of_work
 from engine.delivery.dispatch import suppress
 
@@ -255,17 +256,31 @@ def apply_inbound_sms(
 
 
 def apply_unsubscribe(
-    db: Engine, customer_id: str, channel: str, message_id: str, now: datetime
+    db: Engine,
+    customer_id: str,
+    channel: str,
+    message_id: str,
+    now: datetime,
+    topic: str | None = None,
 ) -> bool:
-    """Withdraw the customer's consent for the channel; False when it already was."""
+    """Withdraw the customer's consent for the channel, or with ``topic`` only their
+    subscription to that topic (the preference centre; channel consent stays); False when
+    it already was so."""
     with unit_of_work(db) as session:
         customer = session.get(Customer, customer_id)
         if customer is None:
             return False
-        change = set_email_consent if channel == "email" else set_sms_consent
-        if not change(customer, False, now):
-            return False
+        link = f"{channel} unsubscribe link"
+        if topic is not None:
+            if not set_topic(customer, topic, False, now, via=link):
+                return False
+            reason = f"left the {topic} topic ({link})"
+        else:
+            change = set_email_consent if channel == "email" else set_sms_consent
+            if not change(customer, False, now):
+                return False
+            reason = link
         customer.updated_at = now
         message = session.get(Message, message_id) if message_id else None
-        _decide(session, customer_id, "unsubscribed", f"{channel} unsubscribe link", now, message)
+        _decide(session, customer_id, "unsubscribed", reason, now, message)
     return True

@@ -34,6 +34,7 @@ from engine.data.ingest import (
     upsert_customer,
 )
 from engine.data.models import Customer, Event
+from engine.data.topics import check_topics
 from engine.errors import EventConflict
 from engine.web import web_state
 from engine.web.auth import api_key_problem
@@ -122,9 +123,11 @@ def catalog_errors(problems: list[str], kind: str = "catalog") -> list[dict[str,
 )
 def post_customer(data: CustomerIn, request: Request, response: Response) -> CustomerResult:
     """Fields left out are left alone; ``attributes`` are merged key by key and must be
-    declared in ``rules/catalog.yaml`` with their type."""
+    declared in ``rules/catalog.yaml`` with their type; ``topics`` are the customer's
+    choices of subscription topics (``{"offers": false}``), each declared there too."""
     app = web_state(request).app
     problems = check_attributes(data.attributes, app.rules.catalog, app.input_limits)
+    problems += check_topics(data.topics, app.rules.catalog)
     if problems:
         raise RequestValidationError(catalog_errors(problems))
     now = app.clock()

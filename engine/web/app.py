@@ -21,14 +21,22 @@ every response HSTS when the public URL is https. Access logs carry no query str
 tokens (engine.web.logs).
 
 Nothing is opened at import time; ``create_app`` reads the staff accounts from the
-settings and fails fast (ConfigurationError) when they are malformed.
+settings and fails fast (ConfigurationError) when they are malformed. With
+``reload_rules_every`` (``lifecycle serve``: ``LIFECYCLE_RULES_RELOAD_S``), a task of the
+app's lifespan reloads the rule files on that interval, as the scheduler does
+(engine.runners.reloading: the last good rules stay when a change is broken).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
+import logging
 import re
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -44,6 +52,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.bootstrap import App
 from engine.errors import RulesInvalid
+from engine.runners.reloading import RulesReloader
 from engine.web import STATIC_DIR, WebState, api, build_templates, console, webhooks
 from engine.web.auth import SessionCodec, StaffDirectory, parse_staff_passwords
 from engine.web.logs import install_access_log_filter
@@ -155,7 +164,36 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def create_app(app: App) -> FastAPI:
+def _lifespan(
+    app: App, every: float | None
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Reload the rules every ``every`` seconds while the app serves (never when None)."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if every is None:
+            yield
+            return
+        reloader = RulesReloader(app, logging.getLogger("lifecycle.web"))
+
+        async def reload_forever() -> None:
+            while True:
+                await asyncio.sleep(every)
+                # Loading reads files and renders every template: off the event loop.
+                await run_in_threadpool(reloader.reload)
+
+        task = asyncio.create_task(reload_forever(), name="rules-reload")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return lifespan
+
+
+def create_app(app: App, *, reload_rules_every: float | None = None) -> FastAPI:
     settings = app.settings
     staff_text = settings.staff_passwords.get_secret_value() if settings.staff_passwords else None
     secret = settings.secret_key.get_secret_value()
@@ -174,6 +212,7 @@ def create_app(app: App) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,  # served below, behind its own check
+        lifespan=_lifespan(app, reload_rules_every),
     )
     http.state.web = web
     http.include_router(api.router)

@@ -18,9 +18,11 @@ Twilio (``POST /webhooks/twilio/status`` and ``POST /webhooks/twilio/inbound``)
     the proxy's public URL); otherwise every Twilio request is refused with 403.
 
 Unsubscribe (``GET /u/{token}``, ``POST /u/{token}``)
-    GET shows a confirmation page and changes nothing (mail scanners follow links);
-    POST records the opt-out: RFC 8058 one-click (``List-Unsubscribe=One-Click``) and the
-    page's button both post here.
+    GET shows a confirmation page and changes nothing (mail scanners follow links): for a
+    message of a subscription topic it offers "only <this topic>" and "everything" (all
+    marketing on that channel), from the same signed link. POST records the choice: the
+    page's buttons say which; RFC 8058 one-click (``List-Unsubscribe=One-Click``) leaves
+    the message's topic (everything for a message without one).
 """
 
 from __future__ import annotations
@@ -43,8 +45,14 @@ from channels.webhooks import (
     verify_sendgrid,
     verify_twilio,
 )
-from engine.delivery.dispatch import read_unsubscribe_token
-from engine.errors import ConfigurationError, WebhookPayloadError, WebhookSignatureError
+from engine.delivery.dispatch import UnsubscribeLink, read_unsubscribe_token
+from engine.errors import (
+    ConfigurationError,
+    RulesInvalid,
+    WebhookPayloadError,
+    WebhookSignatureError,
+)
+from engine.language.catalog import Topic
 from engine.usecases.ledger import (
     apply_inbound_sms,
     apply_sendgrid_events,
@@ -207,25 +215,42 @@ async def twilio_inbound(request: Request) -> Response:
 # ── the unsubscribe link ────────────────────────────────────────────────────────────
 
 
-def _read_token(web: WebState, token: str) -> tuple[str, str, str] | None:
+def _read_token(web: WebState, token: str) -> UnsubscribeLink | None:
     try:
-        customer_id, channel, message_id = read_unsubscribe_token(
-            web.app.settings.secret_keys(), token
-        )
+        link = read_unsubscribe_token(web.app.settings.secret_keys(), token)
     except (BadData, ValueError, TypeError):
         return None
-    return (customer_id, channel, message_id) if channel in ("email", "sms") else None
+    return link if link.channel in ("email", "sms") else None
+
+
+def _topic_of(web: WebState, link: UnsubscribeLink) -> Topic | None:
+    """The link's topic as the catalog declares it now; None without one (or when the
+    rules do not load, or the topic was removed: then only "everything" is offered)."""
+    if link.topic is None:
+        return None
+    try:
+        return web.app.rules.catalog.topics.get(link.topic)
+    except RulesInvalid:
+        return None
 
 
 def _unsubscribe_page(
     web: WebState,
     request: Request,
     state: str,
+    link: UnsubscribeLink | None = None,
     token: str = "",
-    channel: str = "email",
+    left: str = "",
     status_code: int = 200,
 ) -> Response:
-    context = {"state": state, "token": token, "channel": channel, "brand": web.brand()}
+    context = {
+        "state": state,
+        "token": token,
+        "channel": link.channel if link is not None else "email",
+        "topic": _topic_of(web, link) if link is not None else None,
+        "left": left,  # what the customer just left: "topic" or "everything"
+        "brand": web.brand(),
+    }
     response = web.render(request, "unsubscribe.html", context, status_code)
     response.headers["Referrer-Policy"] = "no-referrer"
     return response
@@ -234,20 +259,34 @@ def _unsubscribe_page(
 @router.get("/u/{token}", include_in_schema=False)
 def unsubscribe_confirm(token: str, request: Request) -> Response:
     web = web_state(request)
-    read = _read_token(web, token)
-    if read is None:
+    link = _read_token(web, token)
+    if link is None:
         return _unsubscribe_page(web, request, "invalid", status_code=400)
-    return _unsubscribe_page(web, request, "confirm", token=token, channel=read[1])
+    return _unsubscribe_page(web, request, "confirm", link, token)
 
 
 @router.post("/u/{token}", include_in_schema=False)
-def unsubscribe(token: str, request: Request) -> Response:
-    """RFC 8058 one-click: mail providers post ``List-Unsubscribe=One-Click`` with no
-    cookies and no CSRF token; the signed token is the credential."""
+async def unsubscribe(token: str, request: Request) -> Response:
+    """The page's buttons post ``scope=topic`` (only the message's topic) or
+    ``scope=everything`` (the channel's marketing). RFC 8058 one-click posts
+    ``List-Unsubscribe=One-Click``, with no cookies and no CSRF token (the signed token is
+    the credential); it leaves the message's topic: the list the message came from, as
+    RFC 8058 says (the link identifies "the list from which the recipient is to be
+    removed"), and everything for a message without a topic."""
     web = web_state(request)
-    read = _read_token(web, token)
-    if read is None:
+    link = _read_token(web, token)
+    if link is None:
         return _unsubscribe_page(web, request, "invalid", status_code=400)
-    customer_id, channel, message_id = read
-    apply_unsubscribe(web.app.db, customer_id, channel, message_id, web.app.clock())
-    return _unsubscribe_page(web, request, "done", channel=channel)
+    form = dict(parse_qsl((await request.body()).decode("utf-8", "replace")))
+    topic = await run_in_threadpool(_topic_of, web, link)
+    scope = "everything" if topic is None or form.get("scope") == "everything" else "topic"
+    await run_in_threadpool(
+        apply_unsubscribe,
+        web.app.db,
+        link.customer_id,
+        link.channel,
+        link.message_id,
+        web.app.clock(),
+        topic.name if scope == "topic" and topic is not None else None,
+    )
+    return _unsubscribe_page(web, request, "done", link, token, left=scope)

@@ -144,7 +144,9 @@ def complaint_to_breach(app: App, clock: Clock, tmp_path: Path) -> int:
     assert opened_email.to_address == "priya.shah@lifecycle.example"  # the on-duty tier-1 lead
     written = message_from_bytes((tmp_path / "outbox" / f"{opened_email.id}.eml").read_bytes())
     assert written["To"] == "priya.shah@lifecycle.example"
-    assert written["Subject"] == f"[HIGH] New complaint case #{case.id} for ann"
+    # The playbook sets the priority by severity: 2 is normal...
+    assert written["Subject"] == f"[NORMAL] New complaint case #{case.id} for ann"
+    assert case.priority == "normal"
 
     clock.now = start + timedelta(days=1, hours=2)
     second = {
@@ -158,6 +160,8 @@ def complaint_to_breach(app: App, clock: Clock, tmp_path: Path) -> int:
     with Session(app.db) as session:
         cases = list(session.scalars(select(Escalation)))
     assert [c.id for c in cases] == [case.id]  # joined, not a second case
+    # ...and one without a severity is high ('otherwise'), which raises the open case.
+    assert cases[0].priority == "high"
 
     # Day 2: the tips step is due but marketing is paused while the case is open.
     clock.now = start + timedelta(days=2, hours=1)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from engine.bootstrap import check_startup
 from engine.cli import app
 from engine.errors import StartupRefused
+from engine.evaluation.evaluators import durable_unavailable
 from engine.settings import DEFAULT_SECRET_KEY, Settings
 from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES, ROOT
 from tests.support.server import free_port, wait_for_json
@@ -120,7 +121,8 @@ def test_with_console_channels_the_default_key_is_one_warning_in_the_log(
     assert warnings == [
         "LIFECYCLE_SECRET_KEY is the published default: fine with console channels, but set it "
         "before configuring SendGrid or Twilio (make one with: "
-        'python -c "import secrets; print(secrets.token_urlsafe(32))")'
+        'python -c "import secrets; print(secrets.token_urlsafe(32))")',
+        *ENGINE_WARNING,
     ]
 
 
@@ -153,7 +155,14 @@ def test_every_problem_is_named_at_once() -> None:
         StartupRefused, match="LIFECYCLE_SECRET_KEY: is 5 characters, fewer than 16"
     ):
         check_startup(short, "run")
-    assert check_startup(Settings(_env_file=None, secret_key=GOOD_KEY), "run") == []  # type: ignore[call-arg]
+    assert check_startup(Settings(_env_file=None, secret_key=GOOD_KEY), "run") == ENGINE_WARNING  # type: ignore[call-arg]
+    # The reference evaluator chosen on purpose is no news.
+    reference = Settings(_env_file=None, secret_key=GOOD_KEY, engine="reference")  # type: ignore[call-arg]
+    assert check_startup(reference, "run") == []
+
+
+# Python 3.13+: the engine "durable" is the reference evaluator, said once at start.
+ENGINE_WARNING = [unavailable] if (unavailable := durable_unavailable()) else []
 
 
 def _serve(env: dict[str, str], extra: dict[str, str], port: int) -> subprocess.Popen[str]:

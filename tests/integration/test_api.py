@@ -300,6 +300,10 @@ def test_event_types_and_properties_are_checked_against_the_catalog(
     }
     unknown = client.post("/v1/events", json={**ORDER, "type": "order_shipped"}, headers=AUTH)
     assert "unknown event type 'order_shipped'" in locs(unknown)[("body", "type")]
+    misspelt = client.post("/v1/events", json={**ORDER, "type": "signup"}, headers=AUTH)
+    assert locs(misspelt)[("body", "type")] == (
+        "unknown event type 'signup' (did you mean 'signed_up'?); declare it in rules/catalog.yaml"
+    )
     naive = client.post("/v1/events", json={**ORDER, "occurred_at": "yesterday"}, headers=AUTH)
     assert ("body", "occurred_at") in locs(naive)
     assert count(app, Event) == 0

@@ -141,7 +141,13 @@ def test_email_payload_through_the_sendgrid_sdk(app: App, fake: FakeProvider) ->
     assert mailto.startswith("mailto:unsubscribe@lifecycle.example?subject=unsubscribe-")
     assert url.startswith("https://lifecycle.example/u/")
     token = url.rsplit("/", 1)[1]
-    assert read_unsubscribe_token("test-secret", token) == ("ann", "email", message_id)
+    # the link names the message's topic (the fixture welcome series: product_news)
+    assert read_unsubscribe_token("test-secret", token) == (
+        "ann",
+        "email",
+        message_id,
+        "product_news",
+    )
     assert url in email.text  # the footer link is the same signed one
     stored = message(app, message_id)
     assert stored.status == MessageStatus.SENT

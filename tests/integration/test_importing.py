@@ -221,8 +221,8 @@ def test_bad_event_rows_are_reported_and_good_rows_kept(
     jsonl_report = import_events(db, jsonl_path, catalog, now)
 
     assert errors(csv_report) == [
-        f"{csv_path}: row 2: line 3: type: unknown event type 'order_shipped'; "
-        "declare it in rules/catalog.yaml",
+        f"{csv_path}: row 2: line 3: type: unknown event type 'order_shipped' (did you mean "
+        "'order_placed'?); declare it in rules/catalog.yaml",
         f"{csv_path}: row 3: line 4: customer_id: no customer with id 'nobody'",
         f"{csv_path}: row 4: line 5: properties.amount_cents: expected money in whole cents "
         "(4999 for $49.99), got '49.99'",

@@ -200,7 +200,9 @@ def test_sms_due_at_23_local_waits_until_8(
     (deferred,) = [d for d in decisions(app, "di", "deferred") if d.step_id == "reward_sms"]
     assert deferred.until is not None
     assert deferred.until.astimezone(ZoneInfo(zone)).replace(tzinfo=None) == expected_local
-    assert deferred.reason.startswith(f"quiet hours: 08:00-21:00 local time in {zone}")
+    assert deferred.reason.startswith(
+        f"quiet hours: the sending window is 08:00-21:00 local time in {zone}"
+    )
     tick(app, deferred.until - timedelta(minutes=1))
     assert [s for s, _, _ in sent(app, "di")] == ["reward"]
     tick(app, deferred.until)

@@ -684,7 +684,7 @@ def test_a_broken_rule_change_keeps_the_last_good_rules(
     (record,) = [r for r in caplog.records if r.name == "lifecycle.scheduler"]
     assert record.levelno == logging.ERROR
     assert record.getMessage() == (
-        "rule files have problems; keeping the last good rules:\n"
+        f"rule files have problems; keeping the last good rules (version {good.version}):\n"
         f"1 problem in the rules:\n{expected}"
     )
     assert app.rules is good and app.rules.version == good.version
@@ -698,11 +698,15 @@ def test_a_broken_rule_change_keeps_the_last_good_rules(
         ("welcome_series", "welcome", "sent")
     ]
 
-    # A good change is taken at the next reload, without a word at ERROR.
+    # A good change is taken at the next reload, logged with its version, not as an error.
     caplog.clear()
     welcome.write_text(original.replace("priority: 20 ", "priority: 21 "))
     LifecycleScheduler(app).reload_rules()
-    assert [r.levelno for r in caplog.records if r.name == "lifecycle.scheduler"] == [logging.DEBUG]
+    (record,) = [r for r in caplog.records if r.name == "lifecycle.scheduler"]
+    assert (record.levelno, record.getMessage()) == (
+        logging.INFO,
+        f"rules reloaded: version {app.rules.version} (was {good.version}), 5 playbooks",
+    )
     assert app.rules.version != good.version
     assert app.rules.playbooks["welcome_series"].priority == 21
 

@@ -6,6 +6,7 @@ by the reference evaluator over the facts each test gives, as in a real tick.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -344,7 +345,7 @@ def test_an_sms_due_at_night_waits_for_the_morning_across_the_dst_change(
     assert queued.due_at == datetime(2026, 3, 8, 12, 0, tzinfo=UTC)
     deferred = [d for d in only(result.effects(), Decide) if d.outcome == "deferred"]
     assert deferred[0].reason == (
-        "quiet hours: 08:00-21:00 local time in America/New_York; deferred to 2026-03-08 08:00 EDT"
+        "quiet hours: the sending window is 08:00-21:00 local time in America/New_York; deferred to 2026-03-08 08:00 EDT"
     )
 
 
@@ -480,6 +481,61 @@ def test_a_repeat_complaint_joins_the_open_case(
     (note,) = only(result.effects(), CaseNote)
     assert (note.case, note.action, note.note) == (12, "joined", "repeat complaint: Still broken")
     assert [q.kind for q in only(result.effects(), Queue)] == ["transactional"]  # no staff mail
+
+
+@pytest.fixture(scope="module")
+def by_severity(tmp_path_factory: pytest.TempPathFactory) -> RuleSet:
+    """The fixture rules, with the case priority chosen by the complaint's severity."""
+    directory = tmp_path_factory.mktemp("severity") / "rules"
+    shutil.copytree(FIXTURES / "rules", directory)
+    path = directory / "complaint.yaml"
+    path.write_text(
+        path.read_text().replace(
+            "escalate: {priority: normal,",
+            "escalate: {priority: {by: event.severity, map: {1: low, 3: urgent}, "
+            "otherwise: normal},",
+        )
+    )
+    return load_rules(directory, FIXTURES / "templates")
+
+
+@pytest.mark.parametrize(
+    ("severity", "priority", "why"),
+    [
+        (1, "low", "event.severity is 1"),
+        (3, "urgent", "event.severity is 3"),
+        (2, "normal", "event.severity is 2, not in the playbook's list"),
+        (None, "normal", "event.severity is unknown"),
+    ],
+)
+def test_the_complaint_severity_sets_the_case_priority(
+    by_severity: RuleSet, severity: int | None, priority: str, why: str
+) -> None:
+    evaluator = ReferenceEvaluator(by_severity.conditions())
+    complaint = event(
+        evaluator, "complaint", NOW, **{"event.reason": "Broken", "event.severity": severity}
+    )
+    result = plan({}, [sweep(evaluator), complaint], by_severity, NOW)
+    (case,) = only(result.effects(), OpenCaseEffect)
+    assert case.priority == priority
+    staff = next(q for q in only(result.effects(), Queue) if q.kind == "staff")
+    assert staff.context["case"]["priority"] == priority
+    escalated = [d for d in only(result.effects(), Decide) if d.outcome == "escalated"]
+    assert escalated[0].reason == (
+        f"case opened ({priority} as {why}, queue complaints); SLA 2026-03-02 16:00 UTC"
+    )
+
+
+def test_a_more_severe_repeat_complaint_raises_the_open_case(by_severity: RuleSet) -> None:
+    evaluator = ReferenceEvaluator(by_severity.conditions())
+    worse = event(evaluator, "complaint", NOW, **{"event.reason": "Worse", "event.severity": 3})
+    open_case = snapshot(open_case=OpenCase(12, "low"))
+    result = plan(open_case, [sweep(evaluator, open_complaints=1), worse], by_severity, NOW)
+    assert only(result.effects(), JoinCase) == [JoinCase(12, "urgent")]
+    milder = event(evaluator, "complaint", NOW, **{"event.reason": "Meh", "event.severity": 1})
+    urgent_case = snapshot(open_case=OpenCase(12, "urgent"))
+    result = plan(urgent_case, [sweep(evaluator, open_complaints=1), milder], by_severity, NOW)
+    assert only(result.effects(), JoinCase) == []  # a milder one never lowers it
 
 
 def test_two_complaints_in_one_batch_open_one_case(

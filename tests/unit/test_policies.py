@@ -15,9 +15,9 @@ from engine.journeys.policies import (
     next_allowed,
     quiet_hours,
 )
-from engine.playbooks.model import FrequencyCap, QuietHours
+from engine.playbooks.model import FrequencyCap, SendWindow
 
-SMS_WINDOW = QuietHours(time(8), time(21))
+SMS_WINDOW = SendWindow(time(8), time(21))
 MARKETING_SMS = Proposal(channel="sms", marketing=True, priority=10)
 MARKETING_EMAIL = Proposal(channel="email", marketing=True, priority=10)
 
@@ -32,7 +32,7 @@ def test_sms_at_23_local_is_deferred_to_8_next_morning() -> None:
     held = quiet_hours(due, SMS_WINDOW, "Asia/Tokyo")
     assert held is not None
     assert local(held.until, "Asia/Tokyo").replace(tzinfo=None) == datetime(2026, 6, 11, 8, 0)
-    assert "quiet hours: 08:00-21:00 local time in Asia/Tokyo" in held.reason
+    assert "quiet hours: the sending window is 08:00-21:00 local time in Asia/Tokyo" in held.reason
 
 
 def test_deferral_across_spring_forward_lands_on_local_8am() -> None:
@@ -52,7 +52,7 @@ def test_deferral_across_fall_back_lands_on_local_8am() -> None:
 
 
 def test_window_start_inside_a_dst_gap_moves_to_the_first_real_minute() -> None:
-    window = QuietHours(time(2, 30), time(21))
+    window = SendWindow(time(2, 30), time(21))
     due = datetime(2026, 3, 8, 6, 0, tzinfo=UTC)  # 01:00 EST; 02:00-03:00 does not exist
     allowed = next_allowed(due, window, "America/New_York")
     assert local(allowed, "America/New_York").replace(tzinfo=None) == datetime(2026, 3, 8, 3, 0)
@@ -65,7 +65,7 @@ def test_inside_the_window_nothing_is_held() -> None:
 
 
 def test_window_over_midnight() -> None:
-    night_shift = QuietHours(time(22), time(6))
+    night_shift = SendWindow(time(22), time(6))
     assert next_allowed(datetime(2026, 6, 10, 23, 30, tzinfo=UTC), night_shift, "UTC") == datetime(
         2026, 6, 10, 23, 30, tzinfo=UTC
     )
@@ -105,6 +105,25 @@ def test_consent_refusals_say_why(
 def test_transactional_email_needs_an_address_but_no_marketing_opt_in() -> None:
     service = Proposal(channel="email", marketing=False, priority=1)
     assert consent(service, {"has_email": True, "email_opt_in": False}) is None
+
+
+def test_marketing_of_a_topic_needs_the_channel_and_the_topic() -> None:
+    offers = Proposal(channel="email", marketing=True, priority=30, topic="offers")
+    consenting = {"has_email": True, "email_opt_in": True, "has_phone": True, "sms_opt_in": True}
+    assert consent(offers, {**consenting, "topic.offers": True}) is None
+    for value in (False, None):  # opted out, or a topic the facts do not know
+        refused = consent(offers, {**consenting, "topic.offers": value})
+        assert refused is not None and refused.reason == (
+            "not subscribed to the offers topic (opted out, or never opted in)"
+        )
+    # The channel comes first: no email consent is said as such, whatever the topic.
+    no_email = consent(offers, {**consenting, "email_opt_in": False, "topic.offers": True})
+    assert no_email is not None and no_email.reason == "no email marketing consent"
+    sms = Proposal(channel="sms", marketing=True, priority=30, topic="offers")
+    assert consent(sms, {**consenting, "topic.offers": False}) is not None
+    # Transactional messages ignore topics (a playbook cannot even name one).
+    service = Proposal(channel="email", marketing=False, priority=1, topic="offers")
+    assert consent(service, {**consenting, "topic.offers": False}) is None
 
 
 def test_complaint_pauses_marketing_only() -> None:

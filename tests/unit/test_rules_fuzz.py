@@ -139,7 +139,7 @@ def file_lines(path: Path) -> list[str]:
 # fmt: off
 SCHEMA_KEYS = [
     "playbook", "stage", "description", "priority", "kind", "enter", "on", "when", "reentry",
-    "exit", "when_capped", "quiet_hours", "sms_opt_out_hint", "max_sms_segments", "steps",
+    "exit", "when_capped", "send_window", "quiet_hours", "sms_opt_out_hint", "max_sms_segments", "steps",
     "id", "wait", "send", "channel", "template", "escalate", "sla", "queue", "attributes",
     "events", "properties", "type", "example", "leads", "name", "email", "phone", "tier",
     "on_duty", "frequency_caps", "max", "per", "brand", "address", "sms",
@@ -416,7 +416,7 @@ def test_what_the_fuzzing_found_is_reported_not_raised(
             "policies.yaml",
             "per: 7d}",
             "per: 99999999999w}",
-            "policies.yaml:14:33: bad duration '99999999999w': write a whole number and a "
+            "policies.yaml:16:33: bad duration '99999999999w': write a whole number and a "
             "unit, like 90m, 36h, 2d or 1w",
         ),
     ],
