@@ -299,9 +299,11 @@ def _write_all(
     enrollment_ids = _insert_enrollments(session, dialect, kinds[Enroll])
     case_ids = _insert_cases(session, dialect, kinds[OpenCaseEffect], now)
     refs = {**enrollment_ids, **case_ids}
-    cancelled_rows = _cancel_queued(session, kinds[CancelQueued], now)
     messages = (_message_row(e, refs, now) for e in kinds[Queue])
     _insert(dialect, connection, MESSAGES, _MESSAGE_COLUMNS, messages)
+    # After the insert: a journey may queue a message and end within one plan (a sign-up
+    # and an order in one batch), and then what it just queued is cancelled too.
+    cancelled_rows = _cancel_queued(session, kinds[CancelQueued], refs, now)
     notes = (
         (_resolve(e.case, refs), now, e.actor, e.action, e.note[:2000]) for e in kinds[CaseNote]
     )
@@ -517,12 +519,13 @@ def _allocate(session: Session, dialect: str, table: str, count: int) -> list[in
     return [int(i) for i in session.execute(statement, {"n": count}).scalars()]
 
 
-def _cancel_queued(session: Session, cancels: Sequence[CancelQueued], now: datetime) -> list[Any]:
+def _cancel_queued(
+    session: Session, cancels: Sequence[CancelQueued], refs: Mapping[str, int], now: datetime
+) -> list[Any]:
     """Cancel what ending journeys still have queued; returns the cancelled rows."""
     by_reason: dict[str, list[int]] = defaultdict(list)
     for effect in cancels:
-        assert isinstance(effect.enrollment, int), "a journey of this plan queued nothing yet"
-        by_reason[effect.reason].append(effect.enrollment)
+        by_reason[effect.reason].append(_resolve(effect.enrollment, refs))
     cancelled: list[Any] = []
     for reason, ids in by_reason.items():
         for chunk in _chunks(ids):

@@ -56,6 +56,24 @@ def evaluation(rules: RuleSet, customer_id: str, **facts: Any) -> Evaluation:
     return Evaluation(Subject(customer_id, base), fired)
 
 
+def event_evaluation(
+    db: Engine,
+    rules: RuleSet,
+    customer_id: str,
+    event_id: str,
+    kind: str,
+    at: datetime,
+    **facts: Any,
+) -> Evaluation:
+    """An event recorded (pending) and its evaluation, as a tick would make it."""
+    with unit_of_work(db) as session:
+        record_event(
+            session, EventIn(id=event_id, customer_id=customer_id, type=kind, occurred_at=at), at
+        )
+    plain = evaluation(rules, customer_id, event=kind, event_days_ago=0, **facts)
+    return Evaluation(Subject(customer_id, plain.subject.facts, event_id, kind, at), plain.fired)
+
+
 def count(db: Engine, model: Any) -> int:
     with Session(db) as session:
         return int(session.scalar(select(func.count()).select_from(model)) or 0)
@@ -189,3 +207,34 @@ def test_claimed_events_and_cases_are_written_with_their_ids(
     # A second delivery of the same plan finds the event claimed and writes nothing.
     again = advance_journeys(db, rules, [evaluation(rules, "ann", orders_count=1), complaint], now)
     assert count(db, Escalation) == 1 and again.lost_races == 1
+
+
+def test_a_journey_started_and_ended_by_one_batch_cancels_what_it_queued(
+    db: Engine, rules: RuleSet, now: datetime
+) -> None:
+    """A sign-up and an order in the same batch: the journey the sign-up starts is ended
+    by the order's goal in the same plan, so the message it queued a moment before is
+    cancelled in the same write (it once failed: the cancel ran before the insert, with
+    no id for the new journey)."""
+    customer(db, "sam", now, attributes={"plan": "signup"})
+    signed_up = event_evaluation(
+        db, rules, "sam", "s1", "signed_up", now - timedelta(minutes=9), plan="signup"
+    )
+    ordered = event_evaluation(
+        db, rules, "sam", "o1", "order_placed", now - timedelta(minutes=4), plan="signup"
+    )
+    advance_journeys(db, rules, [evaluation(rules, "sam", plan="signup"), signed_up, ordered], now)
+    with reading(db) as session:
+        (enrollment,) = session.scalars(
+            select(Enrollment).where(Enrollment.playbook == "signup_offer")
+        )
+        (message,) = session.scalars(select(Message).where(Message.playbook == "signup_offer"))
+        outcomes = [
+            d.outcome
+            for d in session.scalars(
+                select(Decision).where(Decision.playbook == "signup_offer").order_by(Decision.id)
+            )
+        ]
+    assert enrollment.status == EnrollmentStatus.CONVERTED
+    assert (message.status, message.last_error) == ("cancelled", "journey converted: goal reached")
+    assert outcomes[:2] == ["enrolled", "queued"] and "cancelled" in outcomes
