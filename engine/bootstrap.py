@@ -80,6 +80,11 @@ class App:
             max_row_bytes=s.max_body_bytes,
         )
 
+    @property
+    def phone_region(self) -> str | None:
+        """The country of national phone numbers (LIFECYCLE_DEFAULT_PHONE_REGION)."""
+        return self.settings.default_phone_region
+
     def workers(self) -> int:
         import os
 

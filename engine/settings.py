@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Published in this repository: fine for trying Lifecycle with console channels, refused
@@ -61,12 +61,27 @@ class Settings(BaseSettings):
     staff_passwords: SecretStr | None = None
     session_hours: int = Field(default=12, ge=1, le=24 * 30, description="console sign-in lifetime")
 
+    # Ingestion
+    default_phone_region: str | None = Field(
+        default=None,
+        description="country of phone numbers written without +, e.g. GB: 07700 900123 "
+        "becomes +447700900123 (unset: only international numbers are accepted)",
+    )
+
+    @field_validator("default_phone_region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        from engine.data.contacts import check_region
+
+        return check_region(value) if value else None
+
     def secret_keys(self) -> list[str]:
         """Every key that verifies a signed link, oldest first, the current one last (the
         order itsdangerous expects: it signs with the last)."""
         previous = self.secret_key_previous.get_secret_value() if self.secret_key_previous else ""
         earlier = [key.strip() for key in previous.split(",") if key.strip()]
         return [*earlier, self.secret_key.get_secret_value()]
+
     # Input bounds: larger API bodies are 413, larger values a 422 or an import row error
     max_body_bytes: int = Field(
         default=1_000_000, ge=1024, description="largest ingest API request body (bytes)"

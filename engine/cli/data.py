@@ -69,6 +69,8 @@ def _import(kind: str, file: Path, now: datetime | None, history: bool = False) 
     options: dict[str, Any] = {"limits": application.input_limits}
     if history:
         options["history"] = True
+    if kind == "customers":
+        options["phone_region"] = application.phone_region
     run = importing.import_customers if kind == "customers" else importing.import_events
     try:
         with progress() as bar:

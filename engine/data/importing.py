@@ -53,6 +53,7 @@ from engine.data.ingest import (
     check_attributes,
     check_event_properties,
     customer_draft,
+    ingest_context,
     record_events,
     validation_reason,
 )
@@ -126,10 +127,20 @@ def import_customers(
     *,
     batch_size: int = BATCH_SIZE,
     limits: InputLimits | None = None,
+    phone_region: str | None = None,
 ) -> ImportReport:
-    """Create or update the customers in ``path``; see the module docstring."""
+    """Create or update the customers in ``path``; see the module docstring.
+    ``phone_region`` is the country of national phone numbers (07700 900123 in GB)."""
     return _Import(
-        engine, Path(path), catalog, as_utc(now), progress, batch_size, _CUSTOMERS, limits
+        engine,
+        Path(path),
+        catalog,
+        as_utc(now),
+        progress,
+        batch_size,
+        _CUSTOMERS,
+        limits,
+        phone_region,
     ).run()
 
 
@@ -549,6 +560,7 @@ class _Import(Generic[Model]):
         batch_size: int,
         kind: _Kind[Model],
         limits: InputLimits | None = None,
+        phone_region: str | None = None,
     ) -> None:
         self.engine = engine
         self.path = path
@@ -558,6 +570,7 @@ class _Import(Generic[Model]):
         self.batch_size = max(1, batch_size)
         self.kind: _Kind[Model] = kind
         self.limits = limits or InputLimits()
+        self.context = ingest_context(phone_region)
         self.report = ImportReport(str(path), kind.name)
 
     def run(self) -> ImportReport:
@@ -598,7 +611,7 @@ class _Import(Generic[Model]):
         model: Model | None = None
         if row.data is not None:
             try:
-                model = self.kind.model.model_validate(row.data)
+                model = self.kind.model.model_validate(row.data, context=self.context)
             except ValidationError as exc:
                 problems.append(validation_reason(exc))
             else:

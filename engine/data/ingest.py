@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,22 +29,41 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from sqlalchemy import bindparam, insert, select, update
 from sqlmodel import Session
 
 from engine.clock import as_utc
+from engine.data.contacts import normalise_email, normalise_phone
 from engine.data.models import Customer, Event
 from engine.errors import EventConflict, FactValueError
 from engine.language.catalog import FactCatalog, FactSource, FactType
 from engine.language.conditions import canonical_value
 
-E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# The validation context key for the default phone region (LIFECYCLE_DEFAULT_PHONE_REGION):
+# ``CustomerIn.model_validate(data, context=ingest_context(region))``.
+PHONE_REGION = "phone_region"
+
+
+def ingest_context(phone_region: str | None) -> dict[str, Any]:
+    """What CustomerIn's validators need from the settings, as a pydantic context."""
+    return {PHONE_REGION: phone_region}
 
 
 class CustomerIn(BaseModel):
-    """A customer as sent to the API or written in an import file."""
+    """A customer as sent to the API or written in an import file.
+
+    ``email`` is checked and normalised by email-validator (lower-cased); ``phone`` is
+    parsed by phonenumbers and stored as E.164, a national number read in the region of
+    the validation context (see ingest_context), an impossible one refused.
+    """
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -73,21 +91,17 @@ class CustomerIn(BaseModel):
     @field_validator("email")
     @classmethod
     def _email(cls, value: str | None) -> str | None:
-        if value in (None, ""):
+        if value is None or value == "":
             return None
-        if not EMAIL.match(value):
-            raise ValueError(f"{value!r} is not an email address")
-        return value.lower()
+        return normalise_email(value)
 
     @field_validator("phone")
     @classmethod
-    def _phone(cls, value: str | None) -> str | None:
-        if value in (None, ""):
+    def _phone(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value == "":
             return None
-        compact = re.sub(r"[\s().-]", "", value)
-        if not E164.match(compact):
-            raise ValueError(f"{value!r} is not an E.164 phone number like +447700900123")
-        return compact
+        region = (info.context or {}).get(PHONE_REGION)
+        return normalise_phone(value, region)
 
     @field_validator("timezone")
     @classmethod
@@ -134,8 +148,15 @@ class EventIn(BaseModel):
 
 
 def _in_utc(value: datetime) -> datetime:
-    """0001-01-01T00:00+05:00 is a valid datetime that UTC cannot hold: a ValueError
-    (a 422 or a row error naming the field), not an OverflowError (a 500)."""
+    """The moment in UTC. A time without an offset is refused: ``2026-03-01T10:00`` could
+    be any of 26 hours, and taking it as UTC would quietly move every local stamp.
+    0001-01-01T00:00+05:00 is a valid datetime that UTC cannot hold: a ValueError (a 422
+    or a row error naming the field), not an OverflowError (a 500)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"{value.isoformat()} has no UTC offset; write it with one, like "
+            f"{value.isoformat()}Z for UTC or {value.isoformat()}+01:00"
+        )
     try:
         return as_utc(value)
     except OverflowError:

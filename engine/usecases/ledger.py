@@ -263,7 +263,7 @@ def _cancel_queued_sms(session: Session, number: str, said: str, now: datetime) 
     suppressed". Staff notifications (about a customer, to a support lead) are not the
     customer's: they stay, and the suppression holds back any to this number."""
     messages = Message.__table__  # type: ignore[attr-defined]
-    holders = select(Customer.id).where(col(Customer.phone) == number)
+    holders = select(col(Customer.id)).where(col(Customer.phone) == number)
     reason = f"cancelled: the recipient sent STOP ({said})"[:1000]
     statement = (
         update(messages)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -30,6 +30,7 @@ from engine.data.ingest import (
     check_attributes,
     check_event_properties,
     check_same_event,
+    ingest_context,
     record_event,
     upsert_customer,
 )
@@ -37,6 +38,8 @@ from engine.data.models import Customer, Event
 from engine.errors import EventConflict
 from engine.web import web_state
 from engine.web.auth import api_key_problem
+
+Validated = TypeVar("Validated", bound=BaseModel)
 
 
 def key_problem(request: Request) -> tuple[int, str] | None:
@@ -104,6 +107,44 @@ class EventResult(BaseModel):
     status: Literal["accepted", "duplicate"]
 
 
+SCHEMA_REF = "#/components/schemas/{model}"
+# The bodies that routes validate themselves (see body_schema), added to the schema's
+# components by add_body_schemas.
+SELF_VALIDATED: list[type[BaseModel]] = []
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that validates its JSON itself (with a context
+    FastAPI cannot hand in, such as the default phone region)."""
+    SELF_VALIDATED.append(model)
+    reference = {"schema": {"$ref": SCHEMA_REF.format(model=model.__name__)}}
+    return {"requestBody": {"required": True, "content": {"application/json": reference}}}
+
+
+def add_body_schemas(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI schema with the self-validated bodies among its components."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in SELF_VALIDATED:
+        own = model.model_json_schema(ref_template=SCHEMA_REF)
+        components.update(own.pop("$defs", {}))
+        components.setdefault(model.__name__, own)
+    return schema
+
+
+def validated(
+    model: type[Validated],
+    payload: Any,
+    context: dict[str, Any],
+    loc: tuple[str | int, ...] = ("body",),
+) -> Validated:
+    """``payload`` as ``model``, or a 422 in FastAPI's own shape (each problem at ``loc``)."""
+    try:
+        return model.model_validate(payload, context=context)
+    except ValidationError as exc:
+        errors = [{**e, "loc": (*loc, *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
 def catalog_errors(problems: list[str], kind: str = "catalog") -> list[dict[str, Any]]:
     """``"attributes.plan: expected string, got 5"`` → FastAPI's error shape."""
     errors = []
@@ -118,12 +159,18 @@ def catalog_errors(problems: list[str], kind: str = "catalog") -> list[dict[str,
     response_model=CustomerResult,
     status_code=201,
     summary="Create or update a customer",
+    openapi_extra=body_schema(CustomerIn),
     responses={200: {"description": "An existing customer was updated (or was already so)"}},
 )
-def post_customer(data: CustomerIn, request: Request, response: Response) -> CustomerResult:
+def post_customer(
+    payload: Annotated[dict[str, Any], Body()], request: Request, response: Response
+) -> CustomerResult:
     """Fields left out are left alone; ``attributes`` are merged key by key and must be
-    declared in ``rules/catalog.yaml`` with their type."""
+    declared in ``rules/catalog.yaml`` with their type. ``email`` is normalised (lower
+    case), ``phone`` stored as E.164 (a national number is read in
+    ``LIFECYCLE_DEFAULT_PHONE_REGION``)."""
     app = web_state(request).app
+    data = validated(CustomerIn, payload, ingest_context(app.phone_region))
     problems = check_attributes(data.attributes, app.rules.catalog, app.input_limits)
     if problems:
         raise RequestValidationError(catalog_errors(problems))

@@ -244,7 +244,7 @@ def _add_docs(http: FastAPI, docs_html: str) -> None:
     async def openapi(request: Request) -> Response:
         if not await allowed(request, api_key_too=True):
             return JSONResponse({"detail": "Not Found"}, status_code=404)
-        return JSONResponse(http.openapi())
+        return JSONResponse(api.add_body_schemas(http.openapi()))
 
     @http.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> Response:
