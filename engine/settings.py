@@ -68,6 +68,26 @@ class Settings(BaseSettings):
         "becomes +447700900123 (unset: only international numbers are accepted)",
     )
 
+    create_unknown_customers: bool = Field(
+        default=False,
+        description="an event (POST /v1/events, Segment track) for a customer id never seen "
+        "creates the customer instead of being refused",
+    )
+    segment_event_types: dict[str, str] = Field(
+        default_factory=dict,
+        description='Segment event names mapped to event types, as JSON: {"Order Completed": '
+        '"order_placed"}; a name not listed becomes its snake_case (order_completed)',
+    )
+
+    @field_validator("segment_event_types")
+    @classmethod
+    def _event_types(cls, value: dict[str, str]) -> dict[str, str]:
+        from engine.data.segment import check_event_type_name
+
+        for name, event_type in value.items():
+            check_event_type_name(event_type, f"the event type for {name!r}")
+        return value
+
     @field_validator("default_phone_region")
     @classmethod
     def _region(cls, value: str | None) -> str | None:

@@ -420,6 +420,14 @@ def customer_draft(**values: Any) -> Any:
     return SimpleNamespace(**row, **values)
 
 
+def first_sighting(customer_id: str, occurred_at: datetime, now: datetime) -> Customer:
+    """A customer known only from an event for an id never seen (when
+    LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS allows it): the id alone, signed up when the event
+    happened (never later than now), no contact details and no consent."""
+    data = CustomerIn(id=customer_id, signed_up_at=min(occurred_at, now))
+    return apply_customer(None, data, now)[0]
+
+
 def upsert_customer(session: Session, data: CustomerIn, now: datetime) -> tuple[Customer, bool]:
     """Create or update a customer; returns it and whether anything changed (see apply_customer)."""
     existing = session.get(Customer, data.id)
@@ -561,17 +569,23 @@ def same_json(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def record_event(session: Session, data: EventIn, now: datetime) -> Event | None:
+def record_event(
+    session: Session, data: EventIn, now: datetime, *, create_unknown: bool = False
+) -> Event | None:
     """Store an event once; returns None when its id was seen before with an identical
     payload (nothing changes) and raises EventConflict when the payload differs.
 
-    The caller has checked that the customer exists; the roll-ups move in this transaction.
+    An unknown customer raises LookupError, unless ``create_unknown`` creates them
+    (first_sighting); the roll-ups move in this transaction.
     """
     stored = session.get(Event, data.id)
     if stored is not None:
         check_same_event(stored, data)
         return None
     customer = session.get(Customer, data.customer_id, with_for_update=True)
+    if customer is None and create_unknown:
+        customer = first_sighting(data.customer_id, data.occurred_at, now)
+        session.add(customer)
     if customer is None:
         raise LookupError(data.customer_id)
     event = _new_event(data, now)

@@ -207,8 +207,8 @@ def post_customer(
     },
 )
 def post_event(data: EventIn, request: Request, response: Response) -> Any:
-    """The customer must exist; the event type and its properties must be declared in
-    ``rules/catalog.yaml``. Sending the same event again changes nothing and answers 200;
+    """The customer must exist (unless ``LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS`` creates
+    them); the event type and its properties must be declared in ``rules/catalog.yaml``. Sending the same event again changes nothing and answers 200;
     sending its id with a different payload changes nothing and answers 409."""
     app = web_state(request).app
     problems = check_event_properties(data, app.rules.catalog, app.input_limits)
@@ -216,7 +216,7 @@ def post_event(data: EventIn, request: Request, response: Response) -> Any:
         raise RequestValidationError(catalog_errors(problems))
     now = app.clock()
     try:
-        stored = _record(app.db, data, now)
+        stored = _record(app.db, data, now, app.settings.create_unknown_customers)
     except EventConflict as exc:
         return conflict_response(exc)
     if stored is None:
@@ -238,17 +238,18 @@ def conflict_response(exc: EventConflict) -> JSONResponse:
     )
 
 
-def _record(db: Engine, data: EventIn, now: datetime) -> Event | None:
+def _record(db: Engine, data: EventIn, now: datetime, create_unknown: bool) -> Event | None:
     """The stored event, or None for a duplicate; raises EventConflict."""
     with Session(db, expire_on_commit=False) as session:
         try:
-            stored = record_event(session, data, now)
+            stored = record_event(session, data, now, create_unknown=create_unknown)
         except LookupError:
             raise RequestValidationError(
                 [
                     {
                         "loc": ["body", "customer_id"],
-                        "msg": f"no customer with id {data.customer_id!r}",
+                        "msg": f"no customer with id {data.customer_id!r} (create them "
+                        "first, or set LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS=true)",
                         "type": "not_found",
                     }
                 ]

@@ -5,6 +5,7 @@
 Routes (details in each module):
 
     POST /v1/customers, POST /v1/events          ingest API, Bearer LIFECYCLE_API_KEY
+    POST /v1/identify, /v1/track, /v1/batch      Segment-compatible API (also HTTP Basic)
     GET  /openapi.json                           the API's schema: with the API key, to
                                                  signed-in staff, or to all with LIFECYCLE_API_DOCS
     GET  /docs                                   Swagger UI (served locally): to signed-in
@@ -44,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine.bootstrap import App
 from engine.errors import RulesInvalid
-from engine.web import STATIC_DIR, WebState, api, build_templates, console, webhooks
+from engine.web import STATIC_DIR, WebState, api, build_templates, console, segment, webhooks
 from engine.web.auth import SessionCodec, StaffDirectory, parse_staff_passwords
 from engine.web.logs import install_access_log_filter
 
@@ -177,6 +178,7 @@ def create_app(app: App) -> FastAPI:
     )
     http.state.web = web
     http.include_router(api.router)
+    http.include_router(segment.router)
     http.include_router(webhooks.router)
     http.include_router(console.router)
     http.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
