@@ -26,11 +26,11 @@ demo: venv
 	@echo "== 1. checking the rules"
 	$(LIFECYCLE) rules check
 	@echo "== 2. seeding 2,000 synthetic customers into demo.db"
-	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) seed --customers 2000 --now 2026-03-02T09:00:00
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) seed --customers 2000 --now 2026-03-02T09:00:00Z
 	@echo "== 3. evaluating every customer against every playbook (durable_rules)"
-	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --now 2026-03-02T09:00:00
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --now 2026-03-02T09:00:00Z
 	@echo "== 4. thirty simulated days of journeys on a fake clock, on a copy of demo.db (console channel, files in outbox/)"
-	LIFECYCLE_DATABASE_URL=$(DEMO_DB) COLUMNS=120 $(LIFECYCLE) simulate --days 30 --start 2026-03-02T09:00:00 --customer seed-00000001 --activity synthetic --work-db demo-simulated.db --outbox outbox
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) COLUMNS=120 $(LIFECYCLE) simulate --days 30 --start 2026-03-02T09:00:00Z --customer seed-00000001 --activity synthetic --work-db demo-simulated.db --outbox outbox
 	@echo "Explore it: export LIFECYCLE_DATABASE_URL=sqlite:///demo-simulated.db; $(LIFECYCLE) explain seed-00000001"
 
 run: venv

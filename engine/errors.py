@@ -25,7 +25,8 @@ the text to a person and act on the parts.
     ├── WebhookSignatureError      a webhook whose signature does not verify
     ├── WebhookPayloadError        a signed webhook whose body is not what the provider sends
     └── ConfigurationError         a setting is missing or contradictory
-        └── StartupRefused         a command will not start: every setting in the way
+        ├── StartupRefused         a command will not start: every setting in the way
+        └── DatabaseNotReady       no database (or an old one) where a command needs one
 """
 
 from __future__ import annotations
@@ -338,3 +339,20 @@ class FactValueError(LifecycleError):
         if len(shown) > 60:
             shown = shown[:57] + "..."
         super().__init__(f"fact {fact!r} = {shown} ({type(value).__name__}): {reason}")
+
+
+class DatabaseNotReady(ConfigurationError):
+    """A command that must not create or migrate a database found none ready at
+    LIFECYCLE_DATABASE_URL; raised by the command line before anything is written."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        self.url = url
+        self.problem = problem
+        self.setting = "LIFECYCLE_DATABASE_URL"
+        self.reason = problem
+        LifecycleError.__init__(
+            self,
+            f"{problem} at LIFECYCLE_DATABASE_URL={url}; nothing was created. Run "
+            "`lifecycle init` to create or upgrade it (or point LIFECYCLE_DATABASE_URL at "
+            "your database)",
+        )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from engine.cli.common import (
@@ -17,10 +18,12 @@ from engine.cli.common import (
     out,
     read_settings,
     rules_of,
+    settings_rules,
 )
 from engine.errors import LifecycleError, RulesInvalid
 from engine.playbooks.loader import RESERVED_FILES, ROSTER_FILE, load_rules
 from engine.playbooks.model import RuleSet
+from engine.wording import plural
 
 rules_app = typer.Typer(no_args_is_help=True, help="Check the rule files.")
 app.add_typer(rules_app, name="rules")
@@ -58,11 +61,11 @@ def new(
 @app.command()
 def init() -> None:
     """Create or upgrade the database, and check the rules."""
-    application = load_app()
+    application = load_app(create=True)
     rules = rules_of(application)
     settings = application.settings
     out.print(f"database ready: {settings.database_url}")
-    out.print(f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}")
+    out.print(f"rules ok: {plural(len(rules.playbooks), 'playbook')}, version {rules.version}")
     out.print(
         _roster_line(rules, settings.roster_file or settings.rules_dir / ROSTER_FILE),
         markup=False,
@@ -77,7 +80,7 @@ def _roster_line(rules: RuleSet, path: Path) -> str:
         return f"support roster: none at {path} (no playbook escalates, so none is needed)"
     first = rules.roster.on_duty(1)
     on_duty = f"; on duty at tier 1: {first.name}" if first is not None else ""
-    return f"support roster: {path}, {len(leads)} lead{'s' if len(leads) != 1 else ''}{on_duty}"
+    return f"support roster: {path}, {plural(len(leads), 'lead')}{on_duty}"
 
 
 @rules_app.command("check")
@@ -104,12 +107,11 @@ def rules_check(
     except RulesInvalid as exc:
         for problem in exc.problems:
             out.print(str(problem), markup=False, soft_wrap=True)
-        count = len(exc.problems)
-        err.print(f"{count} problem{'s' if count != 1 else ''} found", markup=False)
+        err.print(f"{plural(len(exc.problems), 'problem')} found", markup=False)
         raise typer.Exit(1) from exc
     out.print(
-        f"{len(rules.playbooks)} playbooks ok ({', '.join(sorted(rules.playbooks))}); "
-        f"{len(rules.catalog.facts)} facts; rules version {rules.version}",
+        f"{plural(len(rules.playbooks), 'playbook')} ok ({', '.join(sorted(rules.playbooks))}); "
+        f"{plural(len(rules.catalog.facts), 'fact')}; rules version {rules.version}",
         markup=False,
         soft_wrap=True,
     )
@@ -120,7 +122,7 @@ def rules_check(
 @app.command()
 def facts(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List every fact conditions may use: built-in, attributes and event properties."""
-    rules = rules_of(load_app())
+    rules = settings_rules()
     specs = sorted(rules.catalog.facts.values(), key=lambda s: (s.source, s.name))
     if json_output:
         rows = [
@@ -134,9 +136,11 @@ def facts(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
         ]
         out.print_json(json.dumps(rows))
         return
-    table = Table(title="Fact catalog")
-    for column in ("fact", "type", "source", "description"):
-        table.add_column(column)
+    table = Table(title="Fact catalog", box=box.SIMPLE_HEAD)
+    table.add_column("fact", no_wrap=True)
+    for column in ("type", "source"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("description")
     for spec in specs:
         table.add_row(spec.name, str(spec.type), str(spec.source), spec.description)
     out.print(table)

@@ -44,6 +44,7 @@ from sqlalchemy.exc import DataError, IntegrityError, StatementError
 from sqlmodel import Session, col
 
 from engine.clock import as_utc
+from engine.data.erasure import ErasedAddresses
 from engine.data.ingest import (
     CustomerIn,
     EventIn,
@@ -61,6 +62,7 @@ from engine.data.models import Customer
 from engine.data.uow import unit_of_work
 from engine.errors import EventConflict, ImportRowError, LifecycleError
 from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
+from engine.wording import plural
 
 BATCH_SIZE = 1000
 CUSTOMER_COLUMNS = (
@@ -108,14 +110,14 @@ class ImportReport:
 
     def summary(self) -> str:
         if self.kind == "events":
-            done = f"{self.created:,} events stored, {self.duplicates:,} duplicates"
+            done = f"{plural(self.created, 'event')} stored, {plural(self.duplicates, 'duplicate')}"
         else:
             done = (
-                f"{self.created:,} customers created, {self.updated:,} updated, "
+                f"{plural(self.created, 'customer')} created, {self.updated:,} updated, "
                 f"{self.unchanged:,} unchanged"
             )
-        bad = len(self.errors)
-        return f"{self.path}: {self.rows:,} rows: {done}, {bad:,} bad row{'' if bad == 1 else 's'}"
+        bad = plural(len(self.errors), "bad row")
+        return f"{self.path}: {plural(self.rows, 'row')}: {done}, {bad}"
 
 
 def import_customers(
@@ -128,9 +130,11 @@ def import_customers(
     batch_size: int = BATCH_SIZE,
     limits: InputLimits | None = None,
     phone_region: str | None = None,
+    erased: ErasedAddresses | None = None,
 ) -> ImportReport:
     """Create or update the customers in ``path``; see the module docstring.
-    ``phone_region`` is the country of national phone numbers (07700 900123 in GB)."""
+    ``phone_region`` is the country of national phone numbers (07700 900123 in GB);
+    ``erased`` puts back the suppression of an erased person's address imported again."""
     return _Import(
         engine,
         Path(path),
@@ -140,7 +144,8 @@ def import_customers(
         batch_size,
         _CUSTOMERS,
         limits,
-        phone_region,
+        phone_region=phone_region,
+        erased=erased,
     ).run()
 
 
@@ -560,7 +565,9 @@ class _Import(Generic[Model]):
         batch_size: int,
         kind: _Kind[Model],
         limits: InputLimits | None = None,
+        *,
         phone_region: str | None = None,
+        erased: ErasedAddresses | None = None,
     ) -> None:
         self.engine = engine
         self.path = path
@@ -571,6 +578,7 @@ class _Import(Generic[Model]):
         self.kind: _Kind[Model] = kind
         self.limits = limits or InputLimits()
         self.context = ingest_context(phone_region)
+        self.erased = erased
         self.report = ImportReport(str(path), kind.name)
 
     def run(self) -> ImportReport:
@@ -632,7 +640,10 @@ class _Import(Generic[Model]):
         counts = _counts(self.report)
         try:
             with unit_of_work(self.engine) as session:
-                bad = self.kind.store(session, [model for _, model in batch], self.now, self.report)
+                models = [model for _, model in batch]
+                bad = self.kind.store(session, models, self.now, self.report)
+                if self.erased is not None:
+                    self.erased.restore(session, _contacts(models), self.now)
         except _ROW_ERRORS as exc:
             _restore(self.report, counts)
             if len(batch) == 1:
@@ -643,6 +654,11 @@ class _Import(Generic[Model]):
             return
         for index, reason in bad:
             self._bad(batch[index][0], reason)
+
+
+def _contacts(models: list[Any]) -> list[tuple[str | None, str | None]]:
+    """The (email, phone) of the customers among ``models``."""
+    return [(m.email, m.phone) for m in models if isinstance(m, CustomerIn)]
 
 
 def _counts(report: ImportReport) -> tuple[int, int, int, int]:

@@ -23,6 +23,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
+from engine.data.erasure import ErasedAddresses
 from engine.data.ingest import Recorded, apply_customer, first_sighting, record_events
 from engine.data.models import Customer
 from engine.data.segment import Call, Identify, Ignored, Loc, Problem, Track
@@ -52,14 +53,28 @@ _TRACK_FIELDS: dict[str, Loc] = {
 
 
 def record_calls(
-    db: Engine, calls: Sequence[Call], now: datetime, *, create_unknown: bool = False
+    db: Engine,
+    calls: Sequence[Call],
+    now: datetime,
+    *,
+    create_unknown: bool = False,
+    erased: ErasedAddresses | None = None,
 ) -> list[Outcome]:
     """Store the identifies and tracks of ``calls``; one outcome per call, in order.
-    ``create_unknown`` (LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS) lets a track create its user."""
+    ``create_unknown`` (LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS) lets a track create its user;
+    ``erased`` suppresses again an erased person's address that an identify brings back."""
     for attempt in (1, 2):
         try:
             with unit_of_work(db) as session:
-                return _Batch(session, now, create_unknown).record(calls)
+                outcomes = _Batch(session, now, create_unknown).record(calls)
+                if erased is not None:
+                    contacts = [
+                        (c.customer.email, c.customer.phone)
+                        for c in calls
+                        if isinstance(c, Identify)
+                    ]
+                    erased.restore(session, contacts, now)
+                return outcomes
         except IntegrityError:
             if attempt == 2:
                 raise

@@ -35,7 +35,9 @@ from engine.data.ingest import (
     upsert_customer,
 )
 from engine.data.models import Customer, Event
-from engine.errors import EventConflict
+from engine.data.uow import reading, unit_of_work
+from engine.errors import EventConflict, NotFound
+from engine.usecases.gdpr import erase_customer, export_customer
 from engine.web import web_state
 from engine.web.auth import api_key_problem
 
@@ -139,7 +141,8 @@ def validated(
 ) -> Validated:
     """``payload`` as ``model``, or a 422 in FastAPI's own shape (each problem at ``loc``)."""
     try:
-        return model.model_validate(payload, context=context)
+        # from_attributes as FastAPI validates bodies: the same messages as its own 422s
+        return model.model_validate(payload, context=context, from_attributes=True)
     except ValidationError as exc:
         errors = [{**e, "loc": (*loc, *e["loc"])} for e in exc.errors(include_url=False)]
         raise RequestValidationError(errors) from None
@@ -163,7 +166,7 @@ def catalog_errors(problems: list[str], kind: str = "catalog") -> list[dict[str,
     responses={200: {"description": "An existing customer was updated (or was already so)"}},
 )
 def post_customer(
-    payload: Annotated[dict[str, Any], Body()], request: Request, response: Response
+    payload: Annotated[Any, Body()], request: Request, response: Response
 ) -> CustomerResult:
     """Fields left out are left alone; ``attributes`` are merged key by key and must be
     declared in ``rules/catalog.yaml`` with their type. ``email`` is normalised (lower
@@ -178,7 +181,8 @@ def post_customer(
     for attempt in (1, 2):
         with Session(app.db, expire_on_commit=False) as session:
             existed = session.get(Customer, data.id) is not None
-            _, changed = upsert_customer(session, data, now)
+            stored, changed = upsert_customer(session, data, now)
+            app.erased_addresses.restore(session, [(stored.email, stored.phone)], now)
             try:
                 session.commit()
             except IntegrityError:
@@ -267,3 +271,56 @@ def _record(db: Engine, data: EventIn, now: datetime, create_unknown: bool) -> E
                 check_same_event(winner, data)
                 stored = None
     return stored
+
+
+# ── GDPR: a person's data out, or erased ────────────────────────────────────────────
+
+
+class ErasureResult(BaseModel):
+    customer_id: str
+    erased_at: datetime
+    audit_id: int
+    counts: dict[str, int]
+
+
+def _not_found(customer_id: str) -> HTTPException:
+    return HTTPException(404, f"no customer with id {customer_id!r}")
+
+
+@router.get(
+    "/customers/{customer_id:path}/export",
+    summary="Everything held about a customer (GDPR access)",
+    responses={404: {"description": "No customer with this id"}},
+)
+def export_customer_data(customer_id: str, request: Request) -> dict[str, Any]:
+    """The customer, events, journeys, messages, decisions, cases and the suppressions of
+    their addresses, as JSON (the same as ``lifecycle customers export``). An id holding
+    ``/`` is sent as it is or encoded (``%2F``)."""
+    app = web_state(request).app
+    with reading(app.db) as session:
+        try:
+            return export_customer(session, customer_id, app.clock())
+        except NotFound:
+            raise _not_found(customer_id) from None
+
+
+@router.post(
+    "/customers/{customer_id:path}/erase",
+    summary="Erase a customer's personal data (GDPR erasure)",
+    response_model=ErasureResult,
+    responses={404: {"description": "No customer with this id"}},
+)
+def erase_customer_data(customer_id: str, request: Request) -> ErasureResult:
+    """Removes or anonymises the personal data, keeps counts and the suppression of the
+    addresses (as keyed digests), and records an audit row (the same as ``lifecycle
+    customers erase``). Erasing again erases what arrived since."""
+    app = web_state(request).app
+    try:
+        with unit_of_work(app.db) as session:
+            audit = erase_customer(session, customer_id, "api", app.erased_addresses, app.clock())
+    except NotFound:
+        raise _not_found(customer_id) from None
+    assert audit.id is not None
+    return ErasureResult(
+        customer_id=customer_id, erased_at=audit.erased_at, audit_id=audit.id, counts=audit.counts
+    )

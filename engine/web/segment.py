@@ -173,7 +173,11 @@ def _record(
     now = app.clock()
     translated: list[Call] = [translator.translate(call, now, expected) for call in calls]
     outcomes = record_calls(
-        app.db, translated, now, create_unknown=settings.create_unknown_customers
+        app.db,
+        translated,
+        now,
+        create_unknown=settings.create_unknown_customers,
+        erased=app.erased_addresses,
     )
     prefix = loc if expected is not None else None
     return [

@@ -224,7 +224,7 @@ def test_simulate_adds_synthetic_activity_only_when_asked(cli_env: Path, db_url:
     assert plain["playbooks"]["welcome_series"]["enrolled"] >= 1  # the data as it is moved
     code, output = cli("simulate", "--days", "1", "--start", START, "--activity", "synthetic")
     assert code == 0, output
-    assert "new customers" in output and "cases resolved by the simulated lead" in output
+    assert "new customer" in output and "resolved by the simulated lead" in output
 
 
 def test_simulate_keeps_its_copy_and_messages_only_where_asked(
