@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
 
-.PHONY: demo run test test-fast bench soak lint clean venv browser
+.PHONY: demo run test test-fast bench soak lint clean venv browser readme
 
 $(BIN)/python:
 	@test -n "$(PYTHON)" || { echo "Python 3.11 or 3.12 is required (durable-rules does not build on 3.13)"; exit 1; }
@@ -57,8 +57,13 @@ soak: venv
 	BENCH_EVAL_SIZES=0 BENCH_SWEEP_CUSTOMERS=0 BENCH_DISPATCH=0 BENCH_RENDER=0 BENCH_SOAK=10000000 $(BIN)/python -m bench
 
 lint: venv
-	$(BIN)/ruff check engine channels scheduler.py tests bench
-	$(BIN)/mypy engine channels scheduler.py
+	$(BIN)/ruff check engine channels scheduler.py tests bench docs
+	$(BIN)/mypy engine channels scheduler.py docs
+
+# The README's generated parts: the settings table (engine/settings.py) and the HTTP API
+# examples (docs/api_examples.json); tests/e2e/test_readme.py fails when they are stale.
+readme: venv
+	$(BIN)/python -m docs.readme
 
 clean:
 	rm -rf $(VENV) demo.db* demo-simulated.db* outbox bench-results .pytest_cache .hypothesis

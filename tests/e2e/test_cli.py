@@ -15,7 +15,7 @@ from engine.cli import app
 from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
-NOW = "2026-03-02T09:00:00"
+NOW = "2026-03-02T09:00:00Z"
 runner = CliRunner()
 
 

@@ -127,7 +127,7 @@ def test_evaluate_changes_no_row_and_the_next_tick_still_acts_on_the_events(
 
 # ── simulate ────────────────────────────────────────────────────────────────────────
 
-START = "2026-03-02T09:00:00"
+START = "2026-03-02T09:00:00Z"
 
 
 def seeded(url: str, customers: int = 60) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +213,27 @@ def test_a_moment_without_an_offset_is_taken_as_utc_with_a_warning(env: Path) ->
     assert code == 0 and "warning" not in output
     code, output = cli("evaluate", "--now", "next tuesday")
     assert code == 2 and "is not an ISO 8601 moment" in output
+
+
+def test_every_command_reads_the_same_settings_from_dot_env(
+    env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .env in the working directory is read by rules check and facts as by every other
+    command: its rules directory is the one checked, its database the one used."""
+    for name in ("LIFECYCLE_RULES_DIR", "LIFECYCLE_TEMPLATES_DIR", "LIFECYCLE_DATABASE_URL"):
+        monkeypatch.delenv(name)
+    rules = env / "my-rules"
+    shutil.copytree(FIXTURE_RULES, rules)
+    (rules / "welcome_series.yaml").write_text(
+        (rules / "welcome_series.yaml").read_text().replace("orders_count >= 1", "order_count >= 1")
+    )
+    (env / ".env").write_text(
+        f"LIFECYCLE_RULES_DIR={rules}\nLIFECYCLE_TEMPLATES_DIR={FIXTURE_TEMPLATES}\n"
+        f"LIFECYCLE_DATABASE_URL=sqlite:///{env / 'from-dotenv.db'}\n"
+    )
+    code, output = cli("rules", "check")
+    assert code == 1 and "my-rules/welcome_series.yaml:12:9: unknown fact 'order_count'" in output
+    code, output = cli("facts")
+    assert code == 1 and "unknown fact 'order_count'" in output
+    code, output = cli("explain", "c1")
+    assert code == 1 and f"there is no database file {env / 'from-dotenv.db'}" in output
