@@ -34,6 +34,7 @@ demo: venv
 	@echo "Explore it: export LIFECYCLE_DATABASE_URL=sqlite:///demo-simulated.db; $(LIFECYCLE) explain seed-00000001"
 
 run: venv
+	$(LIFECYCLE) init
 	$(LIFECYCLE) run
 
 # Debian's chromium for the browser tests (never Playwright's own browser download).

@@ -14,6 +14,7 @@ the text to a person and act on the parts.
     ├── TemplateError              a message template is missing or does not render
     ├── ImportRowError             one row of an import file is bad (row number and reason)
     ├── EventConflict              an event id seen before, now with a different payload
+    ├── CustomerErased             data sent about a customer whose personal data was erased
     ├── ScratchCopyError           a database cannot be copied to work on (simulate)
     ├── WouldOverwrite             files that a command will not replace (lifecycle new)
     ├── NotFound                   a customer, case or message id that does not exist
@@ -185,6 +186,18 @@ class EventConflict(LifecycleError):
             f"event {event_id!r} was recorded before with a different payload "
             f"({', '.join(differences)} differ{'s' if len(differences) == 1 else ''}); "
             "nothing was changed: send a new event with a new id"
+        )
+
+
+class CustomerErased(LifecycleError):
+    """Data sent about a customer erased under GDPR (engine.usecases.gdpr): refused by
+    ingestion (API, Segment, importer), so an erasure is not undone by the next sync."""
+
+    def __init__(self, customer_id: str) -> None:
+        self.customer_id = customer_id
+        super().__init__(
+            f"customer {customer_id!r} was erased (GDPR): nothing more about them is taken "
+            "in; erase them at the source too"
         )
 
 

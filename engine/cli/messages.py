@@ -186,6 +186,6 @@ def preview(
     else:
         counted = segments(rendered.body)
         out.print(
-            f"To: {row.phone}\n{rendered.body}\n\n({counted.encoding}, {counted.characters} characters, {counted.segments} segment(s))",
+            f"To: {row.phone}\n{rendered.body}\n\n({counted.encoding}, {plural(counted.characters, 'character')}, {plural(counted.segments, 'segment')})",
             markup=False,
         )

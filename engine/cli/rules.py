@@ -45,7 +45,8 @@ def new(
         p.stem for p in written if p.parent.name == "rules" and p.name not in RESERVED_FILES
     )
     out.print(
-        f"wrote {len(written)} files into {directory}: rules/ ({len(playbooks)} playbooks: "
+        f"wrote {plural(len(written), 'file')} into {directory}: rules/ "
+        f"({plural(len(playbooks), 'playbook')}: "
         f"{', '.join(playbooks)}; the fact catalog, policies and support roster) and "
         "templates/messages/",
         markup=False,

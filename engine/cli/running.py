@@ -206,7 +206,7 @@ def _print_simulation(
     for line in details:
         out.print(line, markup=False)
     if report.timeline:
-        out.print(f"\nTimeline of the customer ({len(report.timeline)} decisions):")
+        out.print(f"\nTimeline of the customer ({plural(len(report.timeline), 'decision')}):")
         for row in report.timeline:
             until = f" until {row['until'][:16]}" if row["until"] else ""
             out.print(

@@ -60,7 +60,7 @@ from engine.data.ingest import (
 )
 from engine.data.models import Customer
 from engine.data.uow import unit_of_work
-from engine.errors import EventConflict, ImportRowError, LifecycleError
+from engine.errors import CustomerErased, EventConflict, ImportRowError, LifecycleError
 from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
 from engine.wording import plural
 
@@ -389,7 +389,9 @@ def _csv_body(
                 yield _Row(number, line, None, (f"the row is longer than {max_row:,} characters",))
                 continue
             if len(cells) != len(layout):
-                problem = f"expected {len(layout)} columns as in the header, found {len(cells)}"
+                problem = (
+                    f"expected {plural(len(layout), 'column')} as in the header, found {len(cells)}"
+                )
                 yield _Row(number, line, None, (problem,))
                 continue
             data, problems = _csv_record(layout, cells)
@@ -496,8 +498,12 @@ def _store_customers(
     statement = select(Customer).where(col(Customer.id).in_(ids))
     known: dict[str, Customer] = {c.id: c for c in session.scalars(statement)}
     drafts: dict[str, Any] = {}  # new customers, inserted with one executemany
-    for item in batch:
+    bad: list[tuple[int, str]] = []
+    for index, item in enumerate(batch):
         existing = known.get(item.id)
+        if existing is not None and existing.erased_at is not None:
+            bad.append((index, f"id: {CustomerErased(item.id)}"))
+            continue
         customer, changed = apply_customer(existing, item, now, new=customer_draft)
         if existing is None:
             drafts[item.id] = known[item.id] = customer
@@ -509,7 +515,7 @@ def _store_customers(
     if drafts:
         table = Customer.__table__  # type: ignore[attr-defined]
         session.execute(insert(table), [vars(draft) for draft in drafts.values()])
-    return []
+    return bad
 
 
 def _store_events(
@@ -529,6 +535,8 @@ def _store_events(
             report.duplicates += 1
         elif isinstance(outcome, EventConflict):
             bad.append((index, f"id: {outcome}"))
+        elif outcome is Recorded.ERASED_CUSTOMER:
+            bad.append((index, f"customer_id: {CustomerErased(item.customer_id)}"))
         else:
             bad.append((index, f"customer_id: no customer with id {item.customer_id!r}"))
     return bad
@@ -643,7 +651,9 @@ class _Import(Generic[Model]):
                 models = [model for _, model in batch]
                 bad = self.kind.store(session, models, self.now, self.report)
                 if self.erased is not None:
-                    self.erased.restore(session, _contacts(models), self.now)
+                    refused = {index for index, _ in bad}
+                    stored = [m for i, m in enumerate(models) if i not in refused]
+                    self.erased.restore(session, _contacts(stored), self.now)
         except _ROW_ERRORS as exc:
             _restore(self.report, counts)
             if len(batch) == 1:

@@ -43,7 +43,7 @@ from sqlmodel import Session
 from engine.clock import as_utc
 from engine.data.contacts import normalise_email, normalise_phone
 from engine.data.models import Customer, Event
-from engine.errors import EventConflict, FactValueError
+from engine.errors import CustomerErased, EventConflict, FactValueError
 from engine.language.catalog import FactCatalog, FactSource, FactType
 from engine.language.conditions import canonical_value
 
@@ -429,8 +429,11 @@ def first_sighting(customer_id: str, occurred_at: datetime, now: datetime) -> Cu
 
 
 def upsert_customer(session: Session, data: CustomerIn, now: datetime) -> tuple[Customer, bool]:
-    """Create or update a customer; returns it and whether anything changed (see apply_customer)."""
+    """Create or update a customer; returns it and whether anything changed (see
+    apply_customer). Raises CustomerErased for a customer whose data was erased."""
     existing = session.get(Customer, data.id)
+    if existing is not None and existing.erased_at is not None:
+        raise CustomerErased(data.id)
     customer, changed = apply_customer(existing, data, now)
     if existing is None:
         session.add(customer)
@@ -576,7 +579,8 @@ def record_event(
     payload (nothing changes) and raises EventConflict when the payload differs.
 
     An unknown customer raises LookupError, unless ``create_unknown`` creates them
-    (first_sighting); the roll-ups move in this transaction.
+    (first_sighting); an erased one raises CustomerErased; the roll-ups move in this
+    transaction.
     """
     stored = session.get(Event, data.id)
     if stored is not None:
@@ -588,6 +592,8 @@ def record_event(
         session.add(customer)
     if customer is None:
         raise LookupError(data.customer_id)
+    if customer.erased_at is not None:
+        raise CustomerErased(data.customer_id)
     event = _new_event(data, now)
     session.add(event)
     _fold(customer, data, now)
@@ -607,6 +613,7 @@ class Recorded(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # its id was seen before, in the database or earlier in the batch
     UNKNOWN_CUSTOMER = "unknown customer"
+    ERASED_CUSTOMER = "erased customer"  # their personal data was erased: nothing more
 
 
 ROLLUP_FIELDS = (
@@ -640,11 +647,18 @@ def record_events(
     seen = stored_payloads(session, [data.id for data in batch])
     wanted = sorted({data.customer_id for data in batch})  # lock in id order: no deadlocks
     rollups: dict[str, Rollups] = {}
+    erased: set[str] = set()
     if wanted:
-        columns = [customers.c.id, *(customers.c[name] for name in ROLLUP_FIELDS)]
+        columns = [
+            customers.c.id,
+            customers.c.erased_at,
+            *(customers.c[name] for name in ROLLUP_FIELDS),
+        ]
         statement = select(*columns).where(customers.c.id.in_(wanted)).with_for_update()
         for row in session.execute(statement):
             rollups[row.id] = Rollups(**{name: getattr(row, name) for name in ROLLUP_FIELDS})
+            if row.erased_at is not None:
+                erased.add(row.id)
     outcomes: list[Recorded | EventConflict] = []
     events: list[dict[str, Any]] = []
     touched: set[str] = set()
@@ -658,6 +672,8 @@ def record_events(
             )
         elif folded is None:
             outcomes.append(Recorded.UNKNOWN_CUSTOMER)
+        elif data.customer_id in erased:
+            outcomes.append(Recorded.ERASED_CUSTOMER)
         else:
             seen[data.id] = EventPayload.of(data)
             events.append(

@@ -25,7 +25,9 @@ statement per table), and keeps what the business must keep:
   so a later import of the same address is suppressed again; a plain suppression that
   another customer's address still needs is left as it is;
 - an ``erasures`` row records who asked, when, and how many rows of each kind changed,
-  and a decision ``erased`` says so in the customer's timeline.
+  and a decision ``erased`` says so in the customer's timeline;
+- from then on ingestion refuses data about the id (``CustomerErased``), so a sync does
+  not bring the person back.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def erase_customer(
     session: Session, customer_id: str, actor: str, erased: ErasedAddresses, now: datetime
 ) -> Erasure:
     """Remove or anonymise the customer's personal data (see the module docstring);
-    returns the audit row. Raises NotFound. Erasing again erases what came in since."""
+    returns the audit row. Raises NotFound. Erasing again is harmless: one more audit row."""
     customer = session.get(Customer, customer_id, with_for_update=True)
     if customer is None:
         raise NotFound("customer", customer_id)

@@ -28,7 +28,7 @@ from engine.data.ingest import Recorded, apply_customer, first_sighting, record_
 from engine.data.models import Customer
 from engine.data.segment import Call, Identify, Ignored, Loc, Problem, Track
 from engine.data.uow import unit_of_work
-from engine.errors import EventConflict
+from engine.errors import CustomerErased, EventConflict
 
 Status = Literal[
     "created", "updated", "unchanged", "accepted", "duplicate", "ignored", "rejected", "conflict"
@@ -70,8 +70,8 @@ def record_calls(
                 if erased is not None:
                     contacts = [
                         (c.customer.email, c.customer.phone)
-                        for c in calls
-                        if isinstance(c, Identify)
+                        for c, outcome in zip(calls, outcomes, strict=True)
+                        if isinstance(c, Identify) and outcome.status != "rejected"
                     ]
                     erased.restore(session, contacts, now)
                 return outcomes
@@ -117,6 +117,9 @@ class _Batch:
 
     def _identify(self, call: Identify) -> Outcome:
         existing = self.known.get(call.customer.id)
+        if existing is not None and existing.erased_at is not None:
+            refusal = Problem(("userId",), str(CustomerErased(existing.id)), "erased")
+            return Outcome("rejected", problems=(refusal,))
         customer, changed = apply_customer(existing, call.customer, self.now)
         if existing is None:
             self.session.add(customer)
@@ -150,6 +153,9 @@ def _track_outcome(call: Track, result: Recorded | EventConflict) -> Outcome:
         return Outcome("accepted", warnings=call.warnings)
     if result is Recorded.DUPLICATE:
         return Outcome("duplicate", warnings=call.warnings)
+    if result is Recorded.ERASED_CUSTOMER:
+        refusal = Problem(("userId",), str(CustomerErased(call.event.customer_id)), "erased")
+        return Outcome("rejected", problems=(refusal,))
     customer_id = call.event.customer_id
     missing = Problem(
         ("userId",),

@@ -36,7 +36,7 @@ from engine.data.ingest import (
 )
 from engine.data.models import Customer, Event
 from engine.data.uow import reading, unit_of_work
-from engine.errors import EventConflict, NotFound
+from engine.errors import CustomerErased, EventConflict, NotFound
 from engine.usecases.gdpr import erase_customer, export_customer
 from engine.web import web_state
 from engine.web.auth import api_key_problem
@@ -181,7 +181,10 @@ def post_customer(
     for attempt in (1, 2):
         with Session(app.db, expire_on_commit=False) as session:
             existed = session.get(Customer, data.id) is not None
-            stored, changed = upsert_customer(session, data, now)
+            try:
+                stored, changed = upsert_customer(session, data, now)
+            except CustomerErased as exc:
+                raise RequestValidationError(_erased(exc, "id")) from None
             app.erased_addresses.restore(session, [(stored.email, stored.phone)], now)
             try:
                 session.commit()
@@ -229,6 +232,10 @@ def post_event(data: EventIn, request: Request, response: Response) -> Any:
     return EventResult(id=data.id, status="accepted")
 
 
+def _erased(exc: CustomerErased, field: str) -> list[dict[str, Any]]:
+    return [{"loc": ["body", field], "msg": str(exc), "type": "erased"}]
+
+
 def conflict_response(exc: EventConflict) -> JSONResponse:
     """409 in the shape of the API's other refusals: one entry per field that differs."""
     return JSONResponse(
@@ -247,6 +254,8 @@ def _record(db: Engine, data: EventIn, now: datetime, create_unknown: bool) -> E
     with Session(db, expire_on_commit=False) as session:
         try:
             stored = record_event(session, data, now, create_unknown=create_unknown)
+        except CustomerErased as exc:
+            raise RequestValidationError(_erased(exc, "customer_id")) from None
         except LookupError:
             raise RequestValidationError(
                 [

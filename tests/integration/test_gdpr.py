@@ -266,3 +266,34 @@ def test_erasing_an_unknown_customer_is_a_clear_error(
 def rows_of(app: App, model: Any) -> int:
     with Session(app.db) as session:
         return len(session.scalars(select(model)).all())
+
+
+def test_data_about_an_erased_customer_is_refused_everywhere(
+    client: TestClient, app: App, now: datetime, cli_env: None, tmp_path: Path
+) -> None:
+    """The next sync from a CRM or a Segment source must not undo the erasure."""
+    history(client, app, now)
+    assert client.post(f"/v1/customers/{ID}/erase", headers=AUTH).status_code == 200
+    refused = f"customer '{ID}' was erased (GDPR): nothing more about them is taken in"
+    again = client.post("/v1/customers", json={"id": ID, "email": EMAIL}, headers=AUTH)
+    assert again.status_code == 422 and again.json()["detail"][0]["msg"].startswith(refused)
+    event = {"id": "e9", "customer_id": ID, "type": "site_visit", "occurred_at": now.isoformat()}
+    response = client.post("/v1/events", json=event, headers=AUTH)
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == [
+        "body",
+        "customer_id",
+    ]
+    batch = {
+        "batch": [
+            {"type": "identify", "userId": ID, "traits": {"email": EMAIL}},
+            {"type": "track", "userId": ID, "event": "Site Visit", "messageId": "m9"},
+        ]
+    }
+    results = client.post("/v1/batch", json=batch, headers=AUTH).json()["results"]
+    assert [r["status"] for r in results] == ["rejected", "rejected"]
+    assert all(r["errors"][0]["msg"].startswith(refused) for r in results)
+    customers = tmp_path / "again.csv"
+    customers.write_text(f"id,email\n{ID},{EMAIL}\n")
+    code, output = cli("import", "customers", str(customers))
+    assert code == 1 and f"row 1: line 2: id: {refused}" in output
+    assert EMAIL not in everything(app)  # not even as a suppression
