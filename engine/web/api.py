@@ -322,7 +322,7 @@ def export_customer_data(customer_id: str, request: Request) -> dict[str, Any]:
 def erase_customer_data(customer_id: str, request: Request) -> ErasureResult:
     """Removes or anonymises the personal data, keeps counts and the suppression of the
     addresses (as keyed digests), and records an audit row (the same as ``lifecycle
-    customers erase``). Erasing again erases what arrived since."""
+    customers erase``). Afterwards, data sent about the id is refused."""
     app = web_state(request).app
     try:
         with unit_of_work(app.db) as session:
