@@ -215,8 +215,9 @@ def post_customer(
 )
 def post_event(data: EventIn, request: Request, response: Response) -> Any:
     """The customer must exist (unless ``LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS`` creates
-    them); the event type and its properties must be declared in ``rules/catalog.yaml``. Sending the same event again changes nothing and answers 200;
-    sending its id with a different payload changes nothing and answers 409."""
+    them); the event type and its properties must be declared in ``rules/catalog.yaml``.
+    Sending the same event again changes nothing and answers 200; sending its id with a
+    different payload changes nothing and answers 409."""
     app = web_state(request).app
     problems = check_event_properties(data, app.rules.catalog, app.input_limits)
     if problems:
