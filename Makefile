@@ -50,12 +50,16 @@ test: venv browser
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not postgres and not browser and not slow"
 
+# make bench                        the full run (1,000,000 customers: many minutes)
+# make bench CUSTOMERS=100000        a quick one; DATABASES=sqlite to leave PostgreSQL out
+CUSTOMERS ?= 1000000
+DATABASES ?= sqlite,postgres
 bench: venv
-	$(BIN)/python -m bench
+	BENCH_CUSTOMERS=$(CUSTOMERS) BENCH_DATABASES=$(DATABASES) $(BIN)/python -m bench
 
 # Ten million evaluations through durable_rules in worker processes (a few minutes).
 soak: venv
-	BENCH_EVAL_SIZES=0 BENCH_SWEEP_CUSTOMERS=0 BENCH_DISPATCH=0 BENCH_RENDER=0 BENCH_SOAK=10000000 $(BIN)/python -m bench
+	BENCH_CUSTOMERS=0 BENCH_EVAL_SIZES=0 BENCH_DISPATCH=0 BENCH_RENDER=0 BENCH_INGEST=0 BENCH_SOAK=10000000 $(BIN)/python -m bench
 
 lint: venv
 	$(BIN)/ruff check engine channels scheduler.py tests bench docs

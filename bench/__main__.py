@@ -1,16 +1,20 @@
-"""``make bench``: run every benchmark case in its own process, print a table, write JSON.
+"""``make bench``: every benchmark case in its own process; a table printed, JSON written.
 
-Sizes come from the environment so a quick run and the full one use the same code:
+Sizes come from the environment (the Makefile passes its variables through), so a quick
+run and the full one are the same code:
 
-    BENCH_EVAL_SIZES=100000,1000000     evaluation alone (durable_rules and reference)
-    BENCH_SWEEP_CUSTOMERS=100000        full sweep from the database, per database
-    BENCH_SWEEP_DATABASES=sqlite,postgres
-    BENCH_CHANGED=10000                 customers changed before the incremental tick
-    BENCH_DISPATCH=2000                 messages per channel through the fake provider
-    BENCH_RENDER=5000                   template renders
-    BENCH_SOAK=0                        evaluations in the soak (make soak sets 10,000,000)
+    BENCH_CUSTOMERS=1000000           the journey core: seed, sweeps, incremental tick
+    BENCH_DATABASES=sqlite,postgres   ... on each of these
+    BENCH_CHANGED=10000               customers changed before the incremental tick
+    BENCH_EVAL_SIZES=100000           evaluation alone (durable_rules and reference)
+    BENCH_DISPATCH=2000               messages per channel through the fake provider
+    BENCH_RENDER=5000                 template renders
+    BENCH_INGEST=2000                 ingest API requests under load, per database (0: skip)
+    BENCH_SOAK=0                      evaluations in the soak (make soak sets 10,000,000)
 
-``--readme`` also rewrites the performance block of README.md with the figures.
+``--readme`` also rewrites the performance block of README.md with the table. The
+machine's load average is recorded before and after: figures from a busy machine say
+little, and the table says how busy it was.
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.journeys import chain
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
-    "sweep_1m_sqlite_s": 60,
-    "sweep_peak_mb": 500,
-    "incremental_10k_s": 2,
-    "dispatch_per_s": 500,
+    ("first full sweep", "sqlite"): "1M in ≤ 60 s, ≤ 500 MB; within 2× of its floor",
+    ("steady full sweep", "sqlite"): "1M in ≤ 20 s",
+    ("incremental tick", "sqlite"): "10k of 1M in ≤ 2 s",
+    ("seed", "sqlite"): "1M in ≤ 90 s",
+    ("first full sweep", "postgres"): "≤ 1.5× SQLite",
+    ("steady full sweep", "postgres"): "≤ 1.5× SQLite",
+    ("incremental tick", "postgres"): "≤ 1.5× SQLite",
 }
 
 
@@ -37,11 +46,11 @@ def _sizes(name: str, default: str) -> list[int]:
     return [int(x) for x in os.environ.get(name, default).split(",") if x.strip() and int(x)]
 
 
-def run_case(*args: str) -> dict[str, Any]:
-    print(f"  running {' '.join(args)} ...", file=sys.stderr, flush=True)
+def run_case(module: str, *args: str) -> dict[str, Any]:
+    print(f"  running {module} {' '.join(args)} ...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "bench.cases", *args], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True
     )
     if result.returncode != 0:
         raise SystemExit(f"bench case {' '.join(args)} failed:\n{result.stderr[-3000:]}")
@@ -50,28 +59,37 @@ def run_case(*args: str) -> dict[str, Any]:
     return data
 
 
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
 def main() -> None:
+    started_load = _load()
     results: list[dict[str, Any]] = []
-    for size in _sizes("BENCH_EVAL_SIZES", "100000,1000000"):
-        results.append(run_case("evaluate", str(size), "durable", "0"))
-        results.append(run_case("evaluate", str(size), "reference", "0"))
-        results.append(run_case("evaluate", str(size), "durable", str(os.cpu_count() or 1)))
     changed = _sizes("BENCH_CHANGED", "10000")[0]
-    for count in _sizes("BENCH_SWEEP_CUSTOMERS", "100000"):
-        for database in os.environ.get("BENCH_SWEEP_DATABASES", "sqlite,postgres").split(","):
-            results.append(
-                run_case("sweep", str(count), database.strip(), str(min(changed, count)))
-            )
+    databases = [d.strip() for d in os.environ.get("BENCH_DATABASES", "sqlite,postgres").split(",")]
+    for customers in _sizes("BENCH_CUSTOMERS", "1000000"):
+        for database in databases:
+            results.extend(chain(database, customers, min(changed, customers)))
+    workers = str(os.cpu_count() or 1)
+    for size in _sizes("BENCH_EVAL_SIZES", "100000"):
+        results.append(run_case("bench.cases", "evaluate", str(size), "durable", "0"))
+        results.append(run_case("bench.cases", "evaluate", str(size), "reference", "0"))
+        results.append(run_case("bench.cases", "evaluate", str(size), "durable", workers))
     for count in _sizes("BENCH_DISPATCH", "2000"):
-        results.append(run_case("dispatch", str(count)))
+        results.append(run_case("bench.cases", "dispatch", str(count)))
     for count in _sizes("BENCH_RENDER", "5000"):
-        results.append(run_case("render", str(count)))
+        results.append(run_case("bench.cases", "render", str(count)))
+    for count in _sizes("BENCH_INGEST", "2000"):
+        for database in databases:
+            results.append(_ingest_load(database, count))
     for count in _sizes("BENCH_SOAK", "0"):
-        results.append(run_case("soak", str(count), str(os.cpu_count() or 1)))
+        results.append(run_case("bench.cases", "soak", str(count), workers))
     report = {
         "machine": f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}",
         "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "targets": TARGETS,
+        "load_average_before": started_load,
+        "load_average_after": _load(),
         "results": results,
     }
     out = ROOT / "bench-results"
@@ -84,55 +102,94 @@ def main() -> None:
         update_readme(table)
 
 
+def _ingest_load(database: str, requests: int) -> dict[str, Any]:
+    print(f"  running bench.ingest_load --database {database} ...", file=sys.stderr, flush=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.ingest_load",
+            "--database",
+            database,
+            "--requests",
+            str(requests),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    saved = json.loads((ROOT / "bench-results" / "ingest_load.json").read_text())
+    return {"case": "ingest under load", **saved[database]}
+
+
 def render(report: dict[str, Any]) -> str:
-    lines = [f"Measured {report['at']} on {report['machine']}.", ""]
-    lines += ["| what | figure | target |", "|---|---|---|"]
+    load = report["load_average_before"]
+    lines = [
+        f"Measured {report['at']} on {report['machine']}; load average "
+        f"{load[0]} at the start, {report['load_average_after'][0]} at the end.",
+        "",
+        "| what | figure | floor (same run) | target |",
+        "|---|---|---|---|",
+    ]
+    sqlite = {r["case"]: r for r in report["results"] if r.get("database") == "sqlite"}
     for r in report["results"]:
-        if r["case"] == "evaluate":
-            how = (
-                "in-process"
-                if r["workers"] == 0
-                else f"{r['workers']} worker processes, wall time incl. fact generation"
-            )
-            lines.append(
-                f"| evaluation, {r['engine']}, {r['customers']:,} customers ({how}) | "
-                f"{r['per_second']:,} customers/s; peak {r['peak_total_mb']} MB (all processes) | |"
-            )
-        elif r["case"] == "sweep":
-            db, n = r["database"], r["customers"]
-            lines.append(
-                f"| first full sweep, {db}, {n:,} customers (facts, evaluation, {r['first_sweep_enrolled']:,} enrollments, "
-                f"{r['first_sweep_queued']:,} messages queued) | {r['first_sweep_seconds']} s, {r['first_sweep_per_second']:,}/s; "
-                f"peak {r['peak_total_mb']} MB (all processes) | 1M in ≤ 60 s on SQLite, ≤ 500 MB |"
-            )
-            lines.append(
-                f"| steady full sweep, {db}, {n:,} customers (journeys already running) | "
-                f"{r['steady_sweep_seconds']} s, {r['steady_sweep_per_second']:,}/s | |"
-            )
-            lines.append(
-                f"| incremental tick, {db}, {r['incremental_changed']:,} changed of {n:,} "
-                f"({r['incremental_customers']:,} looked at, due steps included) | {r['incremental_seconds']} s | ≤ 2 s |"
-            )
-        elif r["case"] == "dispatch":
-            for channel in ("email", "sms"):
-                c = r[channel]
-                lines.append(
-                    f"| dispatch, {channel}, real SDK to the fake provider (own process) | "
-                    f"{c['per_second']:,} messages/s ({c['sent']:,} in {c['seconds']} s) | ≥ 500/s |"
-                )
-        elif r["case"] == "render":
-            lines.append(
-                f"| template render | email {r['email_per_second']:,}/s, SMS {r['sms_per_second']:,}/s | |"
-            )
-        elif r["case"] == "soak":
-            samples = ", ".join(
-                f"{n // 1_000_000}M: {mb} MB" for n, mb in r["worker_rss_mb_by_million"]
-            )
-            lines.append(
-                f"| soak, {r['evaluations']:,} durable evaluations in {r['workers']} workers | "
-                f"{r['per_second']:,}/s, no crash; RSS of all processes {samples} | flat |"
-            )
-    return "\n".join(lines)
+        lines.append(_row(r, sqlite))
+    return "\n".join(line for line in lines if line)
+
+
+def _row(r: dict[str, Any], sqlite: dict[str, dict[str, Any]]) -> str:
+    case = r["case"]
+    if case in (
+        "seed",
+        "dry evaluation",
+        "first full sweep",
+        "steady full sweep",
+        "incremental tick",
+    ):
+        db, n = r["database"], r["customers"]
+        what = f"{case}, {db}, {n:,} customers"
+        if case == "first full sweep":
+            rows = sum(r["rows_written"].values())
+            what += f" ({r['enrolled']:,} enrolled, {r['queued']:,} queued, {rows:,} rows written)"
+        if case == "incremental tick":
+            what = f"incremental tick, {db}, {r['changed']:,} changed of {n:,} ({r['looked_at']:,} looked at)"
+        figure = f"{r['seconds']} s; peak {r['peak_mb']} MB (all processes)"
+        if db == "postgres" and case in sqlite and sqlite[case]["seconds"]:
+            figure += f"; {r['seconds'] / sqlite[case]['seconds']:.2f}× SQLite"
+        floor = ""
+        if "floor_seconds" in r:
+            floor = f"{r['floor_seconds']} s ({r['floor']}); ratio {r['ratio_to_floor']}"
+        return f"| {what} | {figure} | {floor} | {TARGETS.get((case, db), '')} |"
+    if case == "evaluate":
+        how = "in-process" if r["workers"] == 0 else f"{r['workers']} worker processes"
+        return (
+            f"| evaluation alone, {r['engine']}, {r['customers']:,} customers ({how}) | "
+            f"{r['per_second']:,} customers/s; peak {r['peak_total_mb']} MB | | |"
+        )
+    if case == "dispatch":
+        parts = []
+        for channel in ("email", "sms"):
+            c = r[channel]
+            parts.append(f"{channel} {c['per_second']:,}/s ({c['sent']:,} in {c['seconds']} s)")
+        return f"| dispatch, real SDKs to the fake provider | {'; '.join(parts)} | | ≥ 500/s |"
+    if case == "render":
+        return f"| template render | email {r['email_per_second']:,}/s, SMS {r['sms_per_second']:,}/s | | |"
+    if case == "ingest under load":
+        return (
+            f"| ingest API, {r['database']}, {r['requests']:,} requests from {r['clients']} clients "
+            f"while 3 ticks run | {r['requests_per_s']} requests/s; p50 {r['p50_ms']} ms, "
+            f"p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms; {r['server_errors']} 5xx, "
+            f"{r['lost_events']} lost events | | 0 5xx, 0 lost |"
+        )
+    if case == "soak":
+        samples = ", ".join(
+            f"{n // 1_000_000}M: {mb} MB" for n, mb in r["worker_rss_mb_by_million"]
+        )
+        return (
+            f"| soak, {r['evaluations']:,} durable evaluations in {r['workers']} workers | "
+            f"{r['per_second']:,}/s, no crash; RSS of all processes {samples} | | flat |"
+        )
+    return ""
 
 
 def update_readme(table: str) -> None:

@@ -32,7 +32,8 @@ from typing import Any
 
 import httpx
 
-from bench.cases import _database, _drop_database
+from bench.common import database as _database
+from bench.common import drop_database as _drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench-results" / "ingest_load.json"

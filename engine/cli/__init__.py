@@ -13,6 +13,7 @@ from engine.cli import (  # noqa: F401
     evaluate,
     explain,
     messages,
+    report,
     rules,
     running,
     staff,

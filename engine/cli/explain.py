@@ -43,7 +43,12 @@ def explain(
         return
     out.print(f"[bold]{customer_id}[/bold] at {moment:%Y-%m-%d %H:%M} UTC")
     for entry in report:
-        mark = "[green]matches[/green]" if entry["matches"] else "[red]does not match[/red]"
+        colour = {
+            "on the journey": "green",
+            "would enter": "green",
+            "re-entry not allowed": "yellow",
+        }
+        mark = f"[{colour.get(entry['state'], 'red')}]{entry['state']}[/]"
         out.print(f"\n[bold]{entry['playbook']}[/bold]: {mark}")
         for note in (entry["event"], entry["journey"]):
             if note:

@@ -20,9 +20,12 @@ from engine.cli.common import (
     rules_of,
     settings_rules,
 )
+from engine.data.db import existing_database
+from engine.data.uow import reading
 from engine.errors import LifecycleError, RulesInvalid
 from engine.playbooks.loader import RESERVED_FILES, ROSTER_FILE, load_rules
 from engine.playbooks.model import RuleSet
+from engine.usecases.stranded import stranded_enrollments
 from engine.wording import plural
 
 rules_app = typer.Typer(no_args_is_help=True, help="Check the rule files.")
@@ -92,8 +95,17 @@ def rules_check(
     templates: Annotated[
         Path | None, typer.Option(help="Templates directory (default: LIFECYCLE_TEMPLATES_DIR).")
     ] = None,
+    database: Annotated[
+        bool,
+        typer.Option(
+            help="Warn of active journeys these rules would strand (when the database exists)."
+        ),
+    ] = True,
 ) -> None:
     """Validate every rule file; print each problem as path:line:col and exit 1 if any.
+
+    Given the database (LIFECYCLE_DATABASE_URL, when it exists), it also warns of the
+    active journeys whose playbook or next step the rules no longer have.
 
     The support roster is LIFECYCLE_ROSTER_FILE, or support_roster.yaml in the rules
     directory; a playbook that escalates with no support lead to notify is a problem.
@@ -118,6 +130,22 @@ def rules_check(
     )
     roster = settings.roster_file or (directory or settings.rules_dir) / ROSTER_FILE
     out.print(_roster_line(rules, roster), markup=False, soft_wrap=True)
+    if database:
+        _warn_of_stranded_journeys(settings.database_url, rules)
+
+
+def _warn_of_stranded_journeys(url: str, rules: RuleSet) -> None:
+    """Given a database, say which active journeys these rules would end."""
+    db = existing_database(url)
+    if db is None:
+        return  # no database yet: nothing can be stranded
+    try:
+        with reading(db) as session:
+            stranded = stranded_enrollments(session, rules)
+    finally:
+        db.dispose()
+    for entry in stranded:
+        err.print(f"warning: {entry}", markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -119,6 +119,15 @@ def simulate(
         Path | None,
         typer.Option("--outbox", help="Keep the rendered messages here (default: discarded)."),
     ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            "--experiment",
+            help="A known truth for a playbook's report: PLAYBOOK:BASE[,ARM=+LIFT...], e.g. "
+            "re_engagement:0.05,b=+0.05 (after its first message, a customer orders within "
+            "the goal's window with the base rate plus the lift of their arm).",
+        ),
+    ] = None,
     random_seed: Annotated[int, typer.Option("--seed")] = 11,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -128,9 +137,14 @@ def simulate(
     schema, dropped at the end) and nothing is sent: every message goes to a console
     channel, whatever the channel settings say.
     """
+    from engine.usecases.simulate import Experiment
     from engine.usecases.simulate import simulate as run_simulation
 
     settings = read_settings()
+    try:
+        truth = Experiment.parse(experiment) if experiment else None
+    except LifecycleError as exc:
+        raise fail(str(exc)) from exc
     if not json_output:
         err.print(
             f"simulating on a copy of {_shown(settings.database_url)}; it is not changed and "
@@ -150,6 +164,7 @@ def simulate(
                 seed=random_seed,
                 customer=customer,
                 activity=activity is Activity.synthetic,
+                experiment=truth,
             )
             elapsed = time.perf_counter() - started
     except LifecycleError as exc:

@@ -84,13 +84,18 @@ class BulkInsert:
 
     def encode(self, rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
         dates, documents, sqlite = self.dates, self.documents, self.dialect == "sqlite"
+        texts: dict[datetime, str] = {}  # a batch repeats its moments (``now`` above all)
         encoded = []
         for row in rows:
             values = list(row)
             if sqlite:
                 for i in dates:
-                    if values[i] is not None:
-                        values[i] = sqlite_datetime(values[i])
+                    moment = values[i]
+                    if moment is not None:
+                        text = texts.get(moment)
+                        if text is None:
+                            text = texts[moment] = sqlite_datetime(moment)
+                        values[i] = text
             for i in documents:
                 values[i] = _json_text(values[i])
             encoded.append(tuple(values))

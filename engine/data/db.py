@@ -65,6 +65,17 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
     return create_engine(target, pool_pre_ping=True, pool_size=5, max_overflow=5)
 
 
+def existing_database(url: str) -> Engine | None:
+    """An engine for ``url`` if a database at the newest migration is there, else None:
+    for commands that read the database when it exists and must never create one (SQLite
+    creates the file on first connect). "Ready" is schema_problem's, as for every command."""
+    engine = make_engine(url)
+    if schema_problem(engine) is not None:
+        engine.dispose()
+        return None
+    return engine
+
+
 def engine_url(engine: Engine) -> str:
     """The URL that builds this engine again (with its password): for worker processes."""
     return engine.url.render_as_string(hide_password=False)

@@ -108,7 +108,7 @@ assert tuple(c.key for c in CUSTOMER_COLUMNS) == CUSTOMER_FIELDS  # type: ignore
 
 def _instant(value: Any) -> datetime | None:
     # SQLite hands back UTCDateTime's text ("2026-03-02 09:00:00.000000", UTC); PostgreSQL
-    # an aware datetime already.
+    # an aware datetime already, kept as it is (no conversion: a million a sweep).
     if value is None or isinstance(value, datetime):
         return value
     return datetime.fromisoformat(value).replace(tzinfo=UTC)

@@ -108,6 +108,7 @@ class Enrollment(SQLModel, table=True):
         UniqueConstraint("customer_id", "playbook", "entry_number", name="uq_enrollments_entry"),
         Index("ix_enrollments_customer_playbook", "customer_id", "playbook"),
         Index("ix_enrollments_status_due", "status", "next_due_at"),
+        Index("ix_enrollments_playbook_arm", "playbook", "arm"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -126,6 +127,16 @@ class Enrollment(SQLModel, table=True):
     # Messages this enrollment queued (one that queued none and was left starts no re-entry
     # cooldown: engine.journeys.plan, "Re-entry").
     queued_count: int = 0
+    # The journey graph: the split arm taken ("holdout" and "control": sent nothing); since
+    # when it waits for an event; its latest message (or held-out send), which a
+    # conversion is credited to; and the conversion, once.
+    arm: str | None = Field(default=None, max_length=64)
+    waiting_since: datetime | None = None
+    last_touch_at: datetime | None = None
+    last_touch_step: str | None = Field(default=None, max_length=64)
+    converted_at: datetime | None = None
+    conversion_event_id: str | None = Field(default=None, max_length=128)
+    conversion_step: str | None = Field(default=None, max_length=64)
     rules_version: str = Field(max_length=64)
     trigger_event_id: str | None = Field(default=None, max_length=128)
     # Why the next step is being held back (complaint pause, frequency cap...), so a

@@ -4,7 +4,7 @@
 per process, and evaluates a customer by asserting their encoded facts as one fact in one
 fixed session ("0"), draining the actions that fired, and retracting the fact. That is
 the only way of using durable_rules 2.0.28 that stays up for millions of customers (see
-DESIGN.md): no session per customer, no ``durable.lang`` host and its timer threads, no
+docs/ARCHITECTURE.md, "Evaluation"): no session per customer, no ``durable.lang`` host and its timer threads, no
 events.
 
 ``ReferenceEvaluator`` answers the same question with ``engine.language.conditions.evaluate``;

@@ -40,6 +40,23 @@ class Journey:
     entered_at: datetime
     queued_count: int
     trigger_event_id: str | None
+    arm: str | None = None  # the split arm it took, "holdout" or "control"
+    waiting_since: datetime | None = None  # waiting for an event (its step's wait_for)
+    last_touch_at: datetime | None = None  # its latest message (or held-out send)
+    last_touch_step: str | None = None
+    converted_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Touched:
+    """An ended enrollment whose latest message is recent enough that its goal can still
+    be credited to it (within the playbook's attribution window), not yet converted."""
+
+    id: int
+    playbook: str
+    arm: str | None
+    last_touch_at: datetime
+    last_touch_step: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +85,7 @@ class CustomerSnapshot:
     entries: Mapping[str, Entries] = field(default_factory=dict)  # by playbook
     recent: tuple[tuple[datetime, str], ...] = ()  # (due, channel) of counted marketing
     open_case: OpenCase | None = None
+    touched: tuple[Touched, ...] = ()  # ended, and still within a goal's window
 
 
 # ---------------------------------------------------------------- effects (decided)
@@ -84,6 +102,25 @@ class JourneyState:
     queued_count: int
     ended_at: datetime | None = None
     end_reason: str | None = None
+    arm: str | None = None
+    waiting_since: datetime | None = None
+    last_touch_at: datetime | None = None
+    last_touch_step: str | None = None
+    converted_at: datetime | None = None
+    conversion_event_id: str | None = None
+    conversion_step: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Convert:
+    """An ended enrollment's goal came within its window: the conversion is credited to
+    it (guarded: an enrollment converts once)."""
+
+    enrollment_id: int
+    customer_id: str
+    at: datetime
+    event_id: str | None
+    step_id: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +245,7 @@ Effect = (
     ClaimEvents
     | Enroll
     | Move
+    | Convert
     | CancelQueued
     | Queue
     | Decide

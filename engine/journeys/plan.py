@@ -33,6 +33,7 @@ resolved.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -44,6 +45,7 @@ from engine.journeys.effects import (
     CancelQueued,
     CaseNote,
     ClaimEvents,
+    Convert,
     CustomerPlan,
     CustomerSnapshot,
     Decide,
@@ -69,23 +71,36 @@ from engine.journeys.policies import (
     quiet_hours,
 )
 from engine.language import conditions
+from engine.language.durations import format_duration
 from engine.playbooks.model import (
+    CONTROL_ARM,
+    HOLDOUT_ARM,
+    RESERVED_ARMS,
+    Arm,
     Playbook,
     RuleSet,
+    Split,
     Step,
+    branch_rule,
     enter_rule,
     exit_rule,
+    goal_event_rule,
     goal_rule,
     step_rule,
+    wait_rule,
 )
 from engine.statuses import EnrollmentStatus
 
-__all__ = ["has_work", "message_id_for", "plan"]
+__all__ = ["has_work", "may_enter", "message_id_for", "plan", "resolve_step"]
 
 # Message ids are derived from the dedupe key: the same step of the same enrollment gets
 # the same id in every process, so even the primary key refuses a second copy.
 _MESSAGE_NAMESPACE = uuid.UUID("6f4c1a52-54d1-4f0e-9a4c-6b1f3c0e9d27")
 PRIORITY_ORDER = {"urgent": 0, "high": 1, "normal": 2, "low": 3}
+HELD_OUT = {
+    HOLDOUT_ARM: "held out: this playbook's holdout, sent nothing",
+    CONTROL_ARM: "held out: the global control group, sent no marketing",
+}
 # Endings that start a re-entry cooldown even when nothing was queued (module docstring).
 COOLDOWN_ENDINGS = (EnrollmentStatus.COMPLETED, EnrollmentStatus.DROPPED)
 REMOVED_PLAYBOOK_PRIORITY = 10**6
@@ -145,7 +160,7 @@ def has_work(
         playbook.enter_on is None
         and playbook.id not in snapshot.active
         and enter_rule(playbook.id) in sweep.fired
-        and _may_enter(playbook, snapshot.entries.get(playbook.id), now)
+        and may_enter(playbook, snapshot.entries.get(playbook.id), now)
         and not _ends_at_once(playbook, sweep.fired)
         for playbook in rules.playbooks.values()
     )
@@ -174,7 +189,36 @@ def _event_order(evaluation: Evaluation) -> tuple[datetime, str]:
     return (subject.occurred_at, subject.event_id)
 
 
-def _may_enter(playbook: Playbook, entries: Entries | None, now: datetime) -> bool:
+@dataclass(frozen=True)
+class _Order:
+    """The playbooks of a rules version by priority (a frequency cap lets the lower
+    number go first), with their enter rule ids: worked out once, used per customer."""
+
+    on_event: Mapping[str, tuple[tuple[Playbook, str], ...]]
+    on_sweep: tuple[tuple[Playbook, str], ...]
+
+
+_ORDERS: dict[str, _Order] = {}
+
+
+def _order(rules: RuleSet) -> _Order:
+    found = _ORDERS.get(rules.version)
+    if found is None:
+        ranked = sorted(rules.playbooks.values(), key=lambda p: (p.priority, p.id))
+        on_event: dict[str, list[tuple[Playbook, str]]] = {}
+        for playbook in ranked:
+            if playbook.enter_on is not None:
+                on_event.setdefault(playbook.enter_on, []).append(
+                    (playbook, enter_rule(playbook.id))
+                )
+        found = _ORDERS[rules.version] = _Order(
+            {kind: tuple(entries) for kind, entries in on_event.items()},
+            tuple((p, enter_rule(p.id)) for p in ranked if p.enter_on is None),
+        )
+    return found
+
+
+def may_enter(playbook: Playbook, entries: Entries | None, now: datetime) -> bool:
     """Re-entry: never, or after the cooldown since the latest entry that sent something."""
     if entries is None or entries.cooldown_from is None:
         return True
@@ -189,14 +233,75 @@ def _ends_at_once(playbook: Playbook, fired: frozenset[str]) -> bool:
 # ---------------------------------------------------------------- one customer
 
 
-@dataclass
+@dataclass(slots=True)
+class _Place:
+    """Where an enrollment stands while the plan is being made (JourneyState, mutable)."""
+
+    status: EnrollmentStatus
+    step_id: str | None
+    due_at: datetime | None
+    hold_reason: str | None
+    queued_count: int
+    ended_at: datetime | None = None
+    end_reason: str | None = None
+    arm: str | None = None
+    waiting_since: datetime | None = None
+    last_touch_at: datetime | None = None
+    last_touch_step: str | None = None
+    converted_at: datetime | None = None
+    conversion_event_id: str | None = None
+    conversion_step: str | None = None
+
+    @classmethod
+    def of(cls, journey: Journey) -> _Place:
+        return cls(
+            EnrollmentStatus.ACTIVE,
+            journey.step_id,
+            journey.due_at,
+            journey.hold_reason,
+            journey.queued_count,
+            arm=journey.arm,
+            waiting_since=journey.waiting_since,
+            last_touch_at=journey.last_touch_at,
+            last_touch_step=journey.last_touch_step,
+            converted_at=journey.converted_at,
+        )
+
+    def frozen(self) -> JourneyState:
+        return JourneyState(
+            self.status,
+            self.step_id,
+            self.due_at,
+            self.hold_reason,
+            self.queued_count,
+            self.ended_at,
+            self.end_reason,
+            self.arm,
+            self.waiting_since,
+            self.last_touch_at,
+            self.last_touch_step,
+            self.converted_at,
+            self.conversion_event_id,
+            self.conversion_step,
+        )
+
+    def goto(self, step_id: str | None, due_at: datetime) -> None:
+        self.step_id, self.due_at, self.hold_reason, self.waiting_since = (
+            step_id,
+            due_at,
+            None,
+            None,
+        )
+
+
+@dataclass(slots=True)
 class _Working:
     """An enrollment while the plan is being made: the row as read (or new) and where it
     stands now."""
 
     playbook: Playbook | None
     ref: Ref
-    state: JourneyState
+    state: _Place
     entry_number: int
     trigger_event_id: str | None
     read: Journey | None = None  # None: created by this plan
@@ -205,6 +310,11 @@ class _Working:
     @property
     def active(self) -> bool:
         return self.state.status is EnrollmentStatus.ACTIVE
+
+    @property
+    def held_out(self) -> bool:
+        """Held out (the playbook's holdout, the global control group): sent nothing."""
+        return self.state.arm in RESERVED_ARMS
 
     def effect(self, customer_id: str, rules: RuleSet) -> Effect | None:
         if self.read is None:
@@ -217,17 +327,11 @@ class _Working:
                 trigger_event_id=self.trigger_event_id,
                 entered_at=self.entered_at,
                 rules_version=rules.version,
-                state=self.state,
+                state=self.state.frozen(),
             )
         read = self.read
-        before = JourneyState(
-            EnrollmentStatus.ACTIVE,
-            read.step_id,
-            read.due_at,
-            read.hold_reason,
-            read.queued_count,
-        )
-        if self.state == before:
+        state = self.state.frozen()
+        if state == _Place.of(read).frozen():
             return None
         if not self.active:
             kind = "end"
@@ -235,7 +339,7 @@ class _Working:
             kind = "advance"
         else:
             kind = "hold"
-        return Move(read.id, read.version, kind, self.state)
+        return Move(read.id, read.version, kind, state)
 
 
 @dataclass
@@ -246,6 +350,30 @@ class _Case:
     priority: str
     opened: OpenCaseEffect | None = None  # when opened by this plan
     raised_to: str | None = None  # a repeat complaint's higher priority
+
+
+def share_of(key: str) -> float:
+    """A stable number in [0, 1) for a key: the same in every run and every process (a
+    hash, not a random draw), so re-evaluation and every worker agree on who is held out
+    and which arm of a split a customer takes."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def in_control_group(rules: RuleSet, customer_id: str) -> bool:
+    """The global control group: customers who get no marketing at all."""
+    share = rules.policies.control_group
+    return share > 0 and share_of(f"control:{customer_id}") < share
+
+
+def arm_of(split: Split, playbook: str, step: str, customer_id: str) -> Arm:
+    """The arm of a split a customer takes, by weight, the same on every run."""
+    point = share_of(f"split:{playbook}:{step}:{customer_id}") * split.total
+    for arm in split.arms:
+        point -= arm.weight
+        if point < 0:
+            return arm
+    return split.arms[-1]
 
 
 class _CustomerPlanner:
@@ -262,6 +390,7 @@ class _CustomerPlanner:
         self.sweep = sweep
         self.entries = dict(snapshot.entries)
         self.recent = list(snapshot.recent)
+        self.touched_before = list(snapshot.touched)
         self.case: _Case | None = (
             _Case(snapshot.open_case.id, snapshot.open_case.priority)
             if snapshot.open_case is not None
@@ -278,17 +407,10 @@ class _CustomerPlanner:
         self._documents: dict[int, dict[str, Any]] = {}
 
     def _working(self, journey: Journey) -> _Working:
-        state = JourneyState(
-            EnrollmentStatus.ACTIVE,
-            journey.step_id,
-            journey.due_at,
-            journey.hold_reason,
-            journey.queued_count,
-        )
         return _Working(
             playbook=self.rules.playbooks.get(journey.playbook),
             ref=journey.id,
-            state=state,
+            state=_Place.of(journey),
             entry_number=journey.entry_number,
             trigger_event_id=journey.trigger_event_id,
             read=journey,
@@ -300,15 +422,15 @@ class _CustomerPlanner:
         claimed = tuple(e.subject.event_id for e in events if e.subject.event_id is not None)
         if claimed:
             self.effects.append(ClaimEvents(claimed))
+        order = _order(self.rules)
         for event in events:
-            for playbook in self._by_priority(self.rules.playbooks.values()):
-                if playbook.enter_on == event.subject.event_type and (
-                    enter_rule(playbook.id) in event.fired
-                ):
+            self._event_came(event)
+            for playbook, rule in order.on_event.get(event.subject.event_type or "", ()):
+                if rule in event.fired:
                     self._enter(playbook, event)
         if self.sweep is not None:
-            for playbook in self._by_priority(self.rules.playbooks.values()):
-                if playbook.enter_on is None and enter_rule(playbook.id) in self.sweep.fired:
+            for playbook, rule in order.on_sweep:
+                if rule in self.sweep.fired:
                     self._enter(playbook, self.sweep)
         for working in sorted(self.journeys.values(), key=self._priority_of):
             if working.active:
@@ -331,14 +453,88 @@ class _CustomerPlanner:
         return CustomerPlan(self.customer_id, tuple(effects), tuple(self.tally))
 
     @staticmethod
-    def _by_priority(playbooks: Any) -> list[Playbook]:
-        return sorted(playbooks, key=lambda p: (p.priority, p.id))
-
-    @staticmethod
     def _priority_of(working: _Working) -> tuple[int, str]:
         if working.playbook is None:
             return (REMOVED_PLAYBOOK_PRIORITY, str(working.ref))
         return (working.playbook.priority, working.playbook.id)
+
+    # ------------------------------------------------------------ an event came
+
+    def _event_came(self, event: Evaluation) -> None:
+        """What an event does to the customer's journeys before any entry: it ends the
+        waits it answers, and it may be a playbook's goal."""
+        subject = event.subject
+        occurred = subject.occurred_at
+        assert occurred is not None
+        facts, fired = subject.facts, event.fired
+        if self.sweep is not None:
+            fired = fired | self.sweep.fired
+        for working in sorted(self.journeys.values(), key=self._priority_of):
+            playbook = working.playbook
+            if not working.active or playbook is None:
+                continue
+            step = playbook.step(working.state.step_id or "")
+            waited = (
+                step is not None
+                and step.wait_for is not None
+                and (
+                    working.state.waiting_since is not None
+                    and working.state.waiting_since <= occurred
+                    and wait_rule(playbook.id, step.id) in event.fired
+                )
+            )
+            goal = playbook.goal_event is not None and goal_event_rule(playbook.id) in event.fired
+            if goal:
+                self._convert(working, occurred, subject.event_id)
+            if waited:
+                assert step is not None and step.wait_for is not None
+                reason = f"{subject.event_type} event {subject.event_id} came"
+                self._decide(working, step.id, "event came", reason, facts)
+                target = step.wait_for.then
+                self._goto(working, playbook, target, facts)
+                self._run_due(working, facts, fired)
+            elif goal:
+                self._finish_early(
+                    working,
+                    EnrollmentStatus.CONVERTED,
+                    "goal reached",
+                    playbook,
+                    facts,
+                    source=f"{subject.event_type} event {subject.event_id}",
+                )
+        for touched in list(self.touched_before):
+            playbook = self.rules.playbooks.get(touched.playbook)
+            if (
+                playbook is not None
+                and playbook.goal_event is not None
+                and goal_event_rule(playbook.id) in event.fired
+                and touched.last_touch_at
+                <= occurred
+                <= touched.last_touch_at + playbook.goal_within
+            ):
+                self.effects.append(
+                    Convert(
+                        touched.id,
+                        self.customer_id,
+                        occurred,
+                        subject.event_id,
+                        touched.last_touch_step,
+                    )
+                )
+                self.tally.append(("conversion", playbook.id, touched.arm or ""))
+                self.touched_before.remove(touched)
+
+    def _convert(self, working: _Working, at: datetime, event_id: str | None) -> None:
+        """Credit the goal to this enrollment's latest message (or held-out send), when it
+        came within the playbook's attribution window; once per enrollment."""
+        playbook, state = working.playbook, working.state
+        if playbook is None or state.converted_at is not None or state.last_touch_at is None:
+            return
+        if not state.last_touch_at <= at <= state.last_touch_at + playbook.goal_within:
+            return
+        state.converted_at, state.conversion_event_id = at, event_id
+        state.conversion_step = state.last_touch_step
+        self.tally.append(("conversion", playbook.id, state.arm or ""))
 
     # ------------------------------------------------------------ entering
 
@@ -346,7 +542,7 @@ class _CustomerPlanner:
         current = self.journeys.get(playbook.id)
         if current is not None and current.active:
             return  # already on this journey (a repeat complaint is handled by its case)
-        if not _may_enter(playbook, self.entries.get(playbook.id), self.now):
+        if not may_enter(playbook, self.entries.get(playbook.id), self.now):
             return  # inside the re-entry cooldown; `lifecycle explain` shows it
         sweep_fired = self.sweep.fired if self.sweep is not None else frozenset()
         if _ends_at_once(playbook, sweep_fired):
@@ -358,7 +554,14 @@ class _CustomerPlanner:
         working = _Working(
             playbook=playbook,
             ref=f"{self.customer_id}|{playbook.id}|{number}",
-            state=JourneyState(EnrollmentStatus.ACTIVE, first.id, self.now + first.wait, None, 0),
+            state=_Place(
+                EnrollmentStatus.ACTIVE,
+                first.id,
+                self.now + first.wait,
+                None,
+                0,
+                arm=self._held_out_arm(playbook),
+            ),
             entry_number=number,
             trigger_event_id=subject.event_id,
             entered_at=self.now,
@@ -369,12 +572,28 @@ class _CustomerPlanner:
         reason = playbook.enter.source
         if subject.event_id is not None:
             reason = f"{subject.event_type} event {subject.event_id}; {reason}"
+        if working.held_out:
+            reason += f"; {HELD_OUT[working.state.arm or '']}"
         self._decide(working, None, "enrolled", reason, subject.facts)
-        self.tally.append(("enrolled", playbook.id, ""))
+        self.tally.append(("enrolled", playbook.id, working.state.arm or ""))
         if subject.event_id is not None and self.sweep is not None:
             # The event's properties matter to this journey's first steps (the complaint
             # reason in the apology, the case): run them now, with the event's facts.
             self._run_due(working, subject.facts, evaluation.fired | self.sweep.fired)
+
+    def _held_out_arm(self, playbook: Playbook) -> str | None:
+        """Marketing for a customer of the global control group, or of this playbook's
+        holdout, is planned like anyone's and sent to no one."""
+        if not playbook.marketing:
+            return None
+        if in_control_group(self.rules, self.customer_id):
+            return CONTROL_ARM
+        if (
+            playbook.holdout
+            and share_of(f"holdout:{playbook.id}:{self.customer_id}") < playbook.holdout
+        ):
+            return HOLDOUT_ARM
+        return None
 
     # ------------------------------------------------------------ moving on
 
@@ -384,9 +603,9 @@ class _CustomerPlanner:
         if playbook is None:
             self._end(working, EnrollmentStatus.CANCELLED, "the playbook was removed", facts)
             return
-        step_id = _resolve_step(playbook, working.state.step_id)
+        step_id = resolve_step(playbook, working.state.step_id)
         if step_id != working.state.step_id:
-            working.state = replace(working.state, step_id=step_id)
+            working.state.step_id = step_id
         if step_id is not None and playbook.step(step_id) is None:
             reason = f"its next step {step_id!r} is no longer in the playbook"
             self._end(working, EnrollmentStatus.CANCELLED, reason, facts)
@@ -395,6 +614,7 @@ class _CustomerPlanner:
             return  # no current facts for this customer in this batch: steps wait
         fired = self.sweep.fired
         if playbook.goal is not None and goal_rule(playbook.id) in fired:
+            self._convert(working, self.now, None)
             self._finish_early(working, EnrollmentStatus.CONVERTED, "goal reached", playbook, facts)
             return
         if playbook.exit is not None and exit_rule(playbook.id) in fired:
@@ -411,12 +631,15 @@ class _CustomerPlanner:
         why: str,
         playbook: Playbook,
         facts: Mapping[str, Any],
+        *,
+        source: str | None = None,
     ) -> None:
-        condition = playbook.goal if status is EnrollmentStatus.CONVERTED else playbook.exit
-        assert condition is not None
-        reason = f"{why}: {condition.source}"
+        if source is None:
+            condition = playbook.goal if status is EnrollmentStatus.CONVERTED else playbook.exit
+            assert condition is not None
+            source = condition.source
         self.effects.append(CancelQueued(working.ref, self.customer_id, f"journey {status}: {why}"))
-        self._end(working, status, reason, facts)
+        self._end(working, status, f"{why}: {source}", facts)
 
     def _run_due(self, working: _Working, facts: Mapping[str, Any], fired: frozenset[str]) -> None:
         playbook = working.playbook
@@ -431,7 +654,7 @@ class _CustomerPlanner:
             step = playbook.step(step_id)
             assert step is not None
             if not self._run_step(working, playbook, step, facts, fired):
-                return  # held: the step stays due and is tried again on a later tick
+                return  # held or waiting: the step stays current, tried again later
 
     def _run_step(
         self,
@@ -441,7 +664,15 @@ class _CustomerPlanner:
         facts: Mapping[str, Any],
         fired: frozenset[str],
     ) -> bool:
-        """Run one due step; False when it is held back (it stays the next step)."""
+        """Run one due step; False when it holds the journey (held back, or waiting)."""
+        if step.wait_for is not None:
+            return self._wait(working, playbook, step, facts)
+        if step.branch is not None:
+            self._branch(working, playbook, step, facts, fired)
+            return True
+        if step.split is not None:
+            self._split(working, playbook, step, facts)
+            return True
         if step.when is not None and step_rule(playbook.id, step.id) not in fired:
             why = conditions.explain(step.when, facts).summary
             self._decide(working, step.id, "skipped", f"condition false: {why}", facts)
@@ -459,6 +690,70 @@ class _CustomerPlanner:
         self._advance(working, playbook, step, send_at, facts)
         return True
 
+    def _wait(
+        self, working: _Working, playbook: Playbook, step: Step, facts: Mapping[str, Any]
+    ) -> bool:
+        """A wait for an event: opened when reached; its timeout leads ``otherwise``."""
+        wait_for = step.wait_for
+        assert wait_for is not None
+        state = working.state
+        if state.waiting_since is None:
+            state.waiting_since = self.now
+            state.due_at = self.now + wait_for.within
+            reason = f"for {wait_for.event} until {state.due_at:%Y-%m-%d %H:%M} UTC"
+            self._decide(working, step.id, "waiting", reason, facts, until=state.due_at)
+            return False
+        reason = f"no {wait_for.event} within {format_duration(wait_for.within)}"
+        self._decide(working, step.id, "timed out", reason, facts)
+        self._goto(working, playbook, wait_for.otherwise, facts)
+        return True
+
+    def _branch(
+        self,
+        working: _Working,
+        playbook: Playbook,
+        step: Step,
+        facts: Mapping[str, Any],
+        fired: frozenset[str],
+    ) -> None:
+        branch = step.branch
+        assert branch is not None
+        for i, (condition, target) in enumerate(branch.cases):
+            if branch_rule(playbook.id, step.id, i) in fired:
+                reason = f"{condition.source} -> {target or 'end'}"
+                break
+        else:
+            target = branch.otherwise
+            reason = f"no case held -> {target or 'end'}"
+        self._decide(working, step.id, "branched", reason, facts)
+        self._goto(working, playbook, target, facts)
+
+    def _split(
+        self, working: _Working, playbook: Playbook, step: Step, facts: Mapping[str, Any]
+    ) -> None:
+        split = step.split
+        assert split is not None
+        arm = arm_of(split, playbook.id, step.id, self.customer_id)
+        reason = f"arm {arm.name} (weight {arm.weight} of {split.total})"
+        if working.held_out:
+            reason += f", {HELD_OUT[working.state.arm or '']}"  # follows the arm, sends nothing
+        else:
+            working.state.arm = arm.name
+        self._decide(working, step.id, "split", reason, facts)
+        self.tally.append(("split", playbook.id, arm.name))
+        self._goto(working, playbook, arm.goto, facts)
+
+    def _goto(
+        self, working: _Working, playbook: Playbook, target: str | None, facts: Mapping[str, Any]
+    ) -> None:
+        """Move to ``target`` (due after its own wait), or end the journey (None)."""
+        if target is None:
+            self._end(working, EnrollmentStatus.COMPLETED, "every step done", facts)
+            return
+        step = playbook.step(target)
+        assert step is not None  # the loader checked every id a step names
+        working.state.goto(target, self.now + step.wait)
+
     def _advance(
         self,
         working: _Working,
@@ -467,18 +762,12 @@ class _CustomerPlanner:
         send_at: datetime | None,
         facts: Mapping[str, Any],
     ) -> None:
-        following = playbook.step_after(step.id)
-        if following is not None:
-            working.state = replace(
-                working.state,
-                step_id=following.id,
-                due_at=self.now + following.wait,
-                hold_reason=None,
-            )
+        if step.following is not None:
+            self._goto(working, playbook, step.following, facts)
             return
         if send_at is not None and send_at > self.now:
             # The last message waits (quiet hours): the journey completes when it is due.
-            working.state = replace(working.state, step_id=None, due_at=send_at, hold_reason=None)
+            working.state.goto(None, send_at)
             return
         self._end(working, EnrollmentStatus.COMPLETED, "every step done", facts)
 
@@ -489,14 +778,10 @@ class _CustomerPlanner:
         reason: str,
         facts: Mapping[str, Any],
     ) -> None:
-        working.state = replace(
-            working.state,
-            status=status,
-            due_at=None,
-            hold_reason=None,
-            ended_at=self.now,
-            end_reason=reason[:200],
-        )
+        state = working.state
+        state.status, state.due_at, state.hold_reason = status, None, None
+        state.waiting_since = None
+        state.ended_at, state.end_reason = self.now, reason[:200]
         self._decide(working, None, str(status), reason, facts)
         if working.playbook is not None:
             self.tally.append((str(status), working.playbook.id, ""))
@@ -532,6 +817,13 @@ class _CustomerPlanner:
         if paused is not None:
             self._hold(working, step, paused.reason, None, facts, "complaint pause")
             return "held"
+        if working.held_out:
+            # Everything a treated customer meets up to here applies alike (consent, the
+            # complaint pause), so the comparison is fair; then nothing is sent.
+            self._decide(working, step.id, "held out", HELD_OUT[working.state.arm or ""], facts)
+            self.tally.append(("held out", playbook.id, working.state.arm or ""))
+            self._touch(working, step, self.now)
+            return None
         capped = frequency_caps(proposal, self.now, self.rules.policies.frequency_caps, self.recent)
         if capped is not None:
             if playbook.when_capped == "drop":
@@ -559,6 +851,12 @@ class _CustomerPlanner:
         self._queue(working, playbook, step, facts, send_at)
         return send_at
 
+    def _touch(self, working: _Working, step: Step, at: datetime) -> None:
+        """A message went (or, held out, would have gone): the goal is credited to the
+        latest one, and the entry now counts for re-entry."""
+        working.state.last_touch_at, working.state.last_touch_step = at, step.id
+        self._start_cooldown(working)
+
     def _complaint_facts(self, facts: Mapping[str, Any]) -> Mapping[str, Any]:
         """The facts as the complaint pause sees them: a case this plan opened counts."""
         if self.case is not None and self.case.opened is not None:
@@ -582,7 +880,7 @@ class _CustomerPlanner:
             self._decide(working, step.id, "deferred", reason, facts, until=until)
             assert working.playbook is not None
             self.tally.append(("deferred", working.playbook.id, tally))
-        working.state = replace(state, hold_reason=reason[:200], due_at=due)
+        state.hold_reason, state.due_at = reason[:200], due
 
     def _queue(
         self,
@@ -620,8 +918,8 @@ class _CustomerPlanner:
                 due_at=send_at,
             )
         )
-        working.state = replace(working.state, queued_count=working.state.queued_count + 1)
-        self._start_cooldown(working)
+        working.state.queued_count += 1
+        self._touch(working, step, send_at)
         if playbook.marketing:
             self.recent.append((send_at, step.send.channel))
         detail = f"{step.send.channel} {step.send.template}"
@@ -755,7 +1053,7 @@ def _playbook_of(working: _Working) -> str:
     return working.read.playbook if working.read is not None else ""
 
 
-def _resolve_step(playbook: Playbook, step_id: str | None) -> str | None:
+def resolve_step(playbook: Playbook, step_id: str | None) -> str | None:
     """An enrollment of the first schema knew its step by position ("#2"): the step at
     that position of the rules in force, or the marker itself when there is none (which
     then ends the journey as a removed step)."""

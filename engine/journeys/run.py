@@ -8,24 +8,29 @@ takes one writer at a time). What moved in between is caught by the store's guar
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, bindparam, text
 
 from engine.data.uow import reading, unit_of_work
 from engine.evaluation.model import Evaluation
 from engine.journeys.plan import JourneyReport, has_work, plan
-from engine.journeys.store import load_context, load_journeys, write
+from engine.journeys.store import Span, load_context, load_journeys, write
 from engine.playbooks.model import RuleSet
 
 
 def advance_journeys(
-    db: Engine, rules: RuleSet, evaluations: Sequence[Evaluation], now: datetime
+    db: Engine,
+    rules: RuleSet,
+    evaluations: Sequence[Evaluation],
+    now: datetime,
+    span: Span | None = None,
 ) -> JourneyReport:
-    """Move the journeys of a batch's customers on; returns what was done."""
+    """Move the journeys of a batch's customers on; returns what was done. ``span``
+    (after, upto): the batch is every customer with an id in that range."""
     ids = list(dict.fromkeys(e.subject.customer_id for e in evaluations))
     report = JourneyReport(customers=len(ids))
-    lost = _plan_and_write(db, rules, evaluations, ids, now, report)
+    lost = _plan_and_write(db, rules, evaluations, ids, now, report, span)
     report.lost_races += len(lost)
     for customer_id in lost:
         # Another evaluator moved this customer first: its work stands; plan again from
@@ -42,12 +47,13 @@ def _plan_and_write(
     ids: Sequence[str],
     now: datetime,
     report: JourneyReport,
+    span: Span | None = None,
 ) -> list[str]:
     by_customer: dict[str, list[Evaluation]] = {customer_id: [] for customer_id in ids}
     for evaluation in evaluations:
         by_customer[evaluation.subject.customer_id].append(evaluation)
     with reading(db) as session:
-        snapshots = load_journeys(session, ids)
+        snapshots = load_journeys(session, ids, span, now - _goal_window(rules))
         busy = [c for c in ids if has_work(snapshots[c], by_customer[c], rules, now)]
         if not busy:
             return []
@@ -64,6 +70,11 @@ def _plan_and_write(
     for customer in applied.customers:
         report.add(customer)
     return written.lost
+
+
+def _goal_window(rules: RuleSet) -> timedelta:
+    """The longest attribution window of the playbooks' goals."""
+    return max((p.goal_within for p in rules.playbooks.values()), default=timedelta(0))
 
 
 def _still_pending(db: Engine, evaluations: Sequence[Evaluation]) -> list[Evaluation]:

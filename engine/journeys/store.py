@@ -21,19 +21,21 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Table, bindparam, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session
 
-from engine.data.bulk import BulkInsert, Encoded, encode_json, sqlite_datetime
+from engine.data.bulk import BulkInsert, Encoded, encode_json
 from engine.data.models import Decision, Enrollment, Escalation, EscalationNote, Message
+from engine.data.moments import moment_parameter, read_moment, session_moment
 from engine.journeys.effects import (
     CancelQueued,
     CaseNote,
     ClaimEvents,
+    Convert,
     CustomerSnapshot,
     Decide,
     Enroll,
@@ -47,6 +49,7 @@ from engine.journeys.effects import (
     Queue,
     Ref,
     TouchCustomer,
+    Touched,
 )
 from engine.playbooks.model import RuleSet
 from engine.statuses import EnrollmentStatus, EscalationStatus, MessageStatus
@@ -74,31 +77,67 @@ _DEADLOCK = "40P01"
 # ---------------------------------------------------------------- reading
 
 
-def load_journeys(session: Session, ids: Sequence[str]) -> dict[str, CustomerSnapshot]:
-    """Active enrollments and past entries of the customers: two queries."""
+def load_journeys(
+    session: Session,
+    ids: Sequence[str],
+    span: Span | None = None,
+    touched_since: datetime | None = None,
+) -> dict[str, CustomerSnapshot]:
+    """Active enrollments and past entries of the customers, in one query over their
+    enrollments by customer (the index on customer, playbook, entry number; selecting
+    by status would lead SQLite to scan every active enrollment instead). ``span``:
+    ``ids`` are every customer with an id in (after, upto], selected by that range
+    rather than by a list of a few thousand ids. ``touched_since``: ended enrollments
+    whose latest message is this recent, and not converted, come as ``touched`` (a goal
+    can still be credited to them)."""
     active: dict[str, dict[str, Journey]] = defaultdict(dict)
-    entries: dict[str, dict[str, Entries]] = defaultdict(dict)
+    touched: dict[str, list[Touched]] = defaultdict(list)
+    last: dict[tuple[str, str], int] = {}
+    cooldown: dict[tuple[str, str], datetime] = {}
     if ids:
-        for row in session.execute(_ACTIVE, {"ids": list(ids)}):
-            journey = Journey(
-                id=row.id,
-                playbook=row.playbook,
-                step_id=row.step_id,
-                due_at=_instant(row.next_due_at),
-                version=row.version,
-                hold_reason=row.hold_reason,
-                entry_number=row.entry_number,
-                entered_at=_required(row.entered_at),
-                queued_count=row.queued_count,
-                trigger_event_id=row.trigger_event_id,
-            )
-            active[row.customer_id][row.playbook] = journey
-        for row in session.execute(_ENTRIES, {"ids": list(ids)}):
-            entries[row.customer_id][row.playbook] = Entries(
-                row.last_number, _instant(row.cooldown_from)
-            )
+        rows = session.execute(*_by_customers(session, _ENROLLMENTS, "", ids, span))
+        for row in rows:
+            key = (row.customer_id, row.playbook)
+            if row.entry_number > last.get(key, 0):
+                last[key] = row.entry_number
+            entered_at = _required(row.entered_at)
+            counts = row.queued_count > 0 or row.status in COOLDOWN_STATUSES
+            if counts and (key not in cooldown or entered_at > cooldown[key]):
+                cooldown[key] = entered_at
+            if row.status == EnrollmentStatus.ACTIVE:
+                active[row.customer_id][row.playbook] = Journey(
+                    id=row.id,
+                    playbook=row.playbook,
+                    step_id=row.step_id,
+                    due_at=read_moment(row.next_due_at),
+                    version=row.version,
+                    hold_reason=row.hold_reason,
+                    entry_number=row.entry_number,
+                    entered_at=entered_at,
+                    queued_count=row.queued_count,
+                    trigger_event_id=row.trigger_event_id,
+                    arm=row.arm,
+                    waiting_since=read_moment(row.waiting_since),
+                    last_touch_at=read_moment(row.last_touch_at),
+                    last_touch_step=row.last_touch_step,
+                    converted_at=read_moment(row.converted_at),
+                )
+            elif touched_since is not None and row.converted_at is None and row.last_touch_at:
+                last_touch = _required(row.last_touch_at)
+                if last_touch >= touched_since:
+                    touched[row.customer_id].append(
+                        Touched(row.id, row.playbook, row.arm, last_touch, row.last_touch_step)
+                    )
+    entries: dict[str, dict[str, Entries]] = defaultdict(dict)
+    for (customer_id, playbook), number in last.items():
+        entries[customer_id][playbook] = Entries(number, cooldown.get((customer_id, playbook)))
     return {
-        customer_id: CustomerSnapshot(customer_id, active[customer_id], entries[customer_id])
+        customer_id: CustomerSnapshot(
+            customer_id,
+            active.get(customer_id, {}),
+            entries.get(customer_id, {}),
+            touched=tuple(touched.get(customer_id, ())),
+        )
         for customer_id in ids
     }
 
@@ -117,9 +156,10 @@ def load_context(
     caps = rules.policies.frequency_caps
     if ids and caps:
         horizon = now - max(cap.per for cap in caps)
-        params = {"ids": list(ids), "horizon": _param(session, horizon)}
+        params = {"ids": list(ids), "horizon": session_moment(session, horizon)}
         for row in session.execute(_RECENT, params):
-            recent[row.customer_id].append((_required(row.due_at), row.channel))
+            if row.kind == "marketing" and row.status in COUNTED_STATUSES:
+                recent[row.customer_id].append((_required(row.due_at), row.channel))
     if ids:
         for row in session.execute(_OPEN_CASES, {"ids": list(ids)}):
             cases.setdefault(row.customer_id, OpenCase(row.id, row.priority))
@@ -133,22 +173,53 @@ def load_context(
     }
 
 
-_ACTIVE = text(
-    "SELECT id, customer_id, playbook, step_id, next_due_at, version, hold_reason, "
-    "entry_number, entered_at, queued_count, trigger_event_id FROM enrollments "
-    "WHERE customer_id IN :ids AND status = 'active'"
-).bindparams(bindparam("ids", expanding=True))
-_ENTRIES = text(
-    "SELECT customer_id, playbook, max(entry_number) AS last_number, "
-    # The entries that count for re-entry: engine.journeys.plan, "Re-entry".
-    "max(CASE WHEN queued_count > 0 OR status IN ('active', 'completed', 'dropped') "
-    "THEN entered_at END) AS cooldown_from "
-    "FROM enrollments WHERE customer_id IN :ids GROUP BY customer_id, playbook"
-).bindparams(bindparam("ids", expanding=True))
+Span = tuple[str | None, str | None]
+
+_ENROLLMENTS = (
+    "SELECT id, customer_id, playbook, status, step_id, next_due_at, version, hold_reason, "
+    "entry_number, entered_at, queued_count, trigger_event_id, arm, waiting_since, "
+    "last_touch_at, last_touch_step, converted_at FROM enrollments"
+)
+# The entries that count for re-entry even when they queued nothing (plan, "Re-entry").
+COOLDOWN_STATUSES = frozenset(
+    {EnrollmentStatus.ACTIVE, EnrollmentStatus.COMPLETED, EnrollmentStatus.DROPPED}
+)
+
+
+def _by_customers(
+    session: Session,
+    select_from: str,
+    where: str,
+    ids: Sequence[str],
+    span: Span | None,
+    tail: str = "",
+) -> tuple[Any, dict[str, Any]]:
+    """A statement over the rows of ``ids`` (by list) or of ``span`` (by range)."""
+    clauses = [where] if where else []
+    params: dict[str, Any] = {}
+    if span is None:
+        clauses.append("customer_id IN :ids")
+        params["ids"] = list(ids)
+        statement = text(f"{select_from} WHERE {' AND '.join(clauses)}{tail}").bindparams(
+            bindparam("ids", expanding=True)
+        )
+        return statement, params
+    after, upto = span
+    if after is not None:
+        clauses.append("customer_id > :after")
+        params["after"] = after
+    if upto is not None:
+        clauses.append("customer_id <= :upto")
+        params["upto"] = upto
+    condition = " AND ".join(clauses) or "1 = 1"
+    return text(f"{select_from} WHERE {condition}{tail}"), params
+
+
+# By customer only (their index): with the status in the WHERE clause SQLite would scan
+# every queued message by the status index instead. Kind and status are checked here.
 _RECENT = text(
-    "SELECT customer_id, due_at, channel FROM messages WHERE customer_id IN :ids "
-    "AND kind = 'marketing' AND status IN ('queued', 'sending', 'sent', 'delivered') "
-    "AND due_at > :horizon"
+    "SELECT customer_id, due_at, channel, kind, status FROM messages "
+    "WHERE customer_id IN :ids AND due_at > :horizon"
 ).bindparams(bindparam("ids", expanding=True))
 _OPEN_CASES = text(
     "SELECT id, customer_id, priority FROM escalations WHERE customer_id IN :ids "
@@ -156,22 +227,9 @@ _OPEN_CASES = text(
 ).bindparams(bindparam("ids", expanding=True))
 
 
-def _instant(value: Any) -> datetime | None:
-    if value is None or isinstance(value, datetime):
-        return value.astimezone(UTC) if value is not None else None
-    return datetime.fromisoformat(value).replace(tzinfo=UTC)
-
-
 def _required(value: Any) -> datetime:
-    moment = _instant(value)
+    moment = read_moment(value)
     assert moment is not None
-    return moment
-
-
-def _param(session: Session, moment: datetime) -> Any:
-    """A datetime as a raw statement compares it: SQLite stores UTCDateTime as text."""
-    if session.get_bind().dialect.name == "sqlite":
-        return sqlite_datetime(moment)
     return moment
 
 
@@ -223,35 +281,36 @@ def _write_all(
     failed (the caller rolls back) and how many queued messages were cancelled."""
     claims: dict[str, str] = {}
     moves: list[tuple[str, Move]] = []
+    kinds: dict[type, list[Any]] = defaultdict(list)
     for customer in plan.customers:
         for effect in customer.effects:
             if isinstance(effect, ClaimEvents):
                 claims.update((event_id, customer.customer_id) for event_id in effect.event_ids)
             elif isinstance(effect, Move):
                 moves.append((customer.customer_id, effect))
+            else:
+                kinds[type(effect)].append(effect)
     lost = set(_claim(session, claims, now))
     lost.update(_move(session, moves, now))
     if lost:
         return sorted(lost), 0
     dialect = session.get_bind().dialect.name
     connection = session.connection()
-    enrollment_ids = _insert_enrollments(session, dialect, plan)
-    case_ids = _insert_cases(session, dialect, plan, now)
+    enrollment_ids = _insert_enrollments(session, dialect, kinds[Enroll])
+    case_ids = _insert_cases(session, dialect, kinds[OpenCaseEffect], now)
     refs = {**enrollment_ids, **case_ids}
-    cancelled_rows = _cancel_queued(session, plan, now)
-    messages = (_message_row(e, refs, now) for e in plan.effects() if isinstance(e, Queue))
+    cancelled_rows = _cancel_queued(session, kinds[CancelQueued], now)
+    messages = (_message_row(e, refs, now) for e in kinds[Queue])
     _insert(dialect, connection, MESSAGES, _MESSAGE_COLUMNS, messages)
     notes = (
-        (_resolve(e.case, refs), now, e.actor, e.action, e.note[:2000])
-        for e in plan.effects()
-        if isinstance(e, CaseNote)
+        (_resolve(e.case, refs), now, e.actor, e.action, e.note[:2000]) for e in kinds[CaseNote]
     )
     _insert(dialect, connection, NOTES, _NOTE_COLUMNS, notes)
-    _join_cases(session, [e for e in plan.effects() if isinstance(e, JoinCase)], now)
-    _touch(session, {e.customer_id for e in plan.effects() if isinstance(e, TouchCustomer)}, now)
+    _join_cases(session, kinds[JoinCase], now)
+    _convert(session, kinds[Convert])
+    _touch(session, {e.customer_id for e in kinds[TouchCustomer]}, now)
     documents: dict[int, Encoded] = {}
-    decisions = [e for e in plan.effects() if isinstance(e, Decide)]
-    rows = [_decision_row(d, refs, rules.version, now, documents) for d in decisions]
+    rows = [_decision_row(d, refs, rules.version, now, documents) for d in kinds[Decide]]
     rows.extend(_cancelled_decisions(cancelled_rows, rules.version, now))
     _insert(dialect, connection, DECISIONS, _DECISION_COLUMNS, rows)
     return [], len(cancelled_rows)
@@ -272,7 +331,9 @@ def _claim(session: Session, claims: Mapping[str, str], now: datetime) -> list[s
             "RETURNING id"
         ).bindparams(bindparam("ids", expanding=True))
         claimed.update(
-            session.execute(statement, {"now": _param(session, now), "ids": chunk}).scalars()
+            session.execute(
+                statement, {"now": session_moment(session, now), "ids": chunk}
+            ).scalars()
         )
     return sorted({claims[event_id] for event_id in ids if event_id not in claimed})
 
@@ -294,11 +355,18 @@ def _move(session: Session, moves: Sequence[tuple[str, Move]], now: datetime) ->
                     move.version,
                     str(state.status),
                     state.step_id,
-                    _value(dialect, state.due_at),
+                    moment_parameter(dialect, state.due_at),
                     state.hold_reason,
                     state.queued_count,
-                    _value(dialect, state.ended_at),
+                    moment_parameter(dialect, state.ended_at),
                     state.end_reason,
+                    state.arm,
+                    moment_parameter(dialect, state.waiting_since),
+                    moment_parameter(dialect, state.last_touch_at),
+                    state.last_touch_step,
+                    moment_parameter(dialect, state.converted_at),
+                    state.conversion_event_id,
+                    state.conversion_step,
                 )
             )
         statement = _move_statement(dialect, len(chunk))
@@ -306,43 +374,43 @@ def _move(session: Session, moves: Sequence[tuple[str, Move]], now: datetime) ->
     return sorted({customer for customer, move in moves if move.enrollment_id not in moved})
 
 
+# The columns a Move writes, with their types (PostgreSQL types the VALUES by casts).
+_MOVED = (
+    ("id", "INTEGER"),
+    ("version", "INTEGER"),
+    ("status", "VARCHAR"),
+    ("step_id", "VARCHAR"),
+    ("due_at", "TIMESTAMP WITH TIME ZONE"),
+    ("hold_reason", "VARCHAR"),
+    ("queued_count", "INTEGER"),
+    ("ended_at", "TIMESTAMP WITH TIME ZONE"),
+    ("end_reason", "VARCHAR"),
+    ("arm", "VARCHAR"),
+    ("waiting_since", "TIMESTAMP WITH TIME ZONE"),
+    ("last_touch_at", "TIMESTAMP WITH TIME ZONE"),
+    ("last_touch_step", "VARCHAR"),
+    ("converted_at", "TIMESTAMP WITH TIME ZONE"),
+    ("conversion_event_id", "VARCHAR"),
+    ("conversion_step", "VARCHAR"),
+)
+
+
 def _move_statement(dialect: str, rows: int) -> str:
     mark = "?" if dialect == "sqlite" else "%s"
-    if dialect == "sqlite":
-        casts = ["{}"] * 9
-    else:
-        casts = [
-            "CAST({} AS INTEGER)",
-            "CAST({} AS INTEGER)",
-            "CAST({} AS VARCHAR)",
-            "CAST({} AS VARCHAR)",
-            "CAST({} AS TIMESTAMP WITH TIME ZONE)",
-            "CAST({} AS VARCHAR)",
-            "CAST({} AS INTEGER)",
-            "CAST({} AS TIMESTAMP WITH TIME ZONE)",
-            "CAST({} AS VARCHAR)",
-        ]
-    names = (
-        "id",
-        "version",
-        "status",
-        "step_id",
-        "due_at",
-        "hold_reason",
-        "queued_count",
-        "ended_at",
-        "end_reason",
-    )
-    row = "(" + ", ".join(mark for _ in names) + ")"
     columns = ", ".join(
-        cast.format(f"column{i + 1}") + f" AS {name}"
-        for i, (cast, name) in enumerate(zip(casts, names, strict=True))
+        (f"column{i + 1}" if dialect == "sqlite" else f"CAST(column{i + 1} AS {kind})")
+        + f" AS {name}"
+        for i, (name, kind) in enumerate(_MOVED)
     )
+    row = "(" + ", ".join(mark for _ in _MOVED) + ")"
     values = ", ".join(row for _ in range(rows))
+    assignments = ", ".join(
+        f"{'next_due_at' if name == 'due_at' else name} = v.{name}"
+        for name, _ in _MOVED
+        if name not in ("id", "version")
+    )
     return (
-        "UPDATE enrollments SET status = v.status, step_id = v.step_id, "
-        "next_due_at = v.due_at, hold_reason = v.hold_reason, queued_count = v.queued_count, "
-        "ended_at = v.ended_at, end_reason = v.end_reason, "
+        f"UPDATE enrollments SET {assignments}, "
         "active_key = CASE WHEN v.status = 'active' THEN enrollments.active_key END, "
         "version = enrollments.version + 1 "
         f"FROM (SELECT {columns} FROM (VALUES {values}) AS w) AS v "
@@ -351,8 +419,26 @@ def _move_statement(dialect: str, rows: int) -> str:
     )
 
 
-def _insert_enrollments(session: Session, dialect: str, plan: Plan) -> dict[str, int]:
-    enrolls = [e for e in plan.effects() if isinstance(e, Enroll)]
+def _convert(session: Session, conversions: Sequence[Convert]) -> None:
+    """Credit conversions to ended enrollments, each once (a second evaluator that got
+    there first leaves nothing to do: the guard holds the first)."""
+    dialect = session.get_bind().dialect.name
+    mark = "?" if dialect == "sqlite" else "%s"
+    statement = (
+        f"UPDATE enrollments SET converted_at = {mark}, conversion_event_id = {mark}, "
+        f"conversion_step = {mark} WHERE id = {mark} AND converted_at IS NULL"
+    )
+    rows = [
+        (moment_parameter(dialect, c.at), c.event_id, c.step_id, c.enrollment_id)
+        for c in conversions
+    ]
+    if rows:
+        session.connection().exec_driver_sql(statement, rows)  # type: ignore[arg-type]
+
+
+def _insert_enrollments(
+    session: Session, dialect: str, enrolls: Sequence[Enroll]
+) -> dict[str, int]:
     if not enrolls:
         return {}
     ids = _allocate(session, dialect, "enrollments", len(enrolls))
@@ -375,6 +461,13 @@ def _insert_enrollments(session: Session, dialect: str, plan: Plan) -> dict[str,
             e.entered_at,
             e.state.ended_at,
             e.state.end_reason,
+            e.state.arm,
+            e.state.waiting_since,
+            e.state.last_touch_at,
+            e.state.last_touch_step,
+            e.state.converted_at,
+            e.state.conversion_event_id,
+            e.state.conversion_step,
         )
         for e in enrolls
     )
@@ -382,8 +475,9 @@ def _insert_enrollments(session: Session, dialect: str, plan: Plan) -> dict[str,
     return refs
 
 
-def _insert_cases(session: Session, dialect: str, plan: Plan, now: datetime) -> dict[str, int]:
-    cases = [e for e in plan.effects() if isinstance(e, OpenCaseEffect)]
+def _insert_cases(
+    session: Session, dialect: str, cases: Sequence[OpenCaseEffect], now: datetime
+) -> dict[str, int]:
     if not cases:
         return {}
     ids = _allocate(session, dialect, "escalations", len(cases))
@@ -423,13 +517,12 @@ def _allocate(session: Session, dialect: str, table: str, count: int) -> list[in
     return [int(i) for i in session.execute(statement, {"n": count}).scalars()]
 
 
-def _cancel_queued(session: Session, plan: Plan, now: datetime) -> list[Any]:
+def _cancel_queued(session: Session, cancels: Sequence[CancelQueued], now: datetime) -> list[Any]:
     """Cancel what ending journeys still have queued; returns the cancelled rows."""
     by_reason: dict[str, list[int]] = defaultdict(list)
-    for effect in plan.effects():
-        if isinstance(effect, CancelQueued):
-            assert isinstance(effect.enrollment, int), "a journey of this plan queued nothing yet"
-            by_reason[effect.reason].append(effect.enrollment)
+    for effect in cancels:
+        assert isinstance(effect.enrollment, int), "a journey of this plan queued nothing yet"
+        by_reason[effect.reason].append(effect.enrollment)
     cancelled: list[Any] = []
     for reason, ids in by_reason.items():
         for chunk in _chunks(ids):
@@ -438,7 +531,7 @@ def _cancel_queued(session: Session, plan: Plan, now: datetime) -> list[Any]:
                 "updated_at = :now WHERE enrollment_id IN :ids AND status = 'queued' "
                 "RETURNING id, customer_id, playbook, step_id, enrollment_id"
             ).bindparams(bindparam("ids", expanding=True))
-            params = {"reason": reason, "now": _param(session, now), "ids": chunk}
+            params = {"reason": reason, "now": session_moment(session, now), "ids": chunk}
             cancelled.extend((reason, row) for row in session.execute(statement, params))
     return cancelled
 
@@ -468,7 +561,7 @@ def _join_cases(session: Session, joins: Sequence[JoinCase], now: datetime) -> N
     for join in joins:
         session.execute(
             text("UPDATE escalations SET priority = :priority, updated_at = :now WHERE id = :id"),
-            {"priority": join.priority, "now": _param(session, now), "id": join.case_id},
+            {"priority": join.priority, "now": session_moment(session, now), "id": join.case_id},
         )
 
 
@@ -478,7 +571,7 @@ def _touch(session: Session, customer_ids: set[str], now: datetime) -> None:
     statement = text("UPDATE customers SET changed_at = :now WHERE id IN :ids").bindparams(
         bindparam("ids", expanding=True)
     )
-    session.execute(statement, {"now": _param(session, now), "ids": sorted(customer_ids)})
+    session.execute(statement, {"now": session_moment(session, now), "ids": sorted(customer_ids)})
 
 
 def _colliding(session: Session, plan: Plan) -> list[str]:
@@ -535,6 +628,13 @@ _ENROLLMENT_COLUMNS = (
     "entered_at",
     "ended_at",
     "end_reason",
+    "arm",
+    "waiting_since",
+    "last_touch_at",
+    "last_touch_step",
+    "converted_at",
+    "conversion_event_id",
+    "conversion_step",
 )
 _CASE_COLUMNS = (
     "id",
@@ -668,12 +768,6 @@ def _insert(
     bulk.write(connection, bulk.encode(rows))
 
 
-def _value(dialect: str, moment: datetime | None) -> Any:
-    if moment is None:
-        return None
-    return sqlite_datetime(moment) if dialect == "sqlite" else moment
-
-
 def _chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -688,12 +782,12 @@ def due_customer_ids(session: Session, now: datetime, since: datetime | None) ->
     ids: set[str] = set()
     if since is not None:
         changed = text("SELECT id FROM customers WHERE changed_at > :since")
-        ids.update(session.execute(changed, {"since": _param(session, since)}).scalars())
+        ids.update(session.execute(changed, {"since": session_moment(session, since)}).scalars())
     pending = text("SELECT DISTINCT customer_id FROM events WHERE evaluated_at IS NULL")
     ids.update(session.execute(pending).scalars())
     due = text(
         "SELECT DISTINCT customer_id FROM enrollments "
         "WHERE status = 'active' AND next_due_at <= :now"
     )
-    ids.update(session.execute(due, {"now": _param(session, now)}).scalars())
+    ids.update(session.execute(due, {"now": session_moment(session, now)}).scalars())
     return sorted(ids)

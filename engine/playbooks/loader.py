@@ -35,7 +35,11 @@ from engine.language.conditions import Condition
 from engine.language.durations import parse_duration
 from engine.playbooks.model import (
     CHANNELS,
+    END,
     PRIORITIES,
+    RESERVED_ARMS,
+    Arm,
+    Branch,
     Escalate,
     FrequencyCap,
     Lead,
@@ -45,7 +49,9 @@ from engine.playbooks.model import (
     Roster,
     RuleSet,
     Send,
+    Split,
     Step,
+    WaitFor,
 )
 from engine.playbooks.schema import (
     CatalogSpec,
@@ -54,6 +60,7 @@ from engine.playbooks.schema import (
     PoliciesSpec,
     RosterSpec,
     SendSpec,
+    StepSpec,
 )
 from engine.playbooks.yaml_source import Located, load_located
 
@@ -338,8 +345,9 @@ def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
             )
         elif per is not None:
             caps.append(FrequencyCap(cap.channel, cap.max, per))
+    control = _share(located, ("control_group",), spec.control_group)
     problems.extend(located.problems)
-    return Policies(quiet, tuple(caps), spec.brand.model_dump())
+    return Policies(quiet, tuple(caps), spec.brand.model_dump(), control or 0.0)
 
 
 class _ConditionChecker:
@@ -414,9 +422,8 @@ def _compile_playbook(
     exit_condition = (
         checker.compile(("exit", "when"), spec.exit.when, allow_event=False) if spec.exit else None
     )
-    goal = (
-        checker.compile(("goal", "when"), spec.goal.when, allow_event=False) if spec.goal else None
-    )
+    goal, goal_event, goal_within = _compile_goal(located, spec, checker, catalog)
+    holdout = _share(located, ("holdout",), spec.holdout)
     reentry: timedelta | None = None
     if spec.reentry != "never":
         text = (
@@ -460,6 +467,10 @@ def _compile_playbook(
         reentry=reentry,
         exit=exit_condition,
         goal=goal,
+        goal_on=spec.goal.event if spec.goal else None,
+        goal_event=goal_event,
+        goal_within=goal_within,
+        holdout=holdout or 0.0,
         when_capped=spec.when_capped,
         quiet_hours=quiet,
         sms_opt_out_hint=spec.sms_opt_out_hint,
@@ -467,6 +478,71 @@ def _compile_playbook(
         steps=steps,
         source=located.path,
     )
+
+
+def _compile_goal(
+    located: Located, spec: PlaybookSpec, checker: _ConditionChecker, catalog: FactCatalog
+) -> tuple[Condition | None, Condition | None, timedelta]:
+    """A goal is a condition over the facts, or an event (with a condition on it), and
+    an attribution window after the last message."""
+    default_window = timedelta(days=7)
+    goal = spec.goal
+    if goal is None:
+        return None, None, default_window
+    within = _duration(located, ("goal", "within"), goal.within) or default_window
+    if goal.event is None:
+        if goal.when is None:
+            located.problems.append(located.at(("goal",), "a goal needs when, or an event"))
+            return None, None, within
+        return checker.compile(("goal", "when"), goal.when, allow_event=False), None, within
+    if not _known_event(located, ("goal", "event"), goal.event, catalog):
+        return None, None, within
+    if (
+        goal.when is not None
+        and checker.compile(("goal", "when"), goal.when, allow_event=True) is None
+    ):
+        return None, None, within
+    return None, _event_condition(goal.event, goal.when, catalog), within
+
+
+def _event_condition(event: str, when: str | None, catalog: FactCatalog) -> Condition:
+    """``event == "<event>" and (<when>)``, compiled (``when`` was checked at its place)."""
+    text = f'event == "{event}"' + (f" and ({when})" if when else "")
+    return conditions.compile_condition(text, catalog)
+
+
+def _known_event(
+    located: Located, where: tuple[Any, ...], event: str, catalog: FactCatalog
+) -> bool:
+    if event in catalog.event_types:
+        return True
+    hint = _did_you_mean(event, sorted(catalog.event_types))
+    located.problems.append(
+        located.at(where, f"unknown event type {event!r}{hint}; declare it in catalog.yaml")
+    )
+    return False
+
+
+def _share(located: Located, where: tuple[Any, ...], text: str | None) -> float | None:
+    """A share of customers, written as a percentage: ``10%``, ``2.5%``."""
+    if text is None:
+        return None
+    value = str(text).strip()
+    try:
+        if not value.endswith("%"):
+            raise ValueError
+        share = float(value[:-1]) / 100
+    except ValueError:
+        located.problems.append(
+            located.at(where, f"bad share {text!r}: write a percentage like 10%")
+        )
+        return None
+    if not 0 < share < 1:
+        located.problems.append(
+            located.at(where, f"share {text!r} must be more than 0% and less than 100%")
+        )
+        return None
+    return share
 
 
 def _compile_steps(
@@ -477,6 +553,8 @@ def _compile_steps(
     catalog: FactCatalog,
     policies: Policies,
 ) -> tuple[Step, ...] | None:
+    """Every step, then the journey as a whole: a graph of steps linked by id, checked for
+    dangling ids, unreachable steps and cycles that never wait (every problem at once)."""
     steps: list[Step] = []
     ids: dict[str, int] = {}
     ok = True
@@ -489,24 +567,272 @@ def _compile_steps(
                 )
             )
             ok = False
+        if step.id == END:
+            located.problems.append(
+                located.at((*where, "id"), f"{END!r} is not a step id: it names the journey's end")
+            )
+            ok = False
         ids.setdefault(step.id, i)
-        wait = _duration(located, (*where, "wait"), step.wait) if step.wait else timedelta(0)
-        if step.wait and wait is None:
+    for i in range(len(spec.steps)):
+        following = spec.steps[i + 1].id if i + 1 < len(spec.steps) else END
+        compiled = _compile_step(located, spec, i, following, checker, templates, catalog, policies)
+        if compiled is None:
             ok = False
-        when = checker.compile((*where, "when"), step.when, allow_event=False)
-        if step.when and when is None:
-            ok = False
-        if step.send is None and step.escalate is None:
-            located.problems.append(located.at(where, f"step {step.id!r} needs send or escalate"))
-            ok = False
-        send = _check_send(located, (*where, "send"), step.send, templates, catalog, policies, spec)
-        if step.send and send is None:
-            ok = False
-        escalate = _check_escalate(located, (*where, "escalate"), step.escalate)
-        if step.escalate and escalate is None:
-            ok = False
-        steps.append(Step(step.id, wait or timedelta(0), when, send, escalate))
+        else:
+            steps.append(compiled)
+    if not _check_graph(located, spec.steps, ids):
+        ok = False
     return tuple(steps) if ok else None
+
+
+def _compile_step(
+    located: Located,
+    spec: PlaybookSpec,
+    index: int,
+    following: str,
+    checker: _ConditionChecker,
+    templates: TemplateStore,
+    catalog: FactCatalog,
+    policies: Policies,
+) -> Step | None:
+    step = spec.steps[index]
+    where = ("steps", index)
+    before = len(located.problems)
+    wait = _duration(located, (*where, "wait"), step.wait) if step.wait else timedelta(0)
+    kinds = [
+        name
+        for name, present in (
+            ("send or escalate", step.send is not None or step.escalate is not None),
+            ("wait_for", step.wait_for is not None),
+            ("branch", step.branch is not None),
+            ("split", step.split is not None),
+        )
+        if present
+    ]
+    if not kinds:
+        located.problems.append(
+            located.at(where, f"step {step.id!r} needs send, escalate, wait_for, branch or split")
+        )
+    elif len(kinds) > 1:
+        located.problems.append(
+            located.at(where, f"step {step.id!r} has {' and '.join(kinds)}: a step does one thing")
+        )
+    if step.when is not None and (step.send is None and step.escalate is None):
+        located.problems.append(
+            located.at((*where, "when"), "when skips an action step; a branch chooses with cases")
+        )
+    if step.next is not None and (step.wait_for or step.branch or step.split):
+        located.problems.append(
+            located.at((*where, "next"), "next is for action steps; this step names its own")
+        )
+    when = checker.compile((*where, "when"), step.when, allow_event=False)
+    send = _check_send(located, (*where, "send"), step.send, templates, catalog, policies, spec)
+    escalate = _check_escalate(located, (*where, "escalate"), step.escalate)
+    wait_for = _compile_wait_for(located, (*where, "wait_for"), step, checker, catalog)
+    branch = _compile_branch(located, (*where, "branch"), step, checker)
+    split = _compile_split(located, (*where, "split"), step)
+    if len(located.problems) > before:
+        return None
+    return Step(
+        step.id,
+        wait or timedelta(0),
+        when,
+        send,
+        escalate,
+        following=_target(step.next or following),
+        wait_for=wait_for,
+        branch=branch,
+        split=split,
+    )
+
+
+def _target(step_id: str) -> str | None:
+    return None if step_id == END else step_id
+
+
+def _compile_wait_for(
+    located: Located,
+    where: tuple[Any, ...],
+    step: StepSpec,
+    checker: _ConditionChecker,
+    catalog: FactCatalog,
+) -> WaitFor | None:
+    spec = step.wait_for
+    if spec is None:
+        return None
+    known = _known_event(located, (*where, "event"), spec.event, catalog)
+    within = _duration(located, (*where, "within"), spec.within)
+    when_ok = spec.when is None or (
+        checker.compile((*where, "when"), spec.when, allow_event=True) is not None
+    )
+    if not (known and within and when_ok):
+        return None
+    return WaitFor(
+        event=spec.event,
+        condition=_event_condition(spec.event, spec.when, catalog),
+        within=within,
+        then=_target(spec.then),
+        otherwise=_target(spec.otherwise),
+    )
+
+
+def _compile_branch(
+    located: Located, where: tuple[Any, ...], step: StepSpec, checker: _ConditionChecker
+) -> Branch | None:
+    spec = step.branch
+    if spec is None:
+        return None
+    cases = []
+    for i, case in enumerate(spec.cases):
+        condition = checker.compile((*where, "cases", i, "when"), case.when, allow_event=False)
+        if condition is not None:
+            cases.append((condition, _target(case.goto)))
+    if len(cases) < len(spec.cases):
+        return None
+    return Branch(tuple(cases), _target(spec.otherwise))
+
+
+def _compile_split(located: Located, where: tuple[Any, ...], step: StepSpec) -> Split | None:
+    arms = step.split
+    if arms is None:
+        return None
+    before = len(located.problems)
+    if len(arms) < 2:
+        located.problems.append(located.at(where, "a split needs at least two arms"))
+    names: set[str] = set()
+    for i, arm in enumerate(arms):
+        if arm.arm in names:
+            located.problems.append(located.at((*where, i, "arm"), f"duplicate arm {arm.arm!r}"))
+        if arm.arm in RESERVED_ARMS:
+            located.problems.append(
+                located.at(
+                    (*where, i, "arm"), f"{arm.arm!r} names the control groups; pick another"
+                )
+            )
+        names.add(arm.arm)
+        if arm.weight < 1:
+            located.problems.append(
+                located.at((*where, i, "weight"), "a weight is a whole number, 1 or more")
+            )
+    if len(located.problems) > before:
+        return None
+    return Split(tuple(Arm(a.arm, a.weight, _target(a.goto)) for a in arms))
+
+
+def _check_graph(located: Located, steps: list[StepSpec], ids: dict[str, int]) -> bool:
+    """Every id a step names exists; every step can be reached from the first; no cycle
+    runs without waiting (it would loop within one tick). Checked on the file as written,
+    so these problems are reported with every other one."""
+    before = len(located.problems)
+    known = {step.id for step in steps}
+    links = {step.id: _links(index, step) for index, step in enumerate(steps)}
+    for step in steps:
+        for where, target in links[step.id]:
+            if target != END and target not in known:
+                hint = _did_you_mean(target, sorted(known))
+                located.problems.append(
+                    located.at(where, f"no step {target!r} in this playbook{hint}")
+                )
+    successors = {
+        step.id: [t for _, t in links[step.id] if t != END and t in known] for step in steps
+    }
+    for index, step in enumerate(steps):
+        is_action = not (step.wait_for or step.branch or step.split)
+        if is_action and step.next is None and index + 1 < len(steps):
+            successors[step.id].append(steps[index + 1].id)  # on to the step listed next
+    reached = {steps[0].id}
+    frontier = [steps[0].id]
+    while frontier:
+        for target in successors[frontier.pop()]:
+            if target not in reached:
+                reached.add(target)
+                frontier.append(target)
+    for step in steps:
+        if step.id not in reached:
+            located.problems.append(
+                located.at(
+                    ("steps", ids[step.id], "id"),
+                    f"step {step.id!r} is never reached from the first step",
+                )
+            )
+    instant = {
+        step.id: [t for t in successors[step.id] if not _waits(by_id[t])]
+        for by_id in [{s.id: s for s in steps}]
+        for step in steps
+        if step.wait_for is None  # a wait for an event always waits
+    }
+    cycle = _cycle(instant)
+    if cycle:
+        located.problems.append(
+            located.at(
+                ("steps", ids[cycle[0]], "id"),
+                "these steps loop without waiting: "
+                + " -> ".join([*cycle, cycle[0]])
+                + " (give one of them a wait)",
+            )
+        )
+    return len(located.problems) == before
+
+
+def _waits(step: StepSpec) -> bool:
+    """Reaching this step waits: a wait (one that does not parse is reported elsewhere
+    and counts as waiting here), or a wait for an event."""
+    if step.wait_for is not None:
+        return True
+    if not step.wait:
+        return False
+    try:
+        return parse_duration(step.wait) > timedelta(0)
+    except DurationError:
+        return True
+
+
+def _links(index: int, step: StepSpec) -> list[tuple[tuple[Any, ...], str]]:
+    """Each id a step names, with where it is written (an action step without ``next``
+    goes on to the step listed after it, which needs no checking)."""
+    where: tuple[Any, ...] = ("steps", index)
+    if step.wait_for is not None:
+        return [
+            ((*where, "wait_for", "then"), step.wait_for.then),
+            ((*where, "wait_for", "otherwise"), step.wait_for.otherwise),
+        ]
+    if step.branch is not None:
+        return [
+            ((*where, "branch", "cases", i, "goto"), case.goto)
+            for i, case in enumerate(step.branch.cases)
+        ] + [((*where, "branch", "otherwise"), step.branch.otherwise)]
+    if step.split is not None:
+        return [((*where, "split", i, "goto"), arm.goto) for i, arm in enumerate(step.split)]
+    if step.next is not None:
+        return [((*where, "next"), step.next)]
+    return []
+
+
+def _cycle(graph: dict[str, list[str]]) -> list[str]:
+    """A cycle in ``graph``, if it has one (a depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for target in graph.get(node, ()):
+            if state.get(target) == 1:
+                return path[path.index(target) :]
+            if target not in state:
+                found = visit(target)
+                if found:
+                    return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for node in graph:
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return []
 
 
 def _check_send(

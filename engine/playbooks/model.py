@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import time, timedelta
+from functools import cached_property
 
 from engine.language.catalog import FactCatalog
 from engine.language.conditions import Condition
@@ -41,6 +42,7 @@ class Policies:
     quiet_hours: dict[str, QuietHours | None]
     frequency_caps: tuple[FrequencyCap, ...]
     brand: dict[str, str]
+    control_group: float = 0.0  # the share of all customers who get no marketing at all
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,75 @@ class Escalate:
     sla: timedelta
 
 
+END = "end"  # as a step's successor: the journey ends there
+HOLDOUT_ARM = "holdout"  # the playbook's held-out share: enrolled, sent nothing
+CONTROL_ARM = "control"  # the global control group: no marketing at all
+RESERVED_ARMS = (HOLDOUT_ARM, CONTROL_ARM)
+
+
+@dataclass(frozen=True)
+class WaitFor:
+    """Wait up to ``within`` for an event; then go to ``then`` (it came) or ``otherwise``."""
+
+    event: str
+    condition: Condition  # event == "<event>" and (<when>): decided on the event's facts
+    within: timedelta
+    then: str | None  # None: the journey ends
+    otherwise: str | None
+
+
+@dataclass(frozen=True)
+class Branch:
+    """The first case whose condition holds when the step is reached decides the next step."""
+
+    cases: tuple[tuple[Condition, str | None], ...]
+    otherwise: str | None
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    weight: int
+    goto: str | None
+
+
+@dataclass(frozen=True)
+class Split:
+    """A random split, the same for a customer on every run: a hash of the customer,
+    the playbook and the step picks the arm, with the arms' weights."""
+
+    arms: tuple[Arm, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(arm.weight for arm in self.arms)
+
+
 @dataclass(frozen=True)
 class Step:
+    """One node of a journey: an action (send, escalate, or both), a wait for an event, a
+    branch or a split. ``following`` is where an action goes next (None: the end)."""
+
     id: str
     wait: timedelta
     when: Condition | None
     send: Send | None
     escalate: Escalate | None
+    following: str | None = None
+    wait_for: WaitFor | None = None
+    branch: Branch | None = None
+    split: Split | None = None
+
+    @property
+    def successors(self) -> tuple[str | None, ...]:
+        """Every step this one can lead to (None: the end)."""
+        if self.wait_for is not None:
+            return (self.wait_for.then, self.wait_for.otherwise)
+        if self.branch is not None:
+            return (*(goto for _, goto in self.branch.cases), self.branch.otherwise)
+        if self.split is not None:
+            return tuple(arm.goto for arm in self.split.arms)
+        return (self.following,)
 
 
 @dataclass(frozen=True)
@@ -104,6 +168,10 @@ class Playbook:
     reentry: timedelta | None  # None: never re-enter
     exit: Condition | None  # no longer eligible: the journey ends, queued messages cancelled
     goal: Condition | None  # reached: the journey ends as converted, queued messages cancelled
+    goal_on: str | None  # the goal as an event of this type...
+    goal_event: Condition | None  # ...that meets this: event == "<type>" and (<when>)
+    goal_within: timedelta  # the attribution window after the last message
+    holdout: float  # the share of entrants held out: enrolled, sent nothing
     when_capped: str
     quiet_hours: dict[str, QuietHours | None]  # per-channel overrides of the policies
     sms_opt_out_hint: str | None
@@ -117,13 +185,11 @@ class Playbook:
 
     def step(self, step_id: str) -> Step | None:
         """The step with this id, or None when the playbook has none (any more)."""
-        return next((s for s in self.steps if s.id == step_id), None)
+        return self._steps.get(step_id)
 
-    def step_after(self, step_id: str) -> Step | None:
-        """The step that follows ``step_id``, or None after the last one."""
-        ids = [s.id for s in self.steps]
-        index = ids.index(step_id) + 1
-        return self.steps[index] if index < len(self.steps) else None
+    @cached_property
+    def _steps(self) -> dict[str, Step]:
+        return {s.id: s for s in self.steps}
 
 
 def enter_rule(playbook: str) -> str:
@@ -136,6 +202,18 @@ def exit_rule(playbook: str) -> str:
 
 def goal_rule(playbook: str) -> str:
     return f"{playbook}.goal"
+
+
+def goal_event_rule(playbook: str) -> str:
+    return f"{playbook}.goal_event"
+
+
+def wait_rule(playbook: str, step: str) -> str:
+    return f"{playbook}.wait.{step}"
+
+
+def branch_rule(playbook: str, step: str, case: int) -> str:
+    return f"{playbook}.branch.{step}.{case}"
 
 
 def step_rule(playbook: str, step: str) -> str:
@@ -163,9 +241,16 @@ class RuleSet:
                 rules[exit_rule(pb.id)] = pb.exit
             if pb.goal is not None:
                 rules[goal_rule(pb.id)] = pb.goal
+            if pb.goal_event is not None:
+                rules[goal_event_rule(pb.id)] = pb.goal_event
             for step in pb.steps:
                 if step.when is not None:
                     rules[step_rule(pb.id, step.id)] = step.when
+                if step.wait_for is not None:
+                    rules[wait_rule(pb.id, step.id)] = step.wait_for.condition
+                if step.branch is not None:
+                    for i, (condition, _) in enumerate(step.branch.cases):
+                        rules[branch_rule(pb.id, step.id, i)] = condition
         return rules
 
     def quiet_hours(self, playbook: Playbook, channel: str) -> QuietHours | None:

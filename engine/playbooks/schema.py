@@ -28,12 +28,47 @@ class EscalateSpec(_Strict):
     sla: str = "24h"
 
 
+class WaitForSpec(_Strict):
+    event: str
+    when: str | None = None  # a condition on the event (event.<property>) and the facts
+    within: str
+    then: str  # a step id, or "end"
+    otherwise: str  # a step id, or "end"
+
+
+class CaseSpec(_Strict):
+    when: str
+    goto: str
+
+
+class BranchSpec(_Strict):
+    cases: list[CaseSpec]
+    otherwise: str
+
+    @field_validator("cases")
+    @classmethod
+    def _at_least_one(cls, cases: list[CaseSpec]) -> list[CaseSpec]:
+        if not cases:
+            raise ValueError("a branch needs at least one case")
+        return cases
+
+
+class ArmSpec(_Strict):
+    arm: str
+    weight: int = 1
+    goto: str
+
+
 class StepSpec(_Strict):
     id: str
     wait: str | None = None
     when: str | None = None
     send: SendSpec | None = None
     escalate: EscalateSpec | None = None
+    next: str | None = None  # the step that follows (default: the next one listed), or "end"
+    wait_for: WaitForSpec | None = None
+    branch: BranchSpec | None = None
+    split: list[ArmSpec] | None = None
 
 
 class EnterSpec(_Strict):
@@ -46,7 +81,9 @@ class ExitSpec(_Strict):
 
 
 class GoalSpec(_Strict):
-    when: str
+    when: str | None = None  # a condition over the facts, or...
+    event: str | None = None  # ...an event type, with ``when`` a condition on it
+    within: str = "7d"  # the attribution window after a message
 
 
 class PlaybookSpec(_Strict):
@@ -59,6 +96,7 @@ class PlaybookSpec(_Strict):
     reentry: str = "never"
     exit: ExitSpec | None = None
     goal: GoalSpec | None = None
+    holdout: str | None = None  # a share of the customers who enter: sent nothing, e.g. 10%
     when_capped: Literal["defer", "drop"] = "defer"
     quiet_hours: dict[str, str | None] = {}
     sms_opt_out_hint: str | None = None
@@ -116,3 +154,4 @@ class PoliciesSpec(_Strict):
     quiet_hours: dict[str, str | None] = {"sms": "08:00-21:00"}
     frequency_caps: list[CapSpec] = []
     brand: BrandSpec
+    control_group: str | None = None  # a share of all customers who get no marketing

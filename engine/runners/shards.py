@@ -103,7 +103,8 @@ def run_shard(
     evaluations = _evaluate(evaluator, subjects)
     result = ShardResult(customers=sum(1 for s in subjects if s.event_id is None))
     if write:
-        result.journeys = advance_journeys(db, rules, evaluations, now)
+        span = None if shard.ids is not None else (shard.after, shard.upto)
+        result.journeys = advance_journeys(db, rules, evaluations, now, span)
     else:
         for evaluation in evaluations:
             result.summary.add(rules, evaluation)

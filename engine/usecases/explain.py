@@ -15,8 +15,11 @@ from sqlmodel import Session, col
 from engine.data.facts import subjects_for
 from engine.data.models import Customer, Event
 from engine.errors import NotFound
+from engine.journeys.effects import Journey
+from engine.journeys.plan import may_enter, resolve_step
+from engine.journeys.store import COOLDOWN_STATUSES, load_journeys
 from engine.language import conditions
-from engine.playbooks.model import RuleSet
+from engine.playbooks.model import Playbook, RuleSet
 
 
 class Check(TypedDict):
@@ -32,7 +35,8 @@ class PlaybookExplanation(TypedDict):
     """One playbook in the `explain` report."""
 
     playbook: str
-    matches: bool
+    state: str  # on the journey | would enter | re-entry not allowed | does not match
+    matches: bool  # the enter condition holds (with its event, for an event trigger)
     event: str | None
     journey: str | None
     checks: list[Check]
@@ -55,6 +59,7 @@ def explain_customer(
         raise NotFound("customer", customer_id)
     pending = _pending_events(session, customer_id)
     journeys = _journeys(session, customer_id)
+    snapshot = load_journeys(session, [customer_id])[customer_id]
     report: list[PlaybookExplanation] = []
     base = subjects_for(session, [customer_id], rules.catalog, moment)[0]
     for pid, playbook in sorted(rules.playbooks.items()):
@@ -70,11 +75,16 @@ def explain_customer(
                 )[0].facts
                 event_note = f"pending {playbook.enter_on!r} event {event.id} of {event.occurred_at:%Y-%m-%d %H:%M}"
         parts = {"enter": playbook.enter}
+        if playbook.goal is not None:
+            parts["goal"] = playbook.goal
         if playbook.exit is not None:
             parts["exit"] = playbook.exit
         for step in playbook.steps:
             if step.when is not None:
                 parts[f"step {step.id}"] = step.when
+            if step.branch is not None:
+                for condition, goto in step.branch.cases:
+                    parts[f"branch {step.id} -> {goto or 'end'}"] = condition
         checks: list[Check] = []
         for label, condition in parts.items():
             explanation = conditions.explain(condition, facts)
@@ -86,12 +96,23 @@ def explain_customer(
                     "why": explanation.summary,
                 }
             )
+        matches = checks[0]["holds"]
+        active = snapshot.active.get(pid)
+        if active is not None:
+            state = "on the journey"
+        elif matches and may_enter(playbook, snapshot.entries.get(pid), moment):
+            state = "would enter"
+        elif matches:
+            state = "re-entry not allowed"
+        else:
+            state = "does not match"
         report.append(
             {
                 "playbook": pid,
-                "matches": checks[0]["holds"],
+                "state": state,
+                "matches": matches,
                 "event": event_note,
-                "journey": _journey_note(playbook, journeys.get(pid, []), moment),
+                "journey": _journey_note(playbook, active, journeys.get(pid, []), moment),
                 "checks": checks,
             }
         )
@@ -152,24 +173,35 @@ def _journeys(session: Session, customer_id: str) -> dict[str, list[Any]]:
     return found
 
 
-def _journey_note(playbook: Any, enrollments: list[Any], now: datetime) -> str | None:
+def _journey_note(
+    playbook: Playbook, active: Journey | None, enrollments: list[Any], now: datetime
+) -> str | None:
     """Where the customer stands on this journey, and whether re-entry is allowed."""
+    if active is not None:
+        since = f"on this journey since {active.entered_at:%Y-%m-%d %H:%M}"
+        due = f"{active.due_at:%Y-%m-%d %H:%M}" if active.due_at else "now"
+        held = f"; held: {active.hold_reason}" if active.hold_reason else ""
+        if active.arm:
+            since += f" (arm {active.arm})"
+        step = resolve_step(playbook, active.step_id)
+        if step is None:
+            return f"{since}; every step done, completes when its last message is due ({due})"
+        if playbook.step(step) is None:
+            return f"{since}; its next step {step!r} is no longer in the playbook: ends next tick"
+        current = playbook.step(step)
+        if current is not None and current.wait_for is not None and active.waiting_since:
+            event = current.wait_for.event
+            return f"{since}; at {step}, waiting for {event} until {due}"
+        return f"{since}; next step {step} due {due}{held}"
     if not enrollments:
         return None
     last = enrollments[-1]
-    if last.status == "active":
-        step = playbook.steps[last.next_step].id if last.next_step < len(playbook.steps) else "-"
-        due = f" due {last.next_due_at:%Y-%m-%d %H:%M}" if last.next_due_at else ""
-        held = f"; held: {last.hold_reason}" if last.hold_reason else ""
-        return (
-            f"on this journey since {last.entered_at:%Y-%m-%d %H:%M}; next step {step}{due}{held}"
-        )
     ended = f"last journey {last.status} {last.ended_at:%Y-%m-%d %H:%M} ({last.end_reason})"
+    counted = [e for e in enrollments if e.queued_count > 0 or e.status in COOLDOWN_STATUSES]
+    if not counted:
+        return f"{ended}; it sent nothing, so re-entry is allowed now"
     if playbook.reentry is None:
         return f"{ended}; re-entry: never"
-    allowed = last.entered_at + playbook.reentry
+    allowed = counted[-1].entered_at + playbook.reentry
     when = "now" if allowed <= now else f"from {allowed:%Y-%m-%d %H:%M}"
     return f"{ended}; re-entry allowed {when}"
-
-
-# ---------------------------------------------------------------- journeys, sending, scheduler

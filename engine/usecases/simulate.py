@@ -30,12 +30,14 @@ from engine.data.ingest import CustomerIn, EventIn, record_event, upsert_custome
 from engine.data.models import (
     Customer,
     Decision,
+    Enrollment,
     Escalation,
     EscalationStatus,
     Message,
     MessageStatus,
 )
 from engine.data.uow import reading, unit_of_work
+from engine.errors import InvalidChoice, NotFound
 from engine.escalations import cases as escalations
 from engine.playbooks.model import RuleSet
 from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
@@ -204,6 +206,99 @@ class ActivityGenerator:
             report.events[kind] += 1
 
 
+@dataclass(frozen=True)
+class Experiment:
+    """A known truth to test a playbook's report against: after the first message (or
+    held-out send) of an enrollment, its customer places an order within the playbook's
+    attribution window with probability ``base_rate`` plus the lift of their arm (the
+    holdout and the control group get the base rate). Written on the command line as
+    ``PLAYBOOK:BASE[,ARM=+LIFT...]``, e.g. ``re_engagement:0.05,b=+0.05``."""
+
+    playbook: str
+    base_rate: float
+    lifts: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> Experiment:
+        try:
+            playbook, rest = text.split(":", 1)
+            base, *arms = rest.split(",")
+            lifts = {}
+            for arm in arms:
+                name, lift = arm.split("=", 1)
+                lifts[name.strip()] = float(lift)
+            experiment = cls(playbook.strip(), float(base), lifts)
+        except ValueError:
+            raise InvalidChoice(
+                "experiment",
+                text,
+                ["PLAYBOOK:BASE[,ARM=+LIFT...], e.g. re_engagement:0.05,b=+0.05"],
+            ) from None
+        for arm, rate in {"base": experiment.base_rate, **experiment.rates()}.items():
+            if not 0 <= rate <= 1:
+                raise InvalidChoice(f"conversion rate of {arm}", rate, ["a rate from 0 to 1"])
+        return experiment
+
+    def rates(self) -> dict[str, float]:
+        return {arm: self.base_rate + lift for arm, lift in self.lifts.items()}
+
+    def rate(self, arm: str | None) -> float:
+        return self.base_rate + self.lifts.get(arm or "", 0.0)
+
+
+class Responses:
+    """Simulated customers answering a playbook's messages as an Experiment says."""
+
+    def __init__(self, app: App, experiment: Experiment, seed: int) -> None:
+        playbook = app.rules.playbooks.get(experiment.playbook)
+        if playbook is None:
+            raise NotFound("playbook", experiment.playbook)
+        self.app = app
+        self.experiment = experiment
+        self.window = playbook.goal_within
+        self.rng = random.Random(seed)
+        self.answered: set[int] = set()
+        self.due: list[tuple[datetime, int, str]] = []  # (when, enrollment id, customer)
+        self.run = uuid.uuid4().hex[:8]
+
+    def hour(self, start: datetime, end: datetime, report: SimulationReport) -> None:
+        """Draw the answers to the touches of the hour before ``end``, and place the orders
+        that fall in it."""
+        statement = select(
+            col(Enrollment.id),
+            col(Enrollment.customer_id),
+            col(Enrollment.arm),
+            col(Enrollment.last_touch_at),
+        ).where(
+            col(Enrollment.playbook) == self.experiment.playbook,
+            col(Enrollment.last_touch_at) >= start,
+            col(Enrollment.last_touch_at) < end,
+        )
+        with reading(self.app.db) as session:
+            touched = list(session.execute(statement))
+        for enrollment_id, customer_id, arm, touch in touched:
+            if enrollment_id in self.answered:
+                continue  # an enrollment answers its first touch only
+            self.answered.add(enrollment_id)
+            if self.rng.random() < self.experiment.rate(arm):
+                # Well inside the window, so that the order counts whatever the tick grid.
+                delay = self.window * (0.1 + 0.7 * self.rng.random())
+                self.due.append((touch + delay, enrollment_id, customer_id))
+        ready = [d for d in self.due if d[0] < end]
+        self.due = [d for d in self.due if d[0] >= end]
+        with unit_of_work(self.app.db) as session:
+            for at, enrollment_id, customer_id in ready:
+                event = EventIn(
+                    id=f"sim-{self.run}-answer-{enrollment_id}",
+                    customer_id=customer_id,
+                    type="order_placed",
+                    occurred_at=at,
+                    properties={"amount_cents": 4200},
+                )
+                if record_event(session, event, at) is not None:
+                    report.events["order_placed (experiment)"] += 1
+
+
 def resolve_old_cases(app: App, now: datetime) -> int:
     """The simulated support lead resolves cases some hours after they open."""
     with unit_of_work(app.db) as session:
@@ -227,16 +322,21 @@ def simulate(
     seed: int = 11,
     customer: str | None = None,
     activity: bool = False,
+    experiment: Experiment | None = None,
 ) -> SimulationReport:
-    """Run ``days`` of ticks from ``start`` over ``app``'s database (a copy: see above)."""
+    """Run ``days`` of ticks from ``start`` over ``app``'s database (a copy: see above).
+    ``experiment``: simulated customers also answer a playbook's messages as it says."""
     rules = app.rules
     report = SimulationReport(start=start, end=start + timedelta(days=days), activity=activity)
     generator = ActivityGenerator(app, rules, seed) if activity else None
+    responses = Responses(app, experiment, seed) if experiment is not None else None
     now = start
     for hour in range(days * 24):
         now = start + timedelta(hours=hour)
         if generator is not None and hour:  # the first tick sees the database as given
             generator.hour(now - timedelta(hours=1), report)
+        if responses is not None and hour:
+            responses.hour(now - timedelta(hours=1), now, report)
         evaluation_tick(
             app, now, full=(now.hour == SWEEP_HOUR or hour == 0), workers=0, rules=rules
         )

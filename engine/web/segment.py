@@ -179,9 +179,9 @@ def _record(
         create_unknown=settings.create_unknown_customers,
         erased=app.erased_addresses,
     )
-    prefix = loc if expected is not None else None
+    # A single call's problems are at body.<field>; a batch's at body.batch.<index>.<field>.
     return [
-        _result(index, call, outcome, prefix if prefix is not None else (*loc, index), expected)
+        _result(index, call, outcome, loc if expected else (*loc, index), expected)
         for index, (call, outcome) in enumerate(zip(calls, outcomes, strict=True))
     ]
 

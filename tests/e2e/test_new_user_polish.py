@@ -137,12 +137,13 @@ def seeded(env: Path) -> None:
         (["messages", "list"], ["seed-00000001", "welcome_series · welcome", "1 try"]),
         (["escalations", "list", "--now", NOW], ["seed-00000007", "SLA due (UTC)"]),
         (["facts"], ["days_since_last_activity", "total_spend_cents"]),
+        (["report", "playbooks", "--until", "2026-03-03T00:00:00Z"], ["converted", "enrolled"]),
         (
             ["simulate", "--days", "2", "--start", NOW],
             ["complaint_escalation", "completed", "welcome_series: sent email"],
         ),
     ],
-    ids=lambda value: value[0] if isinstance(value, list) and value[0][0] != "c" else None,
+    ids=["evaluate", "messages", "escalations", "facts", "report", "simulate"],
 )
 def test_every_table_is_readable_at_80_columns(
     env: Path, args: list[str], whole: list[str]

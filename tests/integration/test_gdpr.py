@@ -127,7 +127,11 @@ def everything(app: App) -> str:
     models = (Customer, Event, Message, Decision, Escalation, EscalationNote, Suppression)
     with Session(app.db) as session:
         return json.dumps(
-            [row.model_dump(mode="json") for m in models for row in session.scalars(select(m))]
+            [
+                row.model_dump(mode="json", warnings=False)
+                for m in models
+                for row in session.scalars(select(m))
+            ]
         )
 
 

@@ -559,3 +559,157 @@ def test_the_planner_imports_no_database_library() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- the journey graph
+
+
+def test_a_wait_for_an_event_opens_when_reached_and_the_event_leads_on(
+    rules: RuleSet, evaluator: ReferenceEvaluator
+) -> None:
+    entered = plan({}, [sweep(evaluator, plan="wait")], rules, NOW)
+    (enroll,) = only(entered.effects(), Enroll)
+    assert [q.step_id for q in only(entered.effects(), Queue)] == ["offer"]
+    assert (enroll.state.step_id, enroll.state.waiting_since) == ("await_order", NOW)
+    assert enroll.state.due_at == NOW + timedelta(days=3)  # the timeout
+    waiting = only(entered.effects(), Decide)[-1]
+    assert (waiting.outcome, waiting.reason) == (
+        "waiting",
+        "for order_placed until 2026-03-05 12:00 UTC",
+    )
+    on_it = snapshot(
+        active={
+            "first_order": journey(
+                "first_order",
+                "await_order",
+                NOW + timedelta(days=3),
+                waiting_since=NOW,
+                last_touch_at=NOW,
+                last_touch_step="offer",
+            )
+        }
+    )
+    later = NOW + timedelta(days=1)
+    order = event(evaluator, "order_placed", later, plan="wait", **{"event.amount_cents": 4500})
+    result = plan(on_it, [sweep(evaluator, plan="wait"), order], rules, later)
+    assert [q.step_id for q in only(result.effects(), Queue)] == ["thanks"]
+    (move,) = only(result.effects(), Move)
+    assert move.state.status is EnrollmentStatus.COMPLETED
+    # The order was also the goal: credited to the offer, the last message before it.
+    assert (move.state.converted_at, move.state.conversion_step) == (later, "offer")
+    assert move.state.conversion_event_id == order.subject.event_id
+    assert outcomes(result)[0] == ("first_order", "await_order", "event came")
+
+
+def test_an_event_that_does_not_meet_the_wait_leaves_it_waiting_until_the_timeout(
+    rules: RuleSet, evaluator: ReferenceEvaluator
+) -> None:
+    waiting = journey("first_order", "await_order", NOW + timedelta(days=3), waiting_since=NOW)
+    on_it = snapshot(active={"first_order": waiting})
+    small = event(
+        evaluator,
+        "order_placed",
+        NOW + timedelta(hours=2),
+        plan="wait",
+        **{"event.amount_cents": 1500},
+    )
+    result = plan(on_it, [sweep(evaluator, plan="wait"), small], rules, NOW + timedelta(hours=2))
+    assert only(result.effects(), Queue) == []  # $15 is not more than $20: still waiting
+    timeout = NOW + timedelta(days=3)
+    later = plan(on_it, [sweep(evaluator, plan="wait")], rules, timeout)
+    assert [q.step_id for q in only(later.effects(), Queue)] == ["reminder"]
+    timed_out = only(later.effects(), Decide)[0]
+    assert (timed_out.outcome, timed_out.reason) == ("timed out", "no order_placed within 3d")
+
+
+def test_a_branch_goes_to_the_first_case_that_holds_or_otherwise(
+    rules: RuleSet, evaluator: ReferenceEvaluator
+) -> None:
+    regular = plan({}, [sweep(evaluator, plan="branch", orders_count=3)], rules, NOW)
+    assert [q.step_id for q in only(regular.effects(), Queue)] == ["regulars"]
+    assert only(regular.effects(), Decide)[1].reason == "orders_count >= 2 -> regulars"
+    newcomer = plan({}, [sweep(evaluator, plan="branch", orders_count=1)], rules, NOW)
+    assert [q.step_id for q in only(newcomer.effects(), Queue)] == ["newcomers"]
+    assert only(newcomer.effects(), Decide)[1].reason == "no case held -> newcomers"
+
+
+def test_a_split_is_the_same_for_a_customer_on_every_run(
+    rules: RuleSet, evaluator: ReferenceEvaluator
+) -> None:
+    arms = {}
+    for n in range(40):
+        customer = f"c{n}"
+        first = plan({}, [sweep(evaluator, customer, plan="ab")], rules, NOW)
+        again = plan({}, [sweep(evaluator, customer, plan="ab")], rules, NOW + timedelta(days=9))
+        (enroll,) = only(first.effects(), Enroll)
+        assert only(again.effects(), Enroll)[0].state.arm == enroll.state.arm
+        arms[customer] = enroll.state.arm
+        queued = only(first.effects(), Queue)
+        if enroll.state.arm == "holdout":
+            assert queued == []
+        else:
+            assert [q.step_id for q in queued] == [f"mail_{enroll.state.arm}"]
+    assert {"a", "b"} <= set(arms.values())
+
+
+def test_split_shares_follow_the_weights_within_a_point_over_100000_ids(rules: RuleSet) -> None:
+    from engine.journeys.plan import arm_of, share_of
+
+    split = rules.playbooks["abtest"].steps[0].split
+    assert split is not None
+    counts = {"a": 0, "b": 0}
+    held = 0
+    for n in range(100_000):
+        customer = f"customer-{n}"
+        counts[arm_of(split, "abtest", "pick", customer).name] += 1
+        held += share_of(f"holdout:abtest:{customer}") < 0.10
+    assert abs(counts["a"] / 100_000 - 0.5) < 0.01
+    assert abs(held / 100_000 - 0.10) < 0.01
+
+
+def test_a_held_out_customer_is_enrolled_and_sent_nothing(
+    rules: RuleSet, evaluator: ReferenceEvaluator
+) -> None:
+    from engine.journeys.plan import share_of
+
+    customer = next(f"h{n}" for n in range(1000) if share_of(f"holdout:abtest:h{n}") < 0.10)
+    result = plan({}, [sweep(evaluator, customer, plan="ab")], rules, NOW)
+    (enroll,) = only(result.effects(), Enroll)
+    assert enroll.state.arm == "holdout"
+    assert only(result.effects(), Queue) == []
+    held = [d for d in only(result.effects(), Decide) if d.outcome == "held out"]
+    assert [h.reason for h in held] == ["held out: this playbook's holdout, sent nothing"]
+    assert (enroll.state.last_touch_at, enroll.state.status) == (NOW, EnrollmentStatus.COMPLETED)
+
+
+def test_the_global_control_group_gets_no_marketing_but_transactional_mail(
+    rules: RuleSet, evaluator: ReferenceEvaluator
+) -> None:
+    from dataclasses import replace as copy_with
+
+    from engine.journeys.plan import share_of
+
+    controlled = copy_with(rules, policies=copy_with(rules.policies, control_group=0.05))
+    customer = next(f"g{n}" for n in range(1000) if share_of(f"control:g{n}") < 0.05)
+    complaint = event(evaluator, "complaint", NOW, customer=customer, orders_count=6)
+    result = plan({}, [sweep(evaluator, customer, orders_count=6), complaint], controlled, NOW)
+    arms = {e.playbook: e.state.arm for e in only(result.effects(), Enroll)}
+    assert arms == {"reward": "control", "complaint": None}
+    assert [q.playbook for q in only(result.effects(), Queue) if q.kind != "staff"] == ["complaint"]
+
+
+def test_a_goal_after_the_journey_ended_is_credited_within_the_window(
+    rules: RuleSet, evaluator: ReferenceEvaluator
+) -> None:
+    from engine.journeys.effects import Convert, Touched
+
+    sent = NOW - timedelta(days=3)
+    ended = snapshot(touched=(Touched(11, "abtest", "b", sent, "mail_b"),))
+    order = event(evaluator, "order_placed", NOW, plan="ab")
+    result = plan(ended, [sweep(evaluator, plan="ab"), order], rules, NOW)
+    assert only(result.effects(), Convert) == [
+        Convert(11, "c1", NOW, order.subject.event_id, "mail_b")
+    ]
+    too_late = snapshot(touched=(Touched(11, "abtest", "b", NOW - timedelta(days=8), "mail_b"),))
+    result = plan(too_late, [sweep(evaluator, plan="ab"), order], rules, NOW)
+    assert only(result.effects(), Convert) == []

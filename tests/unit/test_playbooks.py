@@ -257,3 +257,64 @@ def test_roster_emails_and_phones_are_checked_and_normalised_by_the_libraries(
     )
     [zoe] = load_rules(rules_copy, TEMPLATES).roster.leads
     assert (zoe.email, zoe.phone) == ("zoe@example.com", "+447700900123")
+
+
+GRAPH = """playbook: graph
+stage: test
+description: A journey with every kind of mistake a graph can have.
+enter: {when: email_opt_in}
+holdout: 110%
+steps:
+  - id: start
+    send: {channel: email, template: welcome}
+    next: nowhere
+  - id: loop_a
+    branch:
+      cases:
+        - {when: orders_count >= 1, goto: loop_b}
+      otherwise: end
+  - id: loop_b
+    send: {channel: email, template: welcome}
+    next: loop_a
+  - id: pick
+    split:
+      - {arm: holdout, weight: 1, goto: end}
+      - {arm: b, weight: 0, goto: end}
+  - id: await
+    wait_for: {event: order_placd, within: 3d, then: end, otherwise: start}
+"""
+
+
+def test_a_journey_graph_is_checked_as_a_whole_every_problem_at_once(rules_copy: Path) -> None:
+    path = rules_copy / "graph.yaml"
+    path.write_text(GRAPH)
+    problems = [p for p in problems_of(rules_copy) if "graph.yaml" in p]
+    messages = [p.split(": ", 1)[1] for p in problems]
+    assert "share '110%' must be more than 0% and less than 100%" in messages
+    assert "'holdout' names the control groups; pick another" in messages
+    assert "a weight is a whole number, 1 or more" in messages
+    assert (
+        "unknown event type 'order_placd' (did you mean 'order_placed'?); declare it in catalog.yaml"
+        in messages
+    )
+    assert any(p.endswith(":9:11: no step 'nowhere' in this playbook") for p in problems), problems
+
+
+def test_unreachable_steps_and_cycles_that_never_wait_are_refused(rules_copy: Path) -> None:
+    path = rules_copy / "graph.yaml"
+    path.write_text(
+        GRAPH.replace("holdout: 110%\n", "")
+        .replace("next: nowhere", "next: end")
+        .replace("arm: holdout", "arm: a")
+        .replace("weight: 0", "weight: 1")
+        .replace("order_placd", "order_placed")
+    )
+    problems = [p for p in problems_of(rules_copy) if "graph.yaml" in p]
+    assert problems == [
+        f"{path}:9:9: step 'loop_a' is never reached from the first step",
+        f"{path}:9:9: these steps loop without waiting: loop_a -> loop_b -> loop_a "
+        "(give one of them a wait)",
+        f"{path}:14:9: step 'loop_b' is never reached from the first step",
+        f"{path}:17:9: step 'pick' is never reached from the first step",
+        f"{path}:21:9: step 'await' is never reached from the first step",
+    ]

@@ -1,4 +1,5 @@
-"""journey core: steps by id, versioned enrollments, pending events by customer
+"""journey core: steps by id, versioned enrollments, pending events by customer, the
+journey graph (arms, waits for events, last touches, conversions)
 
 Revision ID: 0002_journey_core
 Revises: 0001
@@ -30,6 +31,30 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("queued_count", sa.Integer(), nullable=False, server_default="0")
         )
+        batch_op.add_column(
+            sa.Column("arm", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True)
+        )
+        batch_op.add_column(
+            sa.Column("waiting_since", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True)
+        )
+        batch_op.add_column(
+            sa.Column("last_touch_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True)
+        )
+        batch_op.add_column(
+            sa.Column("last_touch_step", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True)
+        )
+        batch_op.add_column(
+            sa.Column("converted_at", sqlmodel.sql.sqltypes.UTCDateTime(), nullable=True)
+        )
+        batch_op.add_column(
+            sa.Column(
+                "conversion_event_id", sqlmodel.sql.sqltypes.AutoString(length=128), nullable=True
+            )
+        )
+        batch_op.add_column(
+            sa.Column("conversion_step", sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True)
+        )
+        batch_op.create_index("ix_enrollments_playbook_arm", ["playbook", "arm"], unique=False)
     op.execute(
         "UPDATE enrollments SET step_id = '#' || CAST(next_step AS VARCHAR) WHERE status = 'active'"
     )
@@ -59,6 +84,17 @@ def downgrade() -> None:
             sa.Column("next_step", sa.Integer(), nullable=False, server_default="0")
         )
     with op.batch_alter_table("enrollments", schema=None) as batch_op:
+        batch_op.drop_index("ix_enrollments_playbook_arm")
+        for name in (
+            "conversion_step",
+            "conversion_event_id",
+            "converted_at",
+            "last_touch_step",
+            "last_touch_at",
+            "waiting_since",
+            "arm",
+        ):
+            batch_op.drop_column(name)
         batch_op.drop_column("queued_count")
         batch_op.drop_column("version")
         batch_op.drop_column("step_id")
