@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
 
-.PHONY: demo run test test-fast bench soak experiment lint clean venv browser
+.PHONY: demo run test test-fast bench soak experiment lint clean venv browser readme
 
 $(BIN)/python:
 	@test -n "$(PYVER)" || { echo "Python 3.11 or later is required (PYTHON=$(PYTHON) does not run)"; exit 1; }
@@ -32,14 +32,15 @@ demo: venv
 	@echo "== 1. checking the rules"
 	$(LIFECYCLE) rules check
 	@echo "== 2. seeding 2,000 synthetic customers into demo.db"
-	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) seed --customers 2000 --now 2026-03-02T09:00:00
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) seed --customers 2000 --now 2026-03-02T09:00:00Z
 	@echo "== 3. evaluating every customer against every playbook (durable_rules; the reference evaluator on Python 3.13+)"
-	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --now 2026-03-02T09:00:00
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) $(LIFECYCLE) evaluate --now 2026-03-02T09:00:00Z
 	@echo "== 4. thirty simulated days of journeys on a fake clock, on a copy of demo.db (console channel, files in outbox/)"
-	LIFECYCLE_DATABASE_URL=$(DEMO_DB) COLUMNS=120 $(LIFECYCLE) simulate --days 30 --start 2026-03-02T09:00:00 --customer seed-00000001 --activity synthetic --work-db demo-simulated.db --outbox outbox
+	LIFECYCLE_DATABASE_URL=$(DEMO_DB) COLUMNS=120 $(LIFECYCLE) simulate --days 30 --start 2026-03-02T09:00:00Z --customer seed-00000001 --activity synthetic --work-db demo-simulated.db --outbox outbox
 	@echo "Explore it: export LIFECYCLE_DATABASE_URL=sqlite:///demo-simulated.db; $(LIFECYCLE) explain seed-00000001"
 
 run: venv
+	$(LIFECYCLE) init
 	$(LIFECYCLE) run
 
 # Debian's chromium for the browser tests (never Playwright's own browser download).
@@ -72,8 +73,13 @@ experiment: venv
 	EXPERIMENT_SEEDS=$(or $(SEEDS),20) EXPERIMENT_CUSTOMERS=$(or $(SIZE),3000) $(BIN)/python -m bench.experiment
 
 lint: venv
-	$(BIN)/ruff check engine channels scheduler.py tests bench
-	$(BIN)/mypy engine channels scheduler.py
+	$(BIN)/ruff check engine channels scheduler.py tests bench docs
+	$(BIN)/mypy engine channels scheduler.py docs
+
+# The README's generated parts: the settings table (engine/settings.py) and the HTTP API
+# examples (docs/api_examples.json); tests/e2e/test_readme.py fails when they are stale.
+readme: venv
+	$(BIN)/python -m docs.readme
 
 clean:
 	rm -rf .venv .venv-3.* demo.db* demo-simulated.db* outbox bench-results .pytest_cache .hypothesis

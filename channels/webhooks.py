@@ -15,6 +15,8 @@ from __future__ import annotations
 import binascii
 import functools
 import json
+import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -32,9 +34,19 @@ TWILIO_SIGNATURE_HEADER = "X-Twilio-Signature"
 MESSAGE_ID_ARG = "lifecycle_message_id"  # the custom arg channels.sendgrid_email sets
 
 InboundKeyword = Literal["stop", "start", "help", "other"]
-STOP_WORDS = frozenset({"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"})
-START_WORDS = frozenset({"START", "UNSTOP"})
+# CTIA's opt-out and opt-in keywords (Twilio's defaults), with the words of the FCC's
+# consent-revocation rules in force since April 2025 (REVOKE, "opt out"; OPTOUT, its
+# one-word spelling). Compared after normalising (see classify_inbound_sms), so "opt out",
+# "Opt-Out" and "OPTOUT" are one.
+STOP_WORDS = frozenset(
+    {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT", "REVOKE", "OPTOUT"}
+)
+START_WORDS = frozenset({"START", "UNSTOP", "YES"})
 HELP_WORDS = frozenset({"HELP", "INFO"})
+# Around the keyword: spaces and punctuation ("Stop.", "STOP!!", "'quit'") do not count;
+# inside it, spaces, hyphens and underscores do not either ("opt out", "opt-out").
+_AROUND = string.whitespace + string.punctuation
+_INSIDE = re.compile(r"[\s_-]+")
 
 
 # ── SendGrid ────────────────────────────────────────────────────────────────────────
@@ -231,10 +243,13 @@ def verify_twilio(
 
 
 def classify_inbound_sms(body: str) -> InboundKeyword:
-    """What an inbound SMS asks for: the whole body, trimmed and case-insensitive, must be
-    one keyword (STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT; START, UNSTOP; HELP, INFO).
+    """What an inbound SMS asks for: the whole message must be one keyword, compared
+    case-insensitively with the spaces and punctuation around it and the spaces or hyphens
+    inside it removed. STOP family: STOP, STOPALL, UNSUBSCRIBE, CANCEL, END, QUIT, REVOKE,
+    OPTOUT ("opt out"); START family: START, UNSTOP, YES; HELP, INFO. A sentence that
+    merely contains a keyword ("stop the deliveries please") is no keyword.
     """
-    word = body.strip().upper()
+    word = _INSIDE.sub("", body.strip(_AROUND)).upper()
     if word in STOP_WORDS:
         return "stop"
     if word in START_WORDS:

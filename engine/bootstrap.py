@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from engine.clock import utcnow
 from engine.data.db import make_engine, upgrade
+from engine.data.erasure import ErasedAddresses
 from engine.data.ingest import InputLimits
 from engine.data.scratch import scratch_copy
 from engine.delivery.templates import TemplateStore
@@ -85,6 +86,16 @@ class App:
             max_keys=s.max_properties,
             max_row_bytes=s.max_body_bytes,
         )
+
+    @property
+    def erased_addresses(self) -> ErasedAddresses:
+        """The digests that keep erased people's addresses suppressed (engine.data.erasure)."""
+        return ErasedAddresses(tuple(self.settings.secret_keys()))
+
+    @property
+    def phone_region(self) -> str | None:
+        """The country of national phone numbers (LIFECYCLE_DEFAULT_PHONE_REGION)."""
+        return self.settings.default_phone_region
 
     def workers(self) -> int:
         import os

@@ -15,6 +15,7 @@ the text to a person and act on the parts.
     ├── TemplateError              a message template is missing or does not render
     ├── ImportRowError             one row of an import file is bad (row number and reason)
     ├── EventConflict              an event id seen before, now with a different payload
+    ├── CustomerErased             data sent about a customer whose personal data was erased
     ├── ScratchCopyError           a database cannot be copied to work on (simulate)
     ├── WouldOverwrite             files that a command will not replace (lifecycle new)
     ├── NotFound                   a customer, case or message id that does not exist
@@ -26,7 +27,8 @@ the text to a person and act on the parts.
     ├── WebhookSignatureError      a webhook whose signature does not verify
     ├── WebhookPayloadError        a signed webhook whose body is not what the provider sends
     └── ConfigurationError         a setting is missing or contradictory
-        └── StartupRefused         a command will not start: every setting in the way
+        ├── StartupRefused         a command will not start: every setting in the way
+        └── DatabaseNotReady       no database (or an old one) where a command needs one
 """
 
 from __future__ import annotations
@@ -205,6 +207,18 @@ class EventConflict(LifecycleError):
         )
 
 
+class CustomerErased(LifecycleError):
+    """Data sent about a customer erased under GDPR (engine.usecases.gdpr): refused by
+    ingestion (API, Segment, importer), so an erasure is not undone by the next sync."""
+
+    def __init__(self, customer_id: str) -> None:
+        self.customer_id = customer_id
+        super().__init__(
+            f"customer {customer_id!r} was erased (GDPR): nothing more about them is taken "
+            "in; erase them at the source too"
+        )
+
+
 class ScratchCopyError(LifecycleError):
     """A database that cannot be copied for work that must not change it (a simulation);
     raised by engine.data.scratch before anything is written."""
@@ -356,3 +370,20 @@ class FactValueError(LifecycleError):
         if len(shown) > 60:
             shown = shown[:57] + "..."
         super().__init__(f"fact {fact!r} = {shown} ({type(value).__name__}): {reason}")
+
+
+class DatabaseNotReady(ConfigurationError):
+    """A command that must not create or migrate a database found none ready at
+    LIFECYCLE_DATABASE_URL; raised by the command line before anything is written."""
+
+    def __init__(self, url: str, problem: str) -> None:
+        self.url = url
+        self.problem = problem
+        self.setting = "LIFECYCLE_DATABASE_URL"
+        self.reason = problem
+        LifecycleError.__init__(
+            self,
+            f"{problem} at LIFECYCLE_DATABASE_URL={url}; nothing was created. Run "
+            "`lifecycle init` to create or upgrade it (or point LIFECYCLE_DATABASE_URL at "
+            "your database)",
+        )

@@ -7,6 +7,7 @@ functions; formatting the answer is all a command does itself.
 from __future__ import annotations
 
 from engine.cli import (  # noqa: F401
+    customers,
     data,
     escalations,
     evaluate,

@@ -16,7 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine.bootstrap import App, bootstrap, check_startup
 from engine.clock import as_utc
-from engine.errors import ConfigurationError, RulesInvalid
+from engine.data.db import make_engine, schema_problem
+from engine.errors import ConfigurationError, DatabaseNotReady, RulesInvalid
+from engine.playbooks.loader import load_rules
 from engine.playbooks.model import RuleSet
 from engine.settings import Settings
 
@@ -25,9 +27,39 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="The lifecycl
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
+
+def parse_moment(text: str) -> datetime:
+    """A moment given on the command line (``--now``, ``--start``), in UTC.
+
+    ISO 8601 with an offset (``2026-03-02T09:00:00Z``, ``...+01:00``). One without an
+    offset is taken as UTC, and says so on stderr: a person at a terminal means a local
+    moment as often as a UTC one, and a silent guess would move every time by hours.
+    """
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not an ISO 8601 moment like 2026-03-02T09:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        err.print(
+            f"warning: {text} has no UTC offset, so it is taken as UTC; write "
+            f"{moment.isoformat()}Z (or +01:00...) to say which",
+            markup=False,
+            soft_wrap=True,
+        )
+    return as_utc(moment)
+
+
 NowOption = Annotated[
     datetime | None,
-    typer.Option("--now", help="Pretend it is this moment (ISO 8601, UTC if no offset)."),
+    typer.Option(
+        "--now",
+        parser=parse_moment,
+        metavar="MOMENT",
+        help="Pretend it is this moment: ISO 8601 with an offset, like 2026-03-02T09:00:00Z "
+        "(without one it is taken as UTC, with a warning).",
+    ),
 ]
 
 
@@ -51,10 +83,26 @@ def read_settings() -> Settings:
         raise fail(f"bad setting: {problems}") from None
 
 
-def load_app(settings: Settings | None = None) -> App:
-    """The app over the configured database (migrated); a setting that cannot work exits 1."""
+def load_app(settings: Settings | None = None, *, create: bool = False) -> App:
+    """The app over the configured database; a setting that cannot work exits 1.
+
+    Only the commands that set a project up (``init``, ``seed``, ``import``) pass
+    ``create``: they create the database, or bring its schema up to date. Every other
+    command finds a database ready, or exits 1 pointing to ``lifecycle init``, and never
+    creates one (a mistyped LIFECYCLE_DATABASE_URL must not leave an empty database
+    behind, nor look like a project with no customers).
+    """
+    settings = settings or read_settings()
     try:
-        return bootstrap(settings or read_settings())
+        if create:
+            return bootstrap(settings)
+        engine = make_engine(settings.database_url)
+        problem = schema_problem(engine)
+        if problem is not None:
+            engine.dispose()
+            shown = engine.url.render_as_string(hide_password=True)
+            raise DatabaseNotReady(shown, problem)
+        return bootstrap(settings, db=engine, migrate=False)
     except ConfigurationError as exc:
         raise fail(str(exc)) from exc
 
@@ -86,9 +134,25 @@ def rules_of(application: App) -> RuleSet:
     try:
         return application.rules
     except RulesInvalid as exc:
-        for problem in exc.problems:
-            err.print(str(problem), markup=False, soft_wrap=True)
-        raise typer.Exit(1) from exc
+        raise _rules_problems(exc) from exc
+
+
+def settings_rules() -> RuleSet:
+    """The rules the settings point at, for a command that needs no database (``facts``):
+    the same directories and roster as every other command."""
+    settings = read_settings()
+    try:
+        return load_rules(
+            settings.rules_dir, settings.templates_dir, roster_file=settings.roster_file
+        )
+    except RulesInvalid as exc:
+        raise _rules_problems(exc) from exc
+
+
+def _rules_problems(exc: RulesInvalid) -> typer.Exit:
+    for problem in exc.problems:
+        err.print(str(problem), markup=False, soft_wrap=True)
+    return typer.Exit(1)
 
 
 def progress() -> Progress:

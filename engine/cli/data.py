@@ -42,7 +42,7 @@ def seed(
     """Create synthetic customers with realistic histories (every playbook gets matches)."""
     from engine.data.seed import seed as run_seed
 
-    application = load_app()
+    application = load_app(create=True)
     moment = moment_of(application, now)
     with progress() as bar:
         task = bar.add_task("seeding customers", total=customers)
@@ -63,12 +63,15 @@ def seed(
 def _import(kind: str, file: Path, now: datetime | None, history: bool = False) -> None:
     from engine.data import importing
 
-    application = load_app()
+    application = load_app(create=True)
     rules = rules_of(application)
     moment = moment_of(application, now)
     options: dict[str, Any] = {"limits": application.input_limits}
     if history:
         options["history"] = True
+    if kind == "customers":
+        options["phone_region"] = application.phone_region
+        options["erased"] = application.erased_addresses
     run = importing.import_customers if kind == "customers" else importing.import_events
     try:
         with progress() as bar:

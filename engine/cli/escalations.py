@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 
 from engine.cli.common import (
@@ -63,17 +64,19 @@ def escalations_list(
     if json_output:
         print_json(records)
         return
-    table = Table(title=f"Escalations ({status or 'not resolved'})")
-    for column in ("id", "customer", "status", "priority", "owner", "SLA due", "reason"):
-        table.add_column(column)
+    # Readable at 80 columns: ids and times are never cut; the reason wraps.
+    table = Table(title=f"Escalations ({status or 'not resolved'})", box=box.SIMPLE_HEAD)
+    table.add_column("case", no_wrap=True, justify="right")
+    table.add_column("customer\nowner")
+    table.add_column("status\npriority", no_wrap=True)
+    table.add_column("SLA due (UTC)", no_wrap=True)
+    table.add_column("reason")
     for r in records:
-        due = r["sla_due_at"][:16] + (" OVERDUE" if r["overdue"] else "")
+        due = r["sla_due_at"][:16].replace("T", " ") + ("\nOVERDUE" if r["overdue"] else "")
         table.add_row(
             str(r["id"]),
-            r["customer"],
-            r["status"],
-            r["priority"],
-            r["owner"] or "-",
+            f"{r['customer']}\n{r['owner'] or '-'}",
+            f"{r['status']}\n{r['priority']}",
             due,
             r["reason"],
         )

@@ -11,7 +11,9 @@ import time
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from engine.cli.common import (
     NowOption,
@@ -29,6 +31,7 @@ from engine.evaluation.evaluators import make_evaluator
 from engine.evaluation.model import Summary
 from engine.playbooks.model import RuleSet
 from engine.runners.shards import Shard, run_shard, run_shards, shards_of_everyone
+from engine.wording import plural
 
 
 @app.command()
@@ -116,11 +119,14 @@ def _print_summary(
     if json_output:
         payload = {
             "customers": summary.customers,
+            "pending_events": summary.pending_events,
             "subjects": summary.subjects,
             "seconds": round(elapsed, 3),
             "playbooks": {
                 pid: {
                     "matched": summary.entered.get(pid, 0),
+                    # what "matched" counts: customers, or pending events of enter.on's type
+                    "matched_in": "customers" if pb.enter_on is None else "events",
                     "goal_met": summary.goals.get(pid, 0),
                     "no_longer_eligible": summary.exited.get(pid, 0),
                     "steps": {s.id: summary.steps.get(pid, {}).get(s.id, 0) for s in pb.steps},
@@ -144,23 +150,32 @@ def _print_summary(
                 markup=False,
             )
     table = Table(
-        title=f"Evaluation of {summary.customers} customers ({summary.subjects - summary.customers} pending events)"
+        title=f"Evaluation of {plural(summary.customers, 'customer')} and "
+        f"{plural(summary.pending_events, 'pending event')}",
+        box=box.SIMPLE_HEAD,
     )
-    counted = ("matched", "goal met", "not eligible")
-    for column in ("playbook", "stage", "matched", "steps matched", *counted[1:]):
-        table.add_column(column, justify="right" if column in counted else "left")
+    # Ids stay whole (never cut or folded); the counts in words wrap between words.
+    table.add_column("playbook (stage)", no_wrap=True)
+    table.add_column("matched")
+    table.add_column("steps matched", no_wrap=True)
+    table.add_column("goal\nmet", justify="right")
+    table.add_column("not\neligible", justify="right")
     for pid, playbook in sorted(rules.playbooks.items()):
         steps = summary.steps.get(pid, {})
+        matched = summary.entered.get(pid, 0)
         table.add_row(
-            pid,
-            playbook.stage,
-            str(summary.entered.get(pid, 0)),
-            ", ".join(f"{s.id} {steps.get(s.id, 0)}" for s in playbook.steps),
+            Text.assemble(pid, (f"\n({playbook.stage})", "dim")),
+            plural(matched, "customer")
+            if playbook.enter_on is None
+            else plural(matched, f"{playbook.enter_on} event"),
+            "\n".join(f"{s.id} {steps.get(s.id, 0)}" for s in playbook.steps),
             str(summary.goals.get(pid, 0)),
             str(summary.exited.get(pid, 0)),
         )
     out.print(table)
     rate = summary.subjects / elapsed if elapsed > 0 else 0.0
     out.print(
-        f"{summary.subjects} evaluations in {elapsed:.2f}s ({rate:,.0f}/s); nothing was changed"
+        f"{plural(summary.subjects, 'evaluation')} in {elapsed:.2f}s ({rate:,.0f}/s); "
+        "nothing was changed",
+        soft_wrap=True,
     )

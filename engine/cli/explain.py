@@ -19,6 +19,7 @@ from engine.cli.common import (
 from engine.data.uow import reading
 from engine.errors import LifecycleError
 from engine.usecases.explain import explain_customer
+from engine.wording import plural
 
 
 @app.command()
@@ -57,7 +58,7 @@ def explain(
             out.print(f"  {check['part']:<22} {state}  {check['condition']}", markup=False)
             if not check["holds"] and check["why"]:
                 out.print(f"  {'':<22}        {check['why']}", markup=False)
-    out.print(f"\n[bold]Timeline[/bold] ({len(timeline)} decisions)")
+    out.print(f"\n[bold]Timeline[/bold] ({plural(len(timeline), 'decision')})")
     for row in timeline:
         until = f" (until {row['until'][:16]})" if row["until"] else ""
         step_note = f" {row['step']}" if row["step"] else ""

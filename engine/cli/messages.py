@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, TypedDict
 
 import typer
+from rich import box
 from rich.table import Table
 
 from engine.cli.common import (
@@ -22,6 +23,7 @@ from engine.data.models import Customer
 from engine.data.uow import reading, unit_of_work
 from engine.errors import LifecycleError
 from engine.usecases.messages import find_messages, parse_status, retry
+from engine.wording import plural
 
 
 class _MessageRecord(TypedDict):
@@ -34,6 +36,7 @@ class _MessageRecord(TypedDict):
     channel: str
     status: str
     due_at: str
+    sent_at: str | None
     attempts: int
     provider_id: str | None
     last_error: str | None
@@ -72,6 +75,7 @@ def messages_list(
             "channel": m.channel,
             "status": str(m.status),
             "due_at": m.due_at.isoformat(),
+            "sent_at": m.sent_at.isoformat() if m.sent_at else None,
             "attempts": m.attempts,
             "provider_id": m.provider_id,
             "last_error": m.last_error,
@@ -81,21 +85,27 @@ def messages_list(
     if json_output:
         print_json(records)
         return
-    table = Table()
-    for column in ("id", "customer", "playbook/step", "channel", "status", "due", "tries", "note"):
-        table.add_column(column)
+    # Readable at 80 columns: two lines a row, ids and times never cut; notes wrap.
+    table = Table(box=box.SIMPLE_HEAD)
+    table.add_column("message", no_wrap=True)
+    table.add_column("customer\njourney step")
+    table.add_column("status", no_wrap=True)
+    table.add_column("due (UTC)\nsent", no_wrap=True)
+    table.add_column("note")
     for r in records:
         table.add_row(
-            r["id"][:8],
-            r["customer"] or "",
-            f"{r['playbook']}/{r['step']}",
-            r["channel"],
-            r["status"],
-            r["due_at"][:16],
-            str(r["attempts"]),
+            f"{r['id'][:8]}\n{r['channel']}",
+            f"{r['customer'] or '-'}\n{r['playbook'] or '-'} · {r['step'] or '-'}",
+            f"{r['status']}\n{plural(r['attempts'], 'try', 'tries')}",
+            f"{_minute(r['due_at'])}\n{_minute(r['sent_at']) if r['sent_at'] else 'not sent'}",
             r["last_error"] or "",
         )
     out.print(table)
+
+
+def _minute(iso: str) -> str:
+    """``2026-03-02T09:00:00+00:00`` → ``2026-03-02 09:00``."""
+    return iso[:16].replace("T", " ")
 
 
 @messages_app.command("retry")
@@ -183,6 +193,6 @@ def preview(
     else:
         counted = segments(rendered.body)
         out.print(
-            f"To: {row.phone}\n{rendered.body}\n\n({counted.encoding}, {counted.characters} characters, {counted.segments} segment(s))",
+            f"To: {row.phone}\n{rendered.body}\n\n({counted.encoding}, {plural(counted.characters, 'character')}, {plural(counted.segments, 'segment')})",
             markup=False,
         )

@@ -6,9 +6,10 @@ from datetime import datetime, timedelta
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
-from engine.cli.common import app, load_app, out, print_json, rules_of
+from engine.cli.common import app, load_app, out, parse_moment, print_json, rules_of
 from engine.clock import as_utc
 from engine.data.uow import reading
 from engine.usecases.playbook_report import (
@@ -27,10 +28,19 @@ app.add_typer(report_app, name="report")
 def report_playbooks(
     since: Annotated[
         datetime | None,
-        typer.Option(help="Entries from this moment (default: the first entry on record)."),
+        typer.Option(
+            parser=parse_moment,
+            metavar="MOMENT",
+            help="Entries from this moment (default: the first entry on record).",
+        ),
     ] = None,
     until: Annotated[
-        datetime | None, typer.Option(help="Entries before this moment (default: now).")
+        datetime | None,
+        typer.Option(
+            parser=parse_moment,
+            metavar="MOMENT",
+            help="Entries before this moment (default: now).",
+        ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -50,16 +60,19 @@ def report_playbooks(
         return
     out.print(f"Entries from {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC", markup=False)
     for result in results:
+        # Counts in the table, the uplift under it: readable at 80 columns.
         table = Table(
             title=f"{result.playbook}" + (f" — goal: {result.goal}" if result.goal else ""),
             title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
         )
         columns = ("arm", "enrolled", "sent", "delivered", "opened", "clicked", "converted", "rate")
         for column in columns:
-            table.add_column(column, justify="left" if column == "arm" else "right")
-        table.add_column("uplift (95% CI)", justify="left")
+            table.add_column(column, justify="left" if column == "arm" else "right", no_wrap=True)
         if not result.arms:
-            table.add_row("-", "0", "0", "0", "0", "0", "0", "-", "no entries")
+            table.add_row("-", "0", "0", "0", "0", "0", "0", "-")
+        uplifts = []
         for arm in result.arms.values():
             table.add_row(
                 arm.arm,
@@ -70,9 +83,12 @@ def report_playbooks(
                 f"{arm.clicked:,}",
                 f"{arm.converted:,}",
                 _percent(arm.rate),
-                _uplift(arm),
             )
+            if uplift := _uplift(arm):
+                uplifts.append(f"  uplift of {arm.arm} (95% CI): {uplift}")
         out.print(table)
+        for line in uplifts if result.arms else ["  no entries"]:
+            out.print(line, markup=False)
     out.print(
         f"Uplift: the arm's conversion rate minus the holdout's (else the global control "
         f"group's), 95% interval by Newcombe's hybrid score method; at least {MIN_SAMPLE} "

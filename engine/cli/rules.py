@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from engine.cli.common import (
@@ -17,6 +18,7 @@ from engine.cli.common import (
     out,
     read_settings,
     rules_of,
+    settings_rules,
 )
 from engine.data.db import existing_database
 from engine.data.uow import reading
@@ -25,6 +27,7 @@ from engine.errors import LifecycleError, RulesInvalid
 from engine.playbooks.loader import RESERVED_FILES, ROSTER_FILE, load_rules
 from engine.playbooks.model import RuleSet
 from engine.usecases.stranded import stranded_enrollments
+from engine.wording import plural
 
 rules_app = typer.Typer(no_args_is_help=True, help="Check the rule files.")
 app.add_typer(rules_app, name="rules")
@@ -46,7 +49,8 @@ def new(
         p.stem for p in written if p.parent.name == "rules" and p.name not in RESERVED_FILES
     )
     out.print(
-        f"wrote {len(written)} files into {directory}: rules/ ({len(playbooks)} playbooks: "
+        f"wrote {plural(len(written), 'file')} into {directory}: rules/ "
+        f"({plural(len(playbooks), 'playbook')}: "
         f"{', '.join(playbooks)}; the fact catalog, policies and support roster) and "
         "templates/messages/",
         markup=False,
@@ -62,14 +66,14 @@ def new(
 @app.command()
 def init() -> None:
     """Create or upgrade the database, and check the rules."""
-    application = load_app()
+    application = load_app(create=True)
     rules = rules_of(application)
     settings = application.settings
     out.print(f"database ready: {settings.database_url}")
     for warning in rules.warnings:
         out.print(str(warning), markup=False, soft_wrap=True)
     out.print(
-        f"rules ok: {len(rules.playbooks)} playbooks, version {rules.version}"
+        f"rules ok: {plural(len(rules.playbooks), 'playbook')}, version {rules.version}"
         f"{_warning_count(rules.warnings)}"
     )
     out.print(
@@ -122,7 +126,7 @@ def _roster_line(rules: RuleSet, path: Path) -> str:
         return f"support roster: none at {path} (no playbook escalates, so none is needed)"
     first = rules.roster.on_duty(1)
     on_duty = f"; on duty at tier 1: {first.name}" if first is not None else ""
-    return f"support roster: {path}, {len(leads)} lead{'s' if len(leads) != 1 else ''}{on_duty}"
+    return f"support roster: {path}, {plural(len(leads), 'lead')}{on_duty}"
 
 
 @rules_app.command("check")
@@ -159,17 +163,16 @@ def rules_check(
     except RulesInvalid as exc:
         for problem in sorted([*exc.problems, *exc.warnings]):
             out.print(str(problem), markup=False, soft_wrap=True)
-        count = len(exc.problems)
         err.print(
-            f"{count} problem{'s' if count != 1 else ''} found{_warning_count(exc.warnings)}",
+            f"{plural(len(exc.problems), 'problem')} found{_warning_count(exc.warnings)}",
             markup=False,
         )
         raise typer.Exit(1) from exc
     for warning in rules.warnings:
         out.print(str(warning), markup=False, soft_wrap=True)
     out.print(
-        f"{len(rules.playbooks)} playbooks ok ({', '.join(sorted(rules.playbooks))}); "
-        f"{len(rules.catalog.facts)} facts; rules version {rules.version}"
+        f"{plural(len(rules.playbooks), 'playbook')} ok ({', '.join(sorted(rules.playbooks))}); "
+        f"{plural(len(rules.catalog.facts), 'fact')}; rules version {rules.version}"
         f"{_warning_count(rules.warnings)}",
         markup=False,
         soft_wrap=True,
@@ -201,7 +204,7 @@ def _warn_of_stranded_journeys(url: str, rules: RuleSet) -> None:
 @app.command()
 def facts(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List every fact conditions may use: built-in, attributes and event properties."""
-    rules = rules_of(load_app())
+    rules = settings_rules()
     specs = sorted(rules.catalog.facts.values(), key=lambda s: (s.source, s.name))
     if json_output:
         rows = [
@@ -215,9 +218,11 @@ def facts(json_output: Annotated[bool, typer.Option("--json")] = False) -> None:
         ]
         out.print_json(json.dumps(rows))
         return
-    table = Table(title="Fact catalog")
-    for column in ("fact", "type", "source", "description"):
-        table.add_column(column)
+    table = Table(title="Fact catalog", box=box.SIMPLE_HEAD)
+    table.add_column("fact", no_wrap=True)
+    for column in ("type", "source"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("description")
     for spec in specs:
         table.add_row(spec.name, str(spec.type), str(spec.source), spec.description)
     out.print(table)

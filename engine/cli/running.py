@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.table import Table
 from sqlalchemy import make_url
 
@@ -20,6 +21,7 @@ from engine.cli.common import (
     fail,
     moment_of,
     out,
+    parse_moment,
     print_json,
     read_settings,
     rules_of,
@@ -27,6 +29,7 @@ from engine.cli.common import (
 )
 from engine.clock import as_utc
 from engine.errors import LifecycleError
+from engine.wording import listing, plural
 
 
 @app.command()
@@ -50,13 +53,13 @@ def tick(
     pruned = housekeeping_tick(application, moment)
     j = report.journeys
     out.print(
-        f"evaluated {report.customers} customers: {j.total('enrolled')} enrolled, "
+        f"evaluated {plural(report.customers, 'customer')}: {j.total('enrolled')} enrolled, "
         f"{j.total('queued')} queued, {j.total('deferred')} deferred, "
         f"{j.total('skipped')} skipped, {j.total('converted')} reached their goal, "
         f"{j.total('exited')} no longer eligible; "
-        f"{notified} SLA notifications; dispatched {sent.total_sent} "
-        f"({sent.retried} to retry, {sent.failed} failed); pruned {pruned.receipts} webhook "
-        f"receipts in {time.perf_counter() - started:.2f}s",
+        f"{plural(notified, 'SLA notification')}; dispatched {sent.total_sent} "
+        f"({sent.retried} to retry, {sent.failed} failed); pruned "
+        f"{plural(pruned.receipts, 'webhook receipt')} in {time.perf_counter() - started:.2f}s",
         markup=False,
     )
 
@@ -86,7 +89,13 @@ class Activity(StrEnum):
 def simulate(
     days: Annotated[int, typer.Option("--days", min=1, max=366)] = 30,
     start: Annotated[
-        datetime | None, typer.Option("--start", help="Simulated start (default: now).")
+        datetime | None,
+        typer.Option(
+            "--start",
+            parser=parse_moment,
+            metavar="MOMENT",
+            help="Simulated start, ISO 8601 like 2026-03-02T09:00:00Z (default: now).",
+        ),
     ] = None,
     customer: Annotated[
         str | None, typer.Option("--customer", help="Also print this customer's timeline.")
@@ -175,10 +184,10 @@ def _print_simulation(
 ) -> None:
     data = report.as_dict()
     if report.activity:
+        events = listing(f"{n:,} {kind}" for kind, n in sorted(report.events.items()))
         happened = (
-            f"{report.new_customers} new customers, "
-            + ", ".join(f"{n} {k}" for k, n in sorted(report.events.items()))
-            + f"; {report.cases_resolved} cases resolved by the simulated lead"
+            f"{plural(report.new_customers, 'new customer')}; events: {events}; "
+            f"{plural(report.cases_resolved, 'case')} resolved by the simulated lead"
         )
     else:
         happened = "no synthetic activity (add it with --activity synthetic)"
@@ -187,30 +196,32 @@ def _print_simulation(
         f"in {elapsed:.1f}s: {happened}",
         markup=False,
     )
-    table = Table(title="Per playbook over the simulation")
-    for column in (
-        "playbook",
-        "enrolled",
-        "sent",
-        "deferred",
-        "skipped (why)",
-        "exited on goal",
-        "completed",
-    ):
-        table.add_column(column)
+    # Totals in the table (narrow: readable at 80 columns), the breakdowns below it.
+    table = Table(title="Per playbook over the simulation", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("playbook", no_wrap=True)
+    for column in ("enrolled", "sent", "deferred", "skipped", "goal", "completed"):
+        table.add_column(column, justify="right")
+    details = []
     for pid, tally in data["playbooks"].items():
         table.add_row(
             pid,
             str(tally["enrolled"]),
-            ", ".join(f"{k} {v}" for k, v in sorted(tally["sent"].items())) or "0",
-            ", ".join(f"{k} {v}" for k, v in sorted(tally["deferred"].items())) or "0",
-            "\n".join(f"{k} {v}" for k, v in sorted(tally["skipped"].items())) or "0",
+            *(str(sum(tally[key].values())) for key in ("sent", "deferred", "skipped")),
             str(tally["exited_on_goal"]),
             str(tally["completed"]),
         )
+        parts = [
+            f"{key} {listing(f'{k} {v}' for k, v in sorted(tally[key].items()))}"
+            for key in ("sent", "deferred", "skipped")
+            if tally[key]
+        ]
+        if parts:
+            details.append(f"  {pid}: {'; '.join(parts)}")
     out.print(table)
+    for line in details:
+        out.print(line, markup=False)
     if report.timeline:
-        out.print(f"\nTimeline of the customer ({len(report.timeline)} decisions):")
+        out.print(f"\nTimeline of the customer ({plural(len(report.timeline), 'decision')}):")
         for row in report.timeline:
             until = f" until {row['until'][:16]}" if row["until"] else ""
             out.print(
@@ -262,7 +273,7 @@ def dispatch(now: NowOption = None) -> None:
     application = start_app("dispatch")
     report = dispatch_tick(application, moment_of(application, now), rules=rules_of(application))
     out.print(
-        f"claimed {report.claimed}; sent {report.total_sent} ({', '.join(f'{k} {v}' for k, v in report.sent.items()) or 'none'}); "
+        f"claimed {report.claimed}; sent {report.total_sent} ({listing(f'{k} {v}' for k, v in report.sent.items())}); "
         f"{report.retried} to retry; {report.failed} failed; {report.cancelled} cancelled; "
         f"{report.requeued_after_crash} requeued and {report.marked_ambiguous} marked ambiguous after a crash",
         markup=False,

@@ -7,6 +7,7 @@ import sys
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from engine.cli.common import app, fail, load_app, out
@@ -49,9 +50,11 @@ def sessions(
     """List the console sessions that are signed in now."""
     application = load_app()
     rows = live_sessions(application.db, application.clock(), name)
-    table = Table(title="Console sessions signed in")
-    for column in ("staff", "from", "signed in", "last seen", "expires"):
-        table.add_column(column)
+    table = Table(title="Console sessions signed in (UTC)", box=box.SIMPLE_HEAD)
+    table.add_column("staff")
+    table.add_column("from", overflow="fold")  # an IPv6 address has no spaces to wrap at
+    for column in ("signed in", "last seen", "expires"):
+        table.add_column(column, no_wrap=True)
     for row in rows:
         table.add_row(
             row.staff,

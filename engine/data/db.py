@@ -11,8 +11,10 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, inspect, make_url
-from sqlalchemy.exc import OperationalError
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import DBAPIError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # Execution option: how a SQLite transaction begins ("DEFERRED" or "IMMEDIATE").
@@ -64,21 +66,11 @@ def make_engine(url: str, *, schema: str | None = None) -> Engine:
 
 
 def existing_database(url: str) -> Engine | None:
-    """An engine for ``url`` if a migrated database is there, else None: for commands
-    that read the database when it exists and must never create one (SQLite creates the
-    file on first connect)."""
-    target = make_url(normalize_url(url))
-    if target.get_backend_name() == "sqlite":
-        path = target.database
-        if not path or path == ":memory:" or not Path(path).is_file():
-            return None
+    """An engine for ``url`` if a database at the newest migration is there, else None:
+    for commands that read the database when it exists and must never create one (SQLite
+    creates the file on first connect). "Ready" is schema_problem's, as for every command."""
     engine = make_engine(url)
-    try:
-        with engine.connect() as connection:
-            if not inspect(connection).has_table("enrollments"):
-                engine.dispose()
-                return None
-    except OperationalError:
+    if schema_problem(engine) is not None:
         engine.dispose()
         return None
     return engine
@@ -99,3 +91,33 @@ def alembic_config(engine: Engine) -> Config:
 def upgrade(engine: Engine) -> None:
     """Bring the schema to the newest migration (idempotent)."""
     command.upgrade(alembic_config(engine), "head")
+
+
+def schema_problem(engine: Engine) -> str | None:
+    """Why the database behind ``engine`` cannot be used as it is (none there, no
+    Lifecycle tables, an older schema), or None when it is at the newest migration.
+
+    Creates nothing: a SQLite file that is not there is reported before anything connects
+    (connecting would create it), and nothing is migrated.
+    """
+    url = engine.url
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        in_memory = database in ("", ":memory:") or database.startswith("file:")
+        if not in_memory and not Path(database).exists():
+            return f"there is no database file {database}"
+    try:
+        with engine.connect() as connection:
+            current = set(MigrationContext.configure(connection).get_current_heads())
+    except DBAPIError as exc:
+        first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc) else ""
+        return f"the database cannot be opened ({first})"
+    heads = set(ScriptDirectory.from_config(alembic_config(engine)).get_heads())
+    if not current:
+        return "the database has no Lifecycle tables"
+    if current != heads:
+        return (
+            f"the database is at revision {', '.join(sorted(current))}, older than this "
+            f"Lifecycle ({', '.join(sorted(heads))})"
+        )
+    return None

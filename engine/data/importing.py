@@ -45,6 +45,7 @@ from sqlalchemy.exc import DataError, IntegrityError, StatementError
 from sqlmodel import Session, col
 
 from engine.clock import as_utc
+from engine.data.erasure import ErasedAddresses
 from engine.data.ingest import (
     CustomerIn,
     EventIn,
@@ -54,14 +55,16 @@ from engine.data.ingest import (
     check_attributes,
     check_event_properties,
     customer_draft,
+    ingest_context,
     record_events,
     validation_reason,
 )
 from engine.data.models import Customer
 from engine.data.topics import check_topics
 from engine.data.uow import unit_of_work
-from engine.errors import EventConflict, ImportRowError, LifecycleError
+from engine.errors import CustomerErased, EventConflict, ImportRowError, LifecycleError
 from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType
+from engine.wording import plural
 
 BATCH_SIZE = 1000
 CUSTOMER_COLUMNS = (
@@ -110,14 +113,14 @@ class ImportReport:
 
     def summary(self) -> str:
         if self.kind == "events":
-            done = f"{self.created:,} events stored, {self.duplicates:,} duplicates"
+            done = f"{plural(self.created, 'event')} stored, {plural(self.duplicates, 'duplicate')}"
         else:
             done = (
-                f"{self.created:,} customers created, {self.updated:,} updated, "
+                f"{plural(self.created, 'customer')} created, {self.updated:,} updated, "
                 f"{self.unchanged:,} unchanged"
             )
-        bad = len(self.errors)
-        return f"{self.path}: {self.rows:,} rows: {done}, {bad:,} bad row{'' if bad == 1 else 's'}"
+        bad = plural(len(self.errors), "bad row")
+        return f"{self.path}: {plural(self.rows, 'row')}: {done}, {bad}"
 
 
 def import_customers(
@@ -129,10 +132,23 @@ def import_customers(
     *,
     batch_size: int = BATCH_SIZE,
     limits: InputLimits | None = None,
+    phone_region: str | None = None,
+    erased: ErasedAddresses | None = None,
 ) -> ImportReport:
-    """Create or update the customers in ``path``; see the module docstring."""
+    """Create or update the customers in ``path``; see the module docstring.
+    ``phone_region`` is the country of national phone numbers (07700 900123 in GB);
+    ``erased`` puts back the suppression of an erased person's address imported again."""
     return _Import(
-        engine, Path(path), catalog, as_utc(now), progress, batch_size, _CUSTOMERS, limits
+        engine,
+        Path(path),
+        catalog,
+        as_utc(now),
+        progress,
+        batch_size,
+        _CUSTOMERS,
+        limits,
+        phone_region=phone_region,
+        erased=erased,
     ).run()
 
 
@@ -382,7 +398,9 @@ def _csv_body(
                 yield _Row(number, line, None, (f"the row is longer than {max_row:,} characters",))
                 continue
             if len(cells) != len(layout):
-                problem = f"expected {len(layout)} columns as in the header, found {len(cells)}"
+                problem = (
+                    f"expected {plural(len(layout), 'column')} as in the header, found {len(cells)}"
+                )
                 yield _Row(number, line, None, (problem,))
                 continue
             data, problems = _csv_record(layout, cells)
@@ -494,8 +512,12 @@ def _store_customers(
     statement = select(Customer).where(col(Customer.id).in_(ids))
     known: dict[str, Customer] = {c.id: c for c in session.scalars(statement)}
     drafts: dict[str, Any] = {}  # new customers, inserted with one executemany
-    for item in batch:
+    bad: list[tuple[int, str]] = []
+    for index, item in enumerate(batch):
         existing = known.get(item.id)
+        if existing is not None and existing.erased_at is not None:
+            bad.append((index, f"id: {CustomerErased(item.id)}"))
+            continue
         customer, changed = apply_customer(existing, item, now, new=customer_draft, via="import")
         if existing is None:
             drafts[item.id] = known[item.id] = customer
@@ -507,7 +529,7 @@ def _store_customers(
     if drafts:
         table = Customer.__table__  # type: ignore[attr-defined]
         session.execute(insert(table), [vars(draft) for draft in drafts.values()])
-    return []
+    return bad
 
 
 def _store_events(
@@ -527,6 +549,8 @@ def _store_events(
             report.duplicates += 1
         elif isinstance(outcome, EventConflict):
             bad.append((index, f"id: {outcome}"))
+        elif outcome is Recorded.ERASED_CUSTOMER:
+            bad.append((index, f"customer_id: {CustomerErased(item.customer_id)}"))
         else:
             bad.append((index, f"customer_id: no customer with id {item.customer_id!r}"))
     return bad
@@ -563,6 +587,9 @@ class _Import(Generic[Model]):
         batch_size: int,
         kind: _Kind[Model],
         limits: InputLimits | None = None,
+        *,
+        phone_region: str | None = None,
+        erased: ErasedAddresses | None = None,
     ) -> None:
         self.engine = engine
         self.path = path
@@ -572,6 +599,8 @@ class _Import(Generic[Model]):
         self.batch_size = max(1, batch_size)
         self.kind: _Kind[Model] = kind
         self.limits = limits or InputLimits()
+        self.context = ingest_context(phone_region)
+        self.erased = erased
         self.report = ImportReport(str(path), kind.name)
 
     def run(self) -> ImportReport:
@@ -612,7 +641,7 @@ class _Import(Generic[Model]):
         model: Model | None = None
         if row.data is not None:
             try:
-                model = self.kind.model.model_validate(row.data)
+                model = self.kind.model.model_validate(row.data, context=self.context)
             except ValidationError as exc:
                 problems.append(validation_reason(exc))
             else:
@@ -633,7 +662,12 @@ class _Import(Generic[Model]):
         counts = _counts(self.report)
         try:
             with unit_of_work(self.engine) as session:
-                bad = self.kind.store(session, [model for _, model in batch], self.now, self.report)
+                models = [model for _, model in batch]
+                bad = self.kind.store(session, models, self.now, self.report)
+                if self.erased is not None:
+                    refused = {index for index, _ in bad}
+                    stored = [m for i, m in enumerate(models) if i not in refused]
+                    self.erased.restore(session, _contacts(stored), self.now)
         except _ROW_ERRORS as exc:
             _restore(self.report, counts)
             if len(batch) == 1:
@@ -644,6 +678,11 @@ class _Import(Generic[Model]):
             return
         for index, reason in bad:
             self._bad(batch[index][0], reason)
+
+
+def _contacts(models: list[Any]) -> list[tuple[str | None, str | None]]:
+    """The (email, phone) of the customers among ``models``."""
+    return [(m.email, m.phone) for m in models if isinstance(m, CustomerIn)]
 
 
 def _counts(report: ImportReport) -> tuple[int, int, int, int]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import difflib
 import json
 import math
-import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,23 +30,43 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from sqlalchemy import bindparam, insert, select, update
 from sqlmodel import Session
 
 from engine.clock import as_utc
+from engine.data.contacts import normalise_email, normalise_phone
 from engine.data.models import Customer, Event
 from engine.data.topics import set_topic
-from engine.errors import EventConflict, FactValueError
+from engine.errors import CustomerErased, EventConflict, FactValueError
 from engine.language.catalog import FactCatalog, FactSource, FactType
 from engine.language.conditions import canonical_value
 
-E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# The validation context key for the default phone region (LIFECYCLE_DEFAULT_PHONE_REGION):
+# ``CustomerIn.model_validate(data, context=ingest_context(region))``.
+PHONE_REGION = "phone_region"
+
+
+def ingest_context(phone_region: str | None) -> dict[str, Any]:
+    """What CustomerIn's validators need from the settings, as a pydantic context."""
+    return {PHONE_REGION: phone_region}
 
 
 class CustomerIn(BaseModel):
-    """A customer as sent to the API or written in an import file."""
+    """A customer as sent to the API or written in an import file.
+
+    ``email`` is checked and normalised by email-validator (lower-cased); ``phone`` is
+    parsed by phonenumbers and stored as E.164, a national number read in the region of
+    the validation context (see ingest_context), an impossible one refused.
+    """
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
@@ -78,21 +97,17 @@ class CustomerIn(BaseModel):
     @field_validator("email")
     @classmethod
     def _email(cls, value: str | None) -> str | None:
-        if value in (None, ""):
+        if value is None or value == "":
             return None
-        if not EMAIL.match(value):
-            raise ValueError(f"{value!r} is not an email address")
-        return value.lower()
+        return normalise_email(value)
 
     @field_validator("phone")
     @classmethod
-    def _phone(cls, value: str | None) -> str | None:
-        if value in (None, ""):
+    def _phone(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value == "":
             return None
-        compact = re.sub(r"[\s().-]", "", value)
-        if not E164.match(compact):
-            raise ValueError(f"{value!r} is not an E.164 phone number like +447700900123")
-        return compact
+        region = (info.context or {}).get(PHONE_REGION)
+        return normalise_phone(value, region)
 
     @field_validator("timezone")
     @classmethod
@@ -139,8 +154,15 @@ class EventIn(BaseModel):
 
 
 def _in_utc(value: datetime) -> datetime:
-    """0001-01-01T00:00+05:00 is a valid datetime that UTC cannot hold: a ValueError
-    (a 422 or a row error naming the field), not an OverflowError (a 500)."""
+    """The moment in UTC. A time without an offset is refused: ``2026-03-01T10:00`` could
+    be any of 26 hours, and taking it as UTC would quietly move every local stamp.
+    0001-01-01T00:00+05:00 is a valid datetime that UTC cannot hold: a ValueError (a 422
+    or a row error naming the field), not an OverflowError (a 500)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(
+            f"{value.isoformat()} has no UTC offset; write it with one, like "
+            f"{value.isoformat()}Z for UTC or {value.isoformat()}+01:00"
+        )
     try:
         return as_utc(value)
     except OverflowError:
@@ -410,9 +432,20 @@ def customer_draft(**values: Any) -> Any:
     return SimpleNamespace(**row, **values)
 
 
+def first_sighting(customer_id: str, occurred_at: datetime, now: datetime) -> Customer:
+    """A customer known only from an event for an id never seen (when
+    LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS allows it): the id alone, signed up when the event
+    happened (never later than now), no contact details and no consent."""
+    data = CustomerIn(id=customer_id, signed_up_at=min(occurred_at, now))
+    return apply_customer(None, data, now)[0]
+
+
 def upsert_customer(session: Session, data: CustomerIn, now: datetime) -> tuple[Customer, bool]:
-    """Create or update a customer; returns it and whether anything changed (see apply_customer)."""
+    """Create or update a customer; returns it and whether anything changed (see
+    apply_customer). Raises CustomerErased for a customer whose data was erased."""
     existing = session.get(Customer, data.id)
+    if existing is not None and existing.erased_at is not None:
+        raise CustomerErased(data.id)
     customer, changed = apply_customer(existing, data, now)
     if existing is None:
         session.add(customer)
@@ -551,19 +584,28 @@ def same_json(a: Any, b: Any) -> bool:
     return type(a) is type(b) and a == b
 
 
-def record_event(session: Session, data: EventIn, now: datetime) -> Event | None:
+def record_event(
+    session: Session, data: EventIn, now: datetime, *, create_unknown: bool = False
+) -> Event | None:
     """Store an event once; returns None when its id was seen before with an identical
     payload (nothing changes) and raises EventConflict when the payload differs.
 
-    The caller has checked that the customer exists; the roll-ups move in this transaction.
+    An unknown customer raises LookupError, unless ``create_unknown`` creates them
+    (first_sighting); an erased one raises CustomerErased; the roll-ups move in this
+    transaction.
     """
     stored = session.get(Event, data.id)
     if stored is not None:
         check_same_event(stored, data)
         return None
     customer = session.get(Customer, data.customer_id, with_for_update=True)
+    if customer is None and create_unknown:
+        customer = first_sighting(data.customer_id, data.occurred_at, now)
+        session.add(customer)
     if customer is None:
         raise LookupError(data.customer_id)
+    if customer.erased_at is not None:
+        raise CustomerErased(data.customer_id)
     event = _new_event(data, now)
     session.add(event)
     _fold(customer, data, now)
@@ -583,6 +625,7 @@ class Recorded(StrEnum):
     STORED = "stored"
     DUPLICATE = "duplicate"  # its id was seen before, in the database or earlier in the batch
     UNKNOWN_CUSTOMER = "unknown customer"
+    ERASED_CUSTOMER = "erased customer"  # their personal data was erased: nothing more
 
 
 ROLLUP_FIELDS = (
@@ -616,11 +659,18 @@ def record_events(
     seen = stored_payloads(session, [data.id for data in batch])
     wanted = sorted({data.customer_id for data in batch})  # lock in id order: no deadlocks
     rollups: dict[str, Rollups] = {}
+    erased: set[str] = set()
     if wanted:
-        columns = [customers.c.id, *(customers.c[name] for name in ROLLUP_FIELDS)]
+        columns = [
+            customers.c.id,
+            customers.c.erased_at,
+            *(customers.c[name] for name in ROLLUP_FIELDS),
+        ]
         statement = select(*columns).where(customers.c.id.in_(wanted)).with_for_update()
         for row in session.execute(statement):
             rollups[row.id] = Rollups(**{name: getattr(row, name) for name in ROLLUP_FIELDS})
+            if row.erased_at is not None:
+                erased.add(row.id)
     outcomes: list[Recorded | EventConflict] = []
     events: list[dict[str, Any]] = []
     touched: set[str] = set()
@@ -634,6 +684,8 @@ def record_events(
             )
         elif folded is None:
             outcomes.append(Recorded.UNKNOWN_CUSTOMER)
+        elif data.customer_id in erased:
+            outcomes.append(Recorded.ERASED_CUSTOMER)
         else:
             seen[data.id] = EventPayload.of(data)
             events.append(

@@ -29,6 +29,7 @@ __all__ = [
     "Escalation",
     "EscalationNote",
     "EscalationStatus",
+    "Erasure",
     "Event",
     "Message",
     "MessageStatus",
@@ -74,6 +75,9 @@ class Customer(SQLModel, table=True):
     changed_at: datetime = Field(index=True)
     created_at: datetime
     updated_at: datetime
+    # Set by a GDPR erasure (engine.usecases.gdpr): the personal data is gone, the row and
+    # its counts stay.
+    erased_at: datetime | None = None
 
 
 class Event(SQLModel, table=True):
@@ -238,6 +242,19 @@ class Suppression(SQLModel, table=True):
     reason: str = Field(max_length=200)
     source: str = Field(max_length=100)
     created_at: datetime
+
+
+class Erasure(SQLModel, table=True):
+    """The audit of a GDPR erasure: whose data, when, on whose request, and how many rows
+    of each kind were erased or anonymised. It holds no personal data itself."""
+
+    __tablename__ = "erasures"
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(max_length=64, index=True)
+    erased_at: datetime
+    erased_by: str = Field(max_length=100)
+    counts: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
 
 
 class Decision(SQLModel, table=True):

@@ -53,6 +53,7 @@ from engine.data.bulk import BulkInsert
 from engine.data.db import make_engine
 from engine.data.ingest import Rollups, apply_rollups
 from engine.data.models import Customer, Event
+from engine.wording import plural
 
 ID_PREFIX = "seed-"
 ID_DIGITS = 8
@@ -152,8 +153,9 @@ class SeedReport:
             return "seeded nothing"
         pending = ", ".join(f"{n:,} {kind}" for kind, n in sorted(self.pending_by_type.items()))
         return (
-            f"seeded {self.customers:,} customers ({self.first_id} … {self.last_id}) with "
-            f"{self.events:,} events, {self.pending_events:,} of them pending ({pending})"
+            f"seeded {plural(self.customers, 'customer')} ({self.first_id} … {self.last_id}) "
+            f"with {plural(self.events, 'event')}, {self.pending_events:,} of them pending"
+            + (f" ({pending})" if pending else "")
         )
 
 
@@ -467,6 +469,7 @@ def generate_customer(number: int, now: datetime, *, seed: int = 7) -> SeededCus
         "changed_at": now,
         "created_at": signed_up,
         "updated_at": now,
+        "erased_at": None,
     }
     return SeededCustomer(kind, row, events)
 

@@ -60,12 +60,29 @@ class Evaluation:
         )
 
     def entered(self, rules: RuleSet) -> list[PlaybookMatch]:
-        return [m for m in (self.match(rules, p) for p in rules.playbooks) if m.entered]
+        """The playbooks this subject would start: a customer (sweep) starts those with no
+        ``enter.on``, a pending event those it triggers (the planner's rule)."""
+        event_type = self.subject.event_type if self.subject.event_id is not None else None
+        return [
+            m
+            for m in (
+                self.match(rules, pid)
+                for pid, p in rules.playbooks.items()
+                if p.enter_on == event_type
+            )
+            if m.entered
+        ]
 
 
 @dataclass
 class Summary:
-    """Counts per playbook over an evaluation: what `lifecycle evaluate` prints."""
+    """Counts per playbook over an evaluation: what `lifecycle evaluate` prints.
+
+    A playbook with no ``enter.on`` is counted in customers (the sweep evaluates each
+    once); one that starts on an event is counted in the pending events of that type, as
+    the planner starts it. Goals and exits are the customers'. (Counting every subject
+    made one customer with six pending events "match" a sweep playbook seven times.)
+    """
 
     subjects: int = 0
     customers: int = 0
@@ -91,25 +108,34 @@ class Summary:
             for step, count in steps.items():
                 per_step[step] = per_step.get(step, 0) + count
 
+    @property
+    def pending_events(self) -> int:
+        return self.subjects - self.customers
+
     def add(self, rules: RuleSet, evaluation: Evaluation) -> None:
         self.subjects += 1
-        if evaluation.subject.event_id is None:
+        subject = evaluation.subject
+        sweep = subject.event_id is None
+        if sweep:
             self.customers += 1
         fired = evaluation.fired
-        for playbook, enter, exit_, goal, steps in _rule_ids(rules):
-            if enter in fired:
+        for playbook, enter_on, enter, exit_, goal, steps in _rule_ids(rules):
+            starts = enter_on is None if sweep else enter_on == subject.event_type
+            if starts and enter in fired:
                 self.entered[playbook] = self.entered.get(playbook, 0) + 1
                 per_step = self.steps.setdefault(playbook, {})
                 for step, rule in steps:
                     if rule is None or rule in fired:
                         per_step[step] = per_step.get(step, 0) + 1
+            if not sweep:
+                continue
             if exit_ in fired:
                 self.exited[playbook] = self.exited.get(playbook, 0) + 1
             if goal in fired:
                 self.goals[playbook] = self.goals.get(playbook, 0) + 1
 
 
-_RuleIds = tuple[str, str, str, str, tuple[tuple[str, str | None], ...]]
+_RuleIds = tuple[str, str | None, str, str, str, tuple[tuple[str, str | None], ...]]
 _RULE_IDS: dict[str, tuple[_RuleIds, ...]] = {}
 
 
@@ -121,6 +147,7 @@ def _rule_ids(rules: RuleSet) -> tuple[_RuleIds, ...]:
         found = _RULE_IDS[rules.version] = tuple(
             (
                 p.id,
+                p.enter_on,
                 enter_rule(p.id),
                 exit_rule(p.id),
                 goal_rule(p.id),

@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 from engine.language.catalog import TOPIC_PREFIX
 from engine.language.durations import format_duration
 from engine.playbooks.model import FrequencyCap, SendWindow
+from engine.wording import plural
 
 
 @dataclass(frozen=True)
@@ -161,9 +162,9 @@ def frequency_caps(
                 latest_free, broken = free_at, cap
     if broken is None:
         return None
-    label = "messages" if broken.channel == "any" else f"{broken.channel} messages"
+    kind = "message" if broken.channel == "any" else f"{broken.channel} message"
     return Defer(
-        latest_free, f"frequency cap: at most {broken.max} {label} per {_span(broken.per)}"
+        latest_free, f"frequency cap: at most {plural(broken.max, kind)} per {_span(broken.per)}"
     )
 
 

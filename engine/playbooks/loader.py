@@ -338,17 +338,18 @@ def load_roster(path: Path, problems: list[SourceProblem]) -> tuple[Roster, Loca
     if spec is None:
         problems.extend(located.problems)
         return Roster(()), located
-    from engine.data.ingest import E164, EMAIL
+    from engine.data.contacts import normalise_email, normalise_phone
 
     for i, lead in enumerate(spec.leads):
-        if not EMAIL.match(lead.email):
-            located.problems.append(
-                located.at(("leads", i, "email"), f"{lead.email!r} is not an email address")
-            )
-        if lead.phone is not None and not E164.match(lead.phone):
-            located.problems.append(
-                located.at(("leads", i, "phone"), f"{lead.phone!r} is not an E.164 number")
-            )
+        try:
+            lead.email = normalise_email(lead.email)
+        except ValueError as exc:
+            located.problems.append(located.at(("leads", i, "email"), str(exc)))
+        try:
+            if lead.phone is not None:
+                lead.phone = normalise_phone(lead.phone)
+        except ValueError as exc:
+            located.problems.append(located.at(("leads", i, "phone"), str(exc)))
         if lead.tier < 1:
             located.problems.append(located.at(("leads", i, "tier"), "tier must be 1 or more"))
     if spec.leads and not any(lead.on_duty and lead.tier == 1 for lead in spec.leads):

@@ -18,7 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, delete, func, or_, select
+from sqlalchemy import Engine, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col
 
@@ -235,8 +235,10 @@ def apply_inbound_sms(
         if not first_time(session, "twilio-inbound", sid, now):
             return
         if keyword == "stop":
-            _sms_opt_out(session, number, f"SMS {text.strip().upper()} from {number}", now)
+            said = f"SMS {' '.join(text.split()).upper()[:40]} from {number}"
+            _sms_opt_out(session, number, said, now)
             suppress(session, "sms", number, "STOP", "twilio", now)
+            _cancel_queued_sms(session, number, said, now)
         elif keyword == "start":
             for customer in _customers_with(session, col(Customer.phone), number):
                 if set_sms_consent(customer, True, now):
@@ -253,6 +255,51 @@ def apply_inbound_sms(
                     ),
                 )
             )
+
+
+def _cancel_queued_sms(session: Session, number: str, said: str, now: datetime) -> None:
+    """A STOP ends every customer SMS still queued for the number, or for a customer who
+    has it, at once (one UPDATE ... RETURNING), each with a decision naming the STOP;
+    dispatch would only have refused them at their due time, as "the number is
+    suppressed". Staff notifications (about a customer, to a support lead) are not the
+    customer's: they stay, and the suppression holds back any to this number."""
+    messages = Message.__table__  # type: ignore[attr-defined]
+    holders = select(col(Customer.id)).where(col(Customer.phone) == number)
+    reason = f"cancelled: the recipient sent STOP ({said})"[:1000]
+    statement = (
+        update(messages)
+        .where(
+            messages.c.channel == "sms",
+            messages.c.status == MessageStatus.QUEUED,
+            messages.c.kind != "staff",
+            or_(messages.c.to_address == number, messages.c.customer_id.in_(holders)),
+        )
+        .values(status=MessageStatus.CANCELLED, last_error=reason, updated_at=now)
+        .returning(
+            messages.c.id,
+            messages.c.customer_id,
+            messages.c.playbook,
+            messages.c.step_id,
+            messages.c.enrollment_id,
+        )
+    )
+    decisions = [
+        {
+            "at": now,
+            "customer_id": row.customer_id,
+            "playbook": row.playbook or "",
+            "step_id": row.step_id,
+            "outcome": "cancelled",
+            "reason": reason[:500],
+            "enrollment_id": row.enrollment_id,
+            "message_id": row.id,
+            "facts": {},
+        }
+        for row in session.execute(statement)
+        if row.customer_id is not None
+    ]
+    if decisions:
+        session.execute(insert(Decision.__table__), decisions)  # type: ignore[attr-defined]
 
 
 def apply_unsubscribe(

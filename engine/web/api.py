@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Coroutine
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Body, Depends, Request, Response
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
@@ -30,14 +30,19 @@ from engine.data.ingest import (
     check_attributes,
     check_event_properties,
     check_same_event,
+    ingest_context,
     record_event,
     upsert_customer,
 )
 from engine.data.models import Customer, Event
 from engine.data.topics import check_topics
-from engine.errors import EventConflict
+from engine.data.uow import reading, unit_of_work
+from engine.errors import CustomerErased, EventConflict, NotFound
+from engine.usecases.gdpr import erase_customer, export_customer
 from engine.web import web_state
 from engine.web.auth import api_key_problem
+
+Validated = TypeVar("Validated", bound=BaseModel)
 
 
 def key_problem(request: Request) -> tuple[int, str] | None:
@@ -105,6 +110,45 @@ class EventResult(BaseModel):
     status: Literal["accepted", "duplicate"]
 
 
+SCHEMA_REF = "#/components/schemas/{model}"
+# The bodies that routes validate themselves (see body_schema), added to the schema's
+# components by add_body_schemas.
+SELF_VALIDATED: list[type[BaseModel]] = []
+
+
+def body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI request body of a route that validates its JSON itself (with a context
+    FastAPI cannot hand in, such as the default phone region)."""
+    SELF_VALIDATED.append(model)
+    reference = {"schema": {"$ref": SCHEMA_REF.format(model=model.__name__)}}
+    return {"requestBody": {"required": True, "content": {"application/json": reference}}}
+
+
+def add_body_schemas(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI schema with the self-validated bodies among its components."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for model in SELF_VALIDATED:
+        own = model.model_json_schema(ref_template=SCHEMA_REF)
+        components.update(own.pop("$defs", {}))
+        components.setdefault(model.__name__, own)
+    return schema
+
+
+def validated(
+    model: type[Validated],
+    payload: Any,
+    context: dict[str, Any],
+    loc: tuple[str | int, ...] = ("body",),
+) -> Validated:
+    """``payload`` as ``model``, or a 422 in FastAPI's own shape (each problem at ``loc``)."""
+    try:
+        # from_attributes as FastAPI validates bodies: the same messages as its own 422s
+        return model.model_validate(payload, context=context, from_attributes=True)
+    except ValidationError as exc:
+        errors = [{**e, "loc": (*loc, *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
 def catalog_errors(problems: list[str], kind: str = "catalog") -> list[dict[str, Any]]:
     """``"attributes.plan: expected string, got 5"`` → FastAPI's error shape."""
     errors = []
@@ -119,13 +163,19 @@ def catalog_errors(problems: list[str], kind: str = "catalog") -> list[dict[str,
     response_model=CustomerResult,
     status_code=201,
     summary="Create or update a customer",
+    openapi_extra=body_schema(CustomerIn),
     responses={200: {"description": "An existing customer was updated (or was already so)"}},
 )
-def post_customer(data: CustomerIn, request: Request, response: Response) -> CustomerResult:
+def post_customer(
+    payload: Annotated[Any, Body()], request: Request, response: Response
+) -> CustomerResult:
     """Fields left out are left alone; ``attributes`` are merged key by key and must be
     declared in ``rules/catalog.yaml`` with their type; ``topics`` are the customer's
-    choices of subscription topics (``{"offers": false}``), each declared there too."""
+    choices of subscription topics (``{"offers": false}``), each declared there too.
+    ``email`` is normalised (lower case), ``phone`` stored as E.164 (a national number is
+    read in ``LIFECYCLE_DEFAULT_PHONE_REGION``)."""
     app = web_state(request).app
+    data = validated(CustomerIn, payload, ingest_context(app.phone_region))
     problems = check_attributes(data.attributes, app.rules.catalog, app.input_limits)
     problems += check_topics(data.topics, app.rules.catalog)
     if problems:
@@ -134,7 +184,11 @@ def post_customer(data: CustomerIn, request: Request, response: Response) -> Cus
     for attempt in (1, 2):
         with Session(app.db, expire_on_commit=False) as session:
             existed = session.get(Customer, data.id) is not None
-            _, changed = upsert_customer(session, data, now)
+            try:
+                stored, changed = upsert_customer(session, data, now)
+            except CustomerErased as exc:
+                raise RequestValidationError(_erased(exc, "id")) from None
+            app.erased_addresses.restore(session, [(stored.email, stored.phone)], now)
             try:
                 session.commit()
             except IntegrityError:
@@ -163,22 +217,27 @@ def post_customer(data: CustomerIn, request: Request, response: Response) -> Cus
     },
 )
 def post_event(data: EventIn, request: Request, response: Response) -> Any:
-    """The customer must exist; the event type and its properties must be declared in
-    ``rules/catalog.yaml``. Sending the same event again changes nothing and answers 200;
-    sending its id with a different payload changes nothing and answers 409."""
+    """The customer must exist (unless ``LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS`` creates
+    them); the event type and its properties must be declared in ``rules/catalog.yaml``.
+    Sending the same event again changes nothing and answers 200; sending its id with a
+    different payload changes nothing and answers 409."""
     app = web_state(request).app
     problems = check_event_properties(data, app.rules.catalog, app.input_limits)
     if problems:
         raise RequestValidationError(catalog_errors(problems))
     now = app.clock()
     try:
-        stored = _record(app.db, data, now)
+        stored = _record(app.db, data, now, app.settings.create_unknown_customers)
     except EventConflict as exc:
         return conflict_response(exc)
     if stored is None:
         response.status_code = 200
         return EventResult(id=data.id, status="duplicate")
     return EventResult(id=data.id, status="accepted")
+
+
+def _erased(exc: CustomerErased, field: str) -> list[dict[str, Any]]:
+    return [{"loc": ["body", field], "msg": str(exc), "type": "erased"}]
 
 
 def conflict_response(exc: EventConflict) -> JSONResponse:
@@ -194,17 +253,20 @@ def conflict_response(exc: EventConflict) -> JSONResponse:
     )
 
 
-def _record(db: Engine, data: EventIn, now: datetime) -> Event | None:
+def _record(db: Engine, data: EventIn, now: datetime, create_unknown: bool) -> Event | None:
     """The stored event, or None for a duplicate; raises EventConflict."""
     with Session(db, expire_on_commit=False) as session:
         try:
-            stored = record_event(session, data, now)
+            stored = record_event(session, data, now, create_unknown=create_unknown)
+        except CustomerErased as exc:
+            raise RequestValidationError(_erased(exc, "customer_id")) from None
         except LookupError:
             raise RequestValidationError(
                 [
                     {
                         "loc": ["body", "customer_id"],
-                        "msg": f"no customer with id {data.customer_id!r}",
+                        "msg": f"no customer with id {data.customer_id!r} (create them "
+                        "first, or set LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS=true)",
                         "type": "not_found",
                     }
                 ]
@@ -222,3 +284,56 @@ def _record(db: Engine, data: EventIn, now: datetime) -> Event | None:
                 check_same_event(winner, data)
                 stored = None
     return stored
+
+
+# ── GDPR: a person's data out, or erased ────────────────────────────────────────────
+
+
+class ErasureResult(BaseModel):
+    customer_id: str
+    erased_at: datetime
+    audit_id: int
+    counts: dict[str, int]
+
+
+def _not_found(customer_id: str) -> HTTPException:
+    return HTTPException(404, f"no customer with id {customer_id!r}")
+
+
+@router.get(
+    "/customers/{customer_id:path}/export",
+    summary="Everything held about a customer (GDPR access)",
+    responses={404: {"description": "No customer with this id"}},
+)
+def export_customer_data(customer_id: str, request: Request) -> dict[str, Any]:
+    """The customer, events, journeys, messages, decisions, cases and the suppressions of
+    their addresses, as JSON (the same as ``lifecycle customers export``). An id holding
+    ``/`` is sent as it is or encoded (``%2F``)."""
+    app = web_state(request).app
+    with reading(app.db) as session:
+        try:
+            return export_customer(session, customer_id, app.clock())
+        except NotFound:
+            raise _not_found(customer_id) from None
+
+
+@router.post(
+    "/customers/{customer_id:path}/erase",
+    summary="Erase a customer's personal data (GDPR erasure)",
+    response_model=ErasureResult,
+    responses={404: {"description": "No customer with this id"}},
+)
+def erase_customer_data(customer_id: str, request: Request) -> ErasureResult:
+    """Removes or anonymises the personal data, keeps counts and the suppression of the
+    addresses (as keyed digests), and records an audit row (the same as ``lifecycle
+    customers erase``). Afterwards, data sent about the id is refused."""
+    app = web_state(request).app
+    try:
+        with unit_of_work(app.db) as session:
+            audit = erase_customer(session, customer_id, "api", app.erased_addresses, app.clock())
+    except NotFound:
+        raise _not_found(customer_id) from None
+    assert audit.id is not None
+    return ErasureResult(
+        customer_id=customer_id, erased_at=audit.erased_at, audit_id=audit.id, counts=audit.counts
+    )

@@ -5,6 +5,7 @@
 Routes (details in each module):
 
     POST /v1/customers, POST /v1/events          ingest API, Bearer LIFECYCLE_API_KEY
+    POST /v1/identify, /v1/track, /v1/batch      Segment-compatible API (also HTTP Basic)
     GET  /openapi.json                           the API's schema: with the API key, to
                                                  signed-in staff, or to all with LIFECYCLE_API_DOCS
     GET  /docs                                   Swagger UI (served locally): to signed-in
@@ -53,7 +54,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine.bootstrap import App
 from engine.errors import RulesInvalid
 from engine.runners.reloading import RulesReloader
-from engine.web import STATIC_DIR, WebState, api, build_templates, console, webhooks
+from engine.web import STATIC_DIR, WebState, api, build_templates, console, segment, webhooks
 from engine.web.auth import SessionCodec, StaffDirectory, parse_staff_passwords
 from engine.web.logs import install_access_log_filter
 
@@ -216,6 +217,7 @@ def create_app(app: App, *, reload_rules_every: float | None = None) -> FastAPI:
     )
     http.state.web = web
     http.include_router(api.router)
+    http.include_router(segment.router)
     http.include_router(webhooks.router)
     http.include_router(console.router)
     http.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -283,7 +285,7 @@ def _add_docs(http: FastAPI, docs_html: str) -> None:
     async def openapi(request: Request) -> Response:
         if not await allowed(request, api_key_too=True):
             return JSONResponse({"detail": "Not Found"}, status_code=404)
-        return JSONResponse(http.openapi())
+        return JSONResponse(api.add_body_schemas(http.openapi()))
 
     @http.get("/docs", include_in_schema=False)
     async def docs(request: Request) -> Response:

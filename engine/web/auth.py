@@ -1,8 +1,10 @@
 """Who may do what over HTTP: the ingest API's key, staff passwords and console sessions.
 
 Ingest API
-    ``Authorization: Bearer <LIFECYCLE_API_KEY>``. With no key configured every API call
-    is refused with 503 naming the missing setting: the API is never open by default.
+    ``Authorization: Bearer <LIFECYCLE_API_KEY>``, or the key as the user name of HTTP
+    Basic (``Basic base64("<key>:")``), which is how Segment's and RudderStack's SDKs and
+    destinations send their write key. With no key configured every API call is refused
+    with 503 naming the missing setting: the API is never open by default.
 
 Staff accounts
     ``LIFECYCLE_STAFF_PASSWORDS`` holds comma-separated ``name:pbkdf2_sha256$iterations$salt$hash``
@@ -188,9 +190,31 @@ def api_key_problem(configured: str | None, authorization: str | None) -> tuple[
     """(status, reason) when a request may not use the API, None when it may."""
     if not configured:
         return 503, "the ingest API is disabled: set LIFECYCLE_API_KEY to enable it"
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return 401, "missing API key: send 'Authorization: Bearer <LIFECYCLE_API_KEY>'"
-    if not hmac.compare_digest(token.strip().encode(), configured.encode()):
+    key = _presented_key(authorization or "")
+    if key is None:
+        return 401, (
+            "missing API key: send 'Authorization: Bearer <LIFECYCLE_API_KEY>', or the key "
+            "as the user name of HTTP Basic (a Segment write key)"
+        )
+    if not hmac.compare_digest(key.encode(), configured.encode()):
         return 401, "wrong API key"
     return None
+
+
+def _presented_key(authorization: str) -> str | None:
+    """The key in a Bearer token, or the user name of Basic credentials (the password is
+    not used: Segment sends none)."""
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if not token:
+        return None
+    if scheme.lower() == "bearer":
+        return token
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    user, _, _ = decoded.partition(":")
+    return user or None

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from urllib.parse import parse_qsl
-from xml.sax.saxutils import escape
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from itsdangerous import BadData
 from starlette.concurrency import run_in_threadpool
+from twilio.twiml.messaging_response import MessagingResponse
 
 from channels.webhooks import (
     SENDGRID_SIGNATURE_HEADER,
@@ -63,8 +63,6 @@ from engine.web import WebState, web_state
 
 MAX_BODY = 8 * 1024 * 1024  # SendGrid posts batches of events; far below this in practice
 TWIML = "application/xml"
-XML_DECLARATION = '<?xml version="1.0" encoding="UTF-8"?>'
-EMPTY_TWIML = f"{XML_DECLARATION}<Response/>"
 
 router = APIRouter(tags=["webhooks"])
 
@@ -164,10 +162,11 @@ def _require(params: Mapping[str, str], *names: str) -> list[str]:
 
 
 def twiml(message: str | None = None) -> Response:
-    if message is None:
-        return Response(EMPTY_TWIML, media_type=TWIML)
-    body = f"{XML_DECLARATION}<Response><Message>{escape(message)}</Message></Response>"
-    return Response(body, media_type=TWIML)
+    """A TwiML answer, built by the Twilio SDK: empty (nothing to reply), or one message."""
+    answer = MessagingResponse()
+    if message is not None:
+        answer.message(message)
+    return Response(answer.to_xml(), media_type=TWIML)
 
 
 def help_text(brand: str) -> str:

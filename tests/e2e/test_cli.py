@@ -15,7 +15,7 @@ from engine.cli import app
 from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
-NOW = "2026-03-02T09:00:00"
+NOW = "2026-03-02T09:00:00Z"
 runner = CliRunner()
 
 
@@ -128,7 +128,7 @@ def test_import_reports_bad_rows_and_is_idempotent(env: Path, tmp_path: Path) ->
     assert code == 1
     assert "row 2" in output and "email: 'not-an-email' is not an email address" in output
     assert "row 3" in output and "Mars/Olympus" in output
-    assert "1 customers created" in output
+    assert "1 customer created" in output
     code, output = cli("import", "customers", str(customers), "--now", NOW)
     assert "0 customers created, 0 updated, 1 unchanged" in output
     events = tmp_path / "events.jsonl"
@@ -137,11 +137,9 @@ def test_import_reports_bad_rows_and_is_idempotent(env: Path, tmp_path: Path) ->
         '{"id": "e2", "customer_id": "a1", "type": "ordr_placed", "occurred_at": "2026-03-01T10:00:00Z"}\n'
     )
     code, output = cli("import", "events", str(events), "--now", NOW)
-    assert (
-        code == 1 and "unknown event type 'ordr_placed'" in output and "1 events stored" in output
-    )
+    assert code == 1 and "unknown event type 'ordr_placed'" in output and "1 event stored" in output
     code, output = cli("import", "events", str(events), "--now", NOW)
-    assert "0 events stored, 1 duplicates" in output
+    assert "0 events stored, 1 duplicate," in output
 
 
 def test_tick_escalations_and_messages(env: Path) -> None:

@@ -127,7 +127,7 @@ def test_evaluate_changes_no_row_and_the_next_tick_still_acts_on_the_events(
 
 # ── simulate ────────────────────────────────────────────────────────────────────────
 
-START = "2026-03-02T09:00:00"
+START = "2026-03-02T09:00:00Z"
 
 
 def seeded(url: str, customers: int = 60) -> None:
@@ -224,7 +224,7 @@ def test_simulate_adds_synthetic_activity_only_when_asked(cli_env: Path, db_url:
     assert plain["playbooks"]["welcome_series"]["enrolled"] >= 1  # the data as it is moved
     code, output = cli("simulate", "--days", "1", "--start", START, "--activity", "synthetic")
     assert code == 0, output
-    assert "new customers" in output and "cases resolved by the simulated lead" in output
+    assert "new customer" in output and "resolved by the simulated lead" in output
 
 
 def test_simulate_keeps_its_copy_and_messages_only_where_asked(

@@ -45,8 +45,11 @@ class Server:
             "LIFECYCLE_API_KEY": API_KEY,
             "LIFECYCLE_RULES_RELOAD_S": "0.2",
         }
+        # serve needs a database made by init (commands that only serve never create one)
+        command = [sys.executable, "-c", "from engine.cli import app; app()"]
+        subprocess.run([*command, "init"], cwd=tmp_path, env=env, check=True, capture_output=True)
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from engine.cli import app; app()", "serve"]
+            [*command, "serve"]
             + ["--port", str(self.port)],
             cwd=tmp_path,
             env=env,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,14 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     return values
 
 
+@pytest.fixture
+def initialised(env: dict[str, str], sqlite_template: Path) -> dict[str, str]:
+    """The environment with its database as `lifecycle init` leaves it (the commands that
+    send or serve never create one)."""
+    shutil.copy(sqlite_template, env["LIFECYCLE_DATABASE_URL"].removeprefix("sqlite:///"))
+    return env
+
+
 def cli(monkeypatch: pytest.MonkeyPatch, settings: dict[str, str], *args: str) -> tuple[int, str]:
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
@@ -88,7 +97,7 @@ def test_a_real_sms_channel_with_email_left_unset_refuses_to_start(
 
 @pytest.mark.parametrize("command", [["dispatch"], ["tick"]], ids=" ".join)
 def test_the_other_channel_set_to_console_on_purpose_starts(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, command: list[str]
+    initialised: dict[str, str], monkeypatch: pytest.MonkeyPatch, command: list[str]
 ) -> None:
     settings = {**SENDGRID, "LIFECYCLE_SMS_CHANNEL": "console", "LIFECYCLE_SECRET_KEY": GOOD_KEY}
     code, output = cli(monkeypatch, settings, *command)
@@ -112,7 +121,7 @@ def test_the_default_secret_key_with_a_real_channel_refuses_to_start(
 
 
 def test_with_console_channels_the_default_key_is_one_warning_in_the_log(
-    env: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    initialised: dict[str, str], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.WARNING, logger="lifecycle"):
         code, output = cli(monkeypatch, {}, "tick", "--now", "2026-03-02T09:00:00")
@@ -187,10 +196,10 @@ def test_serve_as_a_process_refuses_the_default_key_with_a_real_channel(
 
 
 def test_serve_as_a_process_with_console_channels_warns_once_and_serves(
-    env: dict[str, str],
+    initialised: dict[str, str],
 ) -> None:
     port = free_port()
-    server = _serve(env, {}, port)
+    server = _serve(initialised, {}, port)
     try:
         health = wait_for_json(server, f"http://127.0.0.1:{port}/healthz")
         assert health == {"status": "ok"}

@@ -283,7 +283,10 @@ def test_an_event_for_an_unknown_customer_is_422_naming_customer_id(
 ) -> None:
     response = client.post("/v1/events", json={**ORDER, "customer_id": "nobody"}, headers=AUTH)
     assert response.status_code == 422
-    assert locs(response) == {("body", "customer_id"): "no customer with id 'nobody'"}
+    assert locs(response) == {
+        ("body", "customer_id"): "no customer with id 'nobody' (create them first, or set "
+        "LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS=true)"
+    }
     assert count(app, Event) == 0
 
 

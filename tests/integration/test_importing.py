@@ -88,7 +88,7 @@ def test_customers_csv_creates_customers_with_typed_attributes(
     assert bob.attributes == {"plan": "free", "marketing_segment": "new", "vip": False}
     chen = customer(db, "c-003")
     assert (chen.first_name, chen.phone) == ("Chen, Wei", "+12125550142")
-    assert chen.signed_up_at == utc(2026, 1, 15)  # a bare date is midnight UTC
+    assert chen.signed_up_at == utc(2026, 1, 15)
     assert (chen.email_opt_in, chen.sms_opt_in) == (False, True)
     assert chen.attributes == {"plan": "pro", "vip": False, "birthday": "1985-02-28"}
     dana = customer(db, "c-004")
@@ -163,8 +163,11 @@ def test_bad_customer_rows_in_csv_are_reported_and_good_rows_kept(
     report = import_customers(db, path, catalog, now)
 
     assert errors(report) == [
-        f"{path}: row 2: line 3: email: 'not-an-email' is not an email address",
-        f"{path}: row 3: line 4: phone: '12345' is not an E.164 phone number like +447700900123",
+        f"{path}: row 2: line 3: email: 'not-an-email' is not an email address: "
+        "An email address must have an @-sign.",
+        f"{path}: row 3: line 4: phone: '12345' is not an international number (like "
+        "+447700900123); write it with its country code, or set "
+        "LIFECYCLE_DEFAULT_PHONE_REGION (e.g. GB) to read national numbers",
         f"{path}: row 4: line 5: timezone: 'Mars/Olympus_Mons' is not an IANA time zone "
         "like Europe/London",
         f"{path}: row 5: line 6: attributes.vip: expected bool (true/false, yes/no or 1/0), "

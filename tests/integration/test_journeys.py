@@ -220,7 +220,7 @@ def test_frequency_cap_holds_back_the_lower_priority_message(app: App) -> None:
     tick(app, START)
     assert [s for s, _, _ in sent(app, "ed")] == ["reward"]
     (held,) = [d for d in decisions(app, "ed", "deferred") if d.playbook == "re_engagement"]
-    assert held.reason == "frequency cap: at most 1 email messages per 1d"
+    assert held.reason == "frequency cap: at most 1 email message per 1d"
     assert held.until == START + timedelta(days=1)
     tick(app, START + timedelta(days=1))
     assert [s for s, _, _ in sent(app, "ed")] == ["reward", "win_back"]
@@ -235,7 +235,7 @@ def test_a_capped_playbook_that_drops_says_so(app: App) -> None:
     tick(app, START)
     assert [s for s, _, _ in sent(app, "fa")] == ["reward"]
     skipped = [d for d in decisions(app, "fa", "skipped") if d.playbook == "referral_ask"]
-    assert skipped[0].reason == "dropped by frequency cap: at most 1 email messages per 1d"
+    assert skipped[0].reason == "dropped by frequency cap: at most 1 email message per 1d"
 
 
 def test_an_open_complaint_pauses_marketing_and_resolution_resumes_it(app: App) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import httpx
 import pytest
@@ -333,13 +334,20 @@ def inbound(sid: str, body: str, number: str = ANN_PHONE) -> dict[str, str]:
     }
 
 
+def twiml_messages(response: httpx.Response) -> list[str]:
+    """The <Message> texts of a TwiML answer (none for an empty <Response>)."""
+    assert response.headers["content-type"].startswith("application/xml")
+    root = ElementTree.fromstring(response.content)
+    assert root.tag == "Response"
+    return [element.text or "" for element in root.iter("Message")]
+
+
 def test_stop_withdraws_sms_consent_and_suppresses_the_number(
     client: TestClient, app: App, now: datetime
 ) -> None:
     response = post_twilio(client, "/webhooks/twilio/inbound", inbound("SMin1", "  Stop "))
     assert response.status_code == 200
-    assert response.headers["content-type"].startswith("application/xml")
-    assert response.text.endswith("<Response/>")
+    assert twiml_messages(response) == []
     customer = ann(app)
     assert not customer.sms_opt_in and customer.sms_opt_out_at == now
     [suppression] = rows(app, Suppression)
@@ -369,13 +377,84 @@ def test_start_after_stop_restores_consent_and_lifts_the_suppression(
 def test_help_answers_with_the_brand_and_how_to_opt_out(client: TestClient, app: App) -> None:
     response = post_twilio(client, "/webhooks/twilio/inbound", inbound("SMin3", "help"))
     assert response.status_code == 200
-    assert "<Response><Message>Lifecycle Shop:" in response.text
-    assert "Reply STOP to opt out.</Message></Response>" in response.text
+    [reply] = twiml_messages(response)
+    assert reply.startswith("Lifecycle Shop:") and reply.endswith("Reply STOP to opt out.")
     assert ann(app).sms_opt_in and rows(app, Suppression) == []
     other = post_twilio(
         client, "/webhooks/twilio/inbound", inbound("SMin4", "stop the deliveries please")
     )
-    assert other.text.endswith("<Response/>") and ann(app).sms_opt_in
+    assert twiml_messages(other) == [] and ann(app).sms_opt_in
+
+
+def test_the_twiml_answer_escapes_the_brand(client: TestClient, app: App) -> None:
+    """The reply is built by the Twilio SDK's MessagingResponse: XML-escaped, parseable."""
+    app.rules.policies.brand["name"] = "Fish & <Chips>"
+    response = post_twilio(client, "/webhooks/twilio/inbound", inbound("SMin5", "INFO"))
+    [reply] = twiml_messages(response)
+    assert reply.startswith("Fish & <Chips>: account and offer messages.")
+    assert "Fish &amp; &lt;Chips&gt;" in response.text
+
+
+def queue_sms(app: App, now: datetime, *specs: tuple[str, str | None, str, str]) -> None:
+    """Queued messages: (id, customer, channel, to) each, due tomorrow."""
+    with Session(app.db) as session:
+        for message_id, customer_id, channel, to in specs:
+            session.add(
+                Message(
+                    id=message_id,
+                    dedupe_key=f"k-{message_id}",
+                    customer_id=customer_id,
+                    playbook="welcome_series" if message_id != "q-staff" else None,
+                    step_id="tips" if message_id != "q-staff" else None,
+                    kind="staff" if message_id == "q-staff" else "marketing",
+                    channel=channel,
+                    template="t",
+                    to_address=to,
+                    due_at=now + timedelta(days=1),
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+        session.commit()
+
+
+@pytest.mark.parametrize("word", ["REVOKE", "opt out", "Opt-Out", "OPTOUT", "Stop."])
+def test_a_stop_cancels_the_customers_queued_sms_at_once_naming_the_stop(
+    client: TestClient, app: App, now: datetime, word: str
+) -> None:
+    """Before, the rows stayed queued to their due time and were then cancelled as "no
+    phone number, or the number is suppressed"."""
+    queue_sms(
+        app,
+        now,
+        ("q-to-number", "c1", "sms", ANN_PHONE),
+        ("q-old-number", "c1", "sms", "+447700900999"),  # queued before a number change
+        ("q-email", "c1", "email", ANN_EMAIL),
+        ("q-other", "c2", "sms", "+447700900555"),
+        ("q-staff", "c1", "sms", "+447700900777"),  # a case notification to a lead
+    )
+    response = post_twilio(client, "/webhooks/twilio/inbound", inbound("SMstop", word))
+    assert response.status_code == 200 and twiml_messages(response) == []
+    said = " ".join(word.split()).upper()
+    for message_id in ("q-to-number", "q-old-number"):
+        assert status_of(app, message_id) == MessageStatus.CANCELLED
+    for message_id in ("q-email", "q-other", "q-staff"):
+        assert status_of(app, message_id) == MessageStatus.QUEUED
+    cancelled = rows(app, Decision, Decision.outcome == "cancelled")
+    assert sorted(d.message_id for d in cancelled) == ["q-old-number", "q-to-number"]
+    for decision in cancelled:
+        assert decision.reason == (
+            f"cancelled: the recipient sent STOP (SMS {said} from {ANN_PHONE})"
+        )
+        assert (decision.customer_id, decision.playbook, decision.step_id) == (
+            "c1",
+            "welcome_series",
+            "tips",
+        )
+    assert not ann(app).sms_opt_in
+    # Twilio retries the webhook: nothing more is cancelled or decided.
+    post_twilio(client, "/webhooks/twilio/inbound", inbound("SMstop", word))
+    assert len(rows(app, Decision, Decision.outcome == "cancelled")) == 2
 
 
 @pytest.mark.parametrize("forgery", ["wrong-token", "wrong-url", "unsigned"])

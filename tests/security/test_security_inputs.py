@@ -407,7 +407,7 @@ def test_lifecycle_tick_prunes_receipts(
     monkeypatch.setenv("COLUMNS", "300")
     result = CliRunner().invoke(cli_app, ["tick", "--now", now.isoformat()])
     assert result.exit_code == 0, result.output
-    assert "pruned 1 webhook receipts" in result.output
+    assert "pruned 1 webhook receipt in" in result.output
     assert count(app, WebhookReceipt) == 0
 
 

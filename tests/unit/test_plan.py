@@ -291,11 +291,11 @@ def test_a_cap_lets_the_lower_priority_number_go_first_and_defers_the_other(
     assert [q.playbook for q in only(result.effects(), Queue)] == ["reward"]
     held = [d for d in only(result.effects(), Decide) if d.outcome == "deferred"]
     assert [(d.playbook, d.reason, d.until) for d in held] == [
-        ("nudge", "frequency cap: at most 1 email messages per 1d", NOW + timedelta(days=1))
+        ("nudge", "frequency cap: at most 1 email message per 1d", NOW + timedelta(days=1))
     ]
     nudge = next(e for e in only(result.effects(), Enroll) if e.playbook == "nudge")
     assert (nudge.state.step_id, nudge.state.due_at) == ("first", NOW + timedelta(days=1))
-    assert nudge.state.hold_reason == "frequency cap: at most 1 email messages per 1d"
+    assert nudge.state.hold_reason == "frequency cap: at most 1 email message per 1d"
 
 
 def test_recent_sends_count_against_the_caps(rules: RuleSet, evaluator: ReferenceEvaluator) -> None:
@@ -323,7 +323,7 @@ def test_a_dropped_send_ends_the_journey_so_no_reminder_follows(
         ("ask", None, "dropped"),
     ]
     assert only(result.effects(), Decide)[1].reason == (
-        "dropped by frequency cap: at most 1 email messages per 1d"
+        "dropped by frequency cap: at most 1 email message per 1d"
     )
 
 
@@ -752,7 +752,7 @@ def test_a_held_out_customer_meets_the_caps_a_treated_one_would(
     assert enroll.state.arm == "holdout"
     assert enroll.state.last_touch_at is None
     assert enroll.state.due_at == NOW + timedelta(hours=22)
-    assert enroll.state.hold_reason == "frequency cap: at most 1 email messages per 1d"
+    assert enroll.state.hold_reason == "frequency cap: at most 1 email message per 1d"
     later = NOW + timedelta(hours=22)
     held = journey(
         "abtest",

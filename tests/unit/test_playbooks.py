@@ -228,6 +228,28 @@ def test_the_roster_file_is_the_one_handed_in(rules_copy: Path, tmp_path: Path) 
     assert any(p.startswith(f"{rules_copy}/team.yaml:1:1: ") for p in problems_of(rules_copy))
 
 
+def test_roster_emails_and_phones_are_checked_and_normalised_by_the_libraries(
+    rules_copy: Path,
+) -> None:
+    """The roster uses the same validators as ingestion (email-validator, phonenumbers)."""
+    (rules_copy / "support_roster.yaml").write_text(
+        "leads:\n"
+        "  - {name: Zoe, email: Zoe@Example.com, phone: +44 7700 900123, tier: 1}\n"
+        "  - {name: Tom, email: tom@example, phone: '+44 7700 9001234567', tier: 2}\n"
+    )
+    assert problems_of(rules_copy) == [
+        f"{rules_copy}/support_roster.yaml:3:24: 'tom@example' is not an email address: The "
+        "part after the @-sign is not valid. It should have a period.",
+        f"{rules_copy}/support_roster.yaml:3:44: '+44 7700 9001234567' is not a possible "
+        "phone number: it is too long for its country",
+    ]
+    (rules_copy / "support_roster.yaml").write_text(
+        "leads:\n  - {name: Zoe, email: Zoe@Example.com, phone: +44 7700 900123, tier: 1}\n"
+    )
+    [zoe] = load_rules(rules_copy, TEMPLATES).roster.leads
+    assert (zoe.email, zoe.phone) == ("zoe@example.com", "+447700900123")
+
+
 GRAPH = """playbook: graph
 stage: test
 description: A journey with every kind of mistake a graph can have.

@@ -150,4 +150,12 @@ def test_per_channel_cap_counts_only_its_channel() -> None:
     caps = [FrequencyCap("sms", 1, timedelta(days=2))]
     assert frequency_caps(MARKETING_SMS, now, caps, [(now - timedelta(hours=1), "email")]) is None
     held = frequency_caps(MARKETING_SMS, now, caps, [(now - timedelta(hours=1), "sms")])
-    assert held is not None and held.reason == "frequency cap: at most 1 sms messages per 2d"
+    assert held is not None and held.reason == "frequency cap: at most 1 sms message per 2d"
+
+
+def test_a_cap_of_one_says_one_message_not_one_messages() -> None:
+    """Was "at most 1 email messages per 1d"."""
+    caps = [FrequencyCap(channel="email", max=1, per=timedelta(days=1))]
+    now = datetime(2026, 3, 2, 12, tzinfo=UTC)
+    held = frequency_caps(MARKETING_EMAIL, now, caps, [(now - timedelta(hours=1), "email")])
+    assert held is not None and held.reason == "frequency cap: at most 1 email message per 1d"
