@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
 
-.PHONY: demo run test test-fast bench soak experiment lint clean venv browser readme
+.PHONY: demo run test test-fast crash-test bench soak experiment lint clean venv browser readme
 
 $(BIN)/python:
 	@test -n "$(PYVER)" || { echo "Python 3.11 or later is required (PYTHON=$(PYTHON) does not run)"; exit 1; }
@@ -55,6 +55,14 @@ test: venv browser
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not postgres and not browser and not slow"
+
+# The crash test of exactly once at ten random kill points per database (a few minutes;
+# `make test` runs one per database): prints what the provider received at each.
+crash-test: venv
+	@mkdir -p bench-results && rm -f bench-results/crash.jsonl
+	LIFECYCLE_CRASH_KILL_POINTS=10 LIFECYCLE_CRASH_REPORT=bench-results/crash.jsonl \
+		$(BIN)/python -m pytest -q tests/integration/test_dispatch_crash.py
+	$(BIN)/python -m tests.support.crash_report bench-results/crash.jsonl
 
 # make bench                        the full run (1,000,000 customers: many minutes)
 # make bench CUSTOMERS=100000        a quick one; DATABASES=sqlite to leave PostgreSQL out

@@ -5,6 +5,7 @@ An email becomes ``<directory>/<message_id>.eml``, a complete RFC 5322 message w
 plain-text and an HTML alternative that any mail client opens; an SMS becomes
 ``<directory>/<message_id>.txt``. Sending the same message id again overwrites the same
 file (written to a temporary name, then renamed, so a reader never sees half of it).
+``lookup`` tells settlement whether a message's file is there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from engine.delivery.outbound import Email, Sent, Sms
+from engine.delivery.outbound import Attempt, Email, ProviderRecord, Sent, Sms
 from engine.errors import PermanentChannelError, TransientChannelError
 
 PREVIEW_LINES = 8
@@ -83,6 +84,16 @@ class ConsoleChannel:
         if stream is not None:
             print(f"{preview}\n   → {path}\n", file=stream, flush=True)
         return Sent(provider_id=f"console-{message.message_id}", provider=self.provider)
+
+    def lookup(self, attempt: Attempt) -> list[ProviderRecord]:
+        """The file a send wrote, if it is there (settlement): it is written whole or not
+        at all (renamed into place), so a file means the message went out."""
+        stem = file_stem(attempt.message_id)
+        return [
+            ProviderRecord(f"console-{attempt.message_id}", "sent", matches=True)
+            for suffix in (".eml", ".txt")
+            if (self.directory / (stem + suffix)).exists()
+        ]
 
     def _email(self, email: Email) -> bytes:
         msg = EmailMessage(policy=POLICY)

@@ -8,8 +8,8 @@ suppression without a provider::
     channel.send(email)   # raises the 429, twice; the third send succeeds
 
 It accepts emails and SMS alike and offers ``send_batch`` (one outcome per message), so
-both of the dispatcher's paths can be tested against it. It is safe to share between
-threads.
+both of the dispatcher's paths can be tested against it, and ``lookup`` (what it holds
+for a message id), so settlement can. It is safe to share between threads.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from engine.delivery.outbound import Email, Sent, Sms
+from engine.delivery.outbound import Attempt, Email, ProviderRecord, Sent, Sms
 from engine.errors import ChannelError
 
 
@@ -35,6 +35,7 @@ class MemoryChannel:
 
     name = "memory"
     provider = "memory"
+    max_batch = 1000
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -70,6 +71,14 @@ class MemoryChannel:
             except ChannelError as error:
                 outcomes.append(error)
         return outcomes
+
+    def lookup(self, attempt: Attempt) -> list[ProviderRecord]:
+        """What it holds for the attempt's message id (settlement)."""
+        return [
+            ProviderRecord(d.sent.provider_id, "sent", matches=True)
+            for d in self.deliveries
+            if d.message.message_id == attempt.message_id
+        ]
 
     @property
     def attempts(self) -> int:

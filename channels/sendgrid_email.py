@@ -37,7 +37,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 from urllib.error import URLError
 
@@ -57,7 +57,15 @@ from sendgrid.helpers.mail import (
     To,
 )
 
-from engine.delivery.outbound import Email, Sent, Sms, retry_after_seconds
+from engine.delivery.outbound import (
+    Email,
+    ProviderCall,
+    Sent,
+    Sms,
+    content_key,
+    retry_after_seconds,
+    send_many,
+)
 from engine.errors import (
     ChannelError,
     ConfigurationError,
@@ -89,15 +97,12 @@ if not any(isinstance(f, _RedactBearer) for f in _http_logger.filters):
     _http_logger.addFilter(_RedactBearer())
 
 
-def _content_key(email: Email) -> tuple[str, str, str, str]:
-    return (email.subject, email.html, email.text, email.category)
-
-
 class SendGridEmailChannel:
     """Sends ``Email`` through SendGrid; see the module docstring for batching and errors."""
 
     name = "email"
     provider = PROVIDER
+    max_batch = MAX_PERSONALIZATIONS
 
     def __init__(
         self,
@@ -133,18 +138,16 @@ class SendGridEmailChannel:
 
     def send(self, message: Email | Sms) -> Sent:
         if not isinstance(message, Email):
-            raise PermanentChannelError(
-                PROVIDER, f"can only send email, not a {type(message).__name__}"
-            )
+            raise self._not_email(message)
         return self._post([message])
 
     def send_batch(self, messages: Sequence[Email]) -> list[Sent | ChannelError]:
         """One outcome per email, in order; identical content shares requests."""
         outcomes: list[Sent | ChannelError | None] = [None] * len(messages)
-        groups: dict[tuple[str, str, str, str], list[int]] = {}
+        groups: dict[Hashable, list[int]] = {}
         for index, message in enumerate(messages):
             if isinstance(message, Email):
-                groups.setdefault(_content_key(message), []).append(index)
+                groups.setdefault(content_key(message), []).append(index)
             else:
                 outcomes[index] = PermanentChannelError(
                     PROVIDER, f"can only send email, not a {type(message).__name__}"
@@ -164,7 +167,7 @@ class SendGridEmailChannel:
     def build_request(self, emails: Sequence[Email]) -> dict[str, Any]:
         """The JSON body for ``/v3/mail/send``; ``emails`` must share their content."""
         first = emails[0]
-        if any(_content_key(e) != _content_key(first) for e in emails):
+        if any(content_key(e) != content_key(first) for e in emails):
             raise ValueError("emails in one SendGrid request must have identical content")
         mail = Mail()
         mail.from_email = From(self.from_email, self.from_name or None)
@@ -186,14 +189,48 @@ class SendGridEmailChannel:
         body: dict[str, Any] = mail.get()
         return body
 
-    def _post(self, emails: Sequence[Email]) -> Sent:
+    def prepare(self, messages: Sequence[Email | Sms]) -> ProviderCall:
+        """Build the request now and return the call that posts it (``PreparingChannel``):
+        the dispatcher marks the emails attempted in between, so all that is left after
+        the mark is the HTTP request itself."""
+        emails = [m for m in messages if isinstance(m, Email)]
+        keys = {content_key(e) for e in emails}
+        if len(emails) != len(messages) or len(keys) != 1 or len(emails) > self.max_batch:
+            return lambda: send_many(self, messages)  # not one request: as it comes
         try:
-            body = self.build_request(emails)
-            response = self._sdk.send(body)
+            body = self._body(emails)
+        except ChannelError as error:
+            refused = error
+            return lambda: [refused] * len(emails)
+
+        def call() -> list[Sent | ChannelError]:
+            try:
+                outcome: Sent | ChannelError = self._deliver(body, len(emails))
+            except ChannelError as error:
+                outcome = error
+            return [outcome] * len(emails)
+
+        return call
+
+    def _not_email(self, message: Email | Sms) -> ChannelError:
+        return PermanentChannelError(
+            PROVIDER, f"can only send email, not a {type(message).__name__}"
+        )
+
+    def _post(self, emails: Sequence[Email]) -> Sent:
+        return self._deliver(self._body(emails), len(emails))
+
+    def _body(self, emails: Sequence[Email]) -> dict[str, Any]:
+        try:
+            return self.build_request(emails)
         except ApiKeyIncludedException as exc:
             raise PermanentChannelError(
                 PROVIDER, "the body looks like it contains a SendGrid API key; not sending it"
             ) from exc
+
+    def _deliver(self, body: dict[str, Any], count: int) -> Sent:
+        try:
+            response = self._sdk.send(body)
         except http_errors.HTTPError as exc:
             raise self._translate_http(exc) from exc
         except TimeoutError as exc:
@@ -210,7 +247,7 @@ class SendGridEmailChannel:
             ) from exc
         provider_id = response.headers.get("X-Message-Id") or ""
         if not provider_id:
-            log.warning("SendGrid accepted %d email(s) without an X-Message-Id", len(emails))
+            log.warning("SendGrid accepted %d email(s) without an X-Message-Id", count)
         return Sent(provider_id=provider_id, provider=PROVIDER)
 
     def _timeout(self) -> TransientChannelError:

@@ -16,7 +16,14 @@ Errors are translated here and nowhere else:
 =================================================  =====================================
 
 A timeout is ambiguous (Twilio may have queued the message before the answer was lost);
-it is reported as transient, so a retry may rarely deliver twice.
+it is reported as transient, so a retry may rarely deliver twice (unless Twilio's status
+callback, which names our message in its URL, tells the ledger first).
+
+The status callback URL carries our message id (``?lifecycle_message_id=...``): Twilio
+calls it back exactly as given, so the ledger finds the message even before its sid is
+recorded. ``lookup`` (the dispatcher's settlement of a message a crash left ambiguous)
+reads Twilio's records of messages to the recipient through the same SDK: the body's
+SHA-256 recognises ours, because Twilio returns the body but not the callback URL.
 
 The auth token is never printed: ``repr`` hides it, and the SDK logs no Authorization
 header.
@@ -25,19 +32,29 @@ header.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from datetime import timedelta
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import requests
-from twilio.base.exceptions import TwilioRestException, TwilioServiceException
+from twilio.base.exceptions import TwilioException, TwilioRestException, TwilioServiceException
 from twilio.http.http_client import TwilioHttpClient
 from twilio.http.response import Response
 from twilio.rest import Client
 
-from engine.delivery.outbound import Email, Sent, Sms, retry_after_seconds
+from engine.delivery.outbound import (
+    Attempt,
+    Email,
+    ProviderRecord,
+    Sent,
+    Sms,
+    body_digest,
+    retry_after_seconds,
+)
 from engine.errors import (
     ChannelError,
     ConfigurationError,
@@ -46,9 +63,23 @@ from engine.errors import (
 )
 
 PROVIDER = "twilio"
+MESSAGE_ID_ARG = "lifecycle_message_id"  # in the status callback's query
 SUPPRESS_CODES = frozenset({21211, 21610, 21614})
 PERMANENT_CODES = SUPPRESS_CODES | {21408}
-_SDK_PREFIX = "Unable to create record: "
+_SDK_PREFIX = re.compile(r"^Unable to (create|fetch) (record|page): ")
+# Settlement lookups: clocks may differ this much; at most this many records per lookup.
+LOOKUP_SKEW = timedelta(minutes=10)
+LOOKUP_MAX_RECORDS = 1000
+LOOKUP_PAGE_SIZE = 100
+# Twilio's message statuses folded to ours (anything else it holds counts as sent).
+TWILIO_STATUS: dict[str, Literal["sent", "delivered", "failed"]] = {
+    "delivered": "delivered",
+    "read": "delivered",
+    "undelivered": "failed",
+    "failed": "failed",
+    "canceled": "failed",
+}
+T = TypeVar("T")
 
 
 class _HttpClient(TwilioHttpClient):
@@ -158,14 +189,62 @@ class TwilioSmsChannel:
         if self.messaging_service_sid:
             options["messaging_service_sid"] = self.messaging_service_sid
         if self.status_callback_url:
-            options["status_callback"] = self.status_callback_url
+            options["status_callback"] = self.status_callback(message.message_id)
+        created = self._call(lambda: self._client.messages.create(**options), "refused the SMS")
+        return Sent(provider_id=str(created.sid), provider=PROVIDER)
+
+    def lookup(self, attempt: Attempt) -> list[ProviderRecord]:
+        """Twilio's records that could be ``attempt`` (see ``LookupChannel``).
+
+        With a sid, the message itself. Without one, every outbound message from our
+        sender to the recipient created since the attempt (less ``LOOKUP_SKEW`` for clock
+        differences); ``matches`` when its body has the attempt's digest. All of them are
+        read (at most ``LOOKUP_MAX_RECORDS``), whatever order Twilio lists them in: a
+        record missed would make a message look never received, and send it twice.
+        """
+        if attempt.provider_id:
+            sid = attempt.provider_id
+            found = self._call(lambda: self._client.messages(sid).fetch(), "cannot look up")
+            return [_record(found, matches=True)]
+        options: dict[str, Any] = {
+            "to": attempt.to,
+            "page_size": LOOKUP_PAGE_SIZE,
+            "limit": LOOKUP_MAX_RECORDS + 1,
+        }
+        if self.from_number:
+            options["from_"] = self.from_number
+        listed = self._call(lambda: list(self._client.messages.stream(**options)), "cannot list")
+        if len(listed) > LOOKUP_MAX_RECORDS:
+            raise TransientChannelError(
+                PROVIDER,
+                f"more than {LOOKUP_MAX_RECORDS} messages to {attempt.to}: too many to tell "
+                "whether one is ours",
+            )
+        since = attempt.attempted_at - LOOKUP_SKEW
+        records = []
+        for item in listed:
+            if not str(item.direction or "").startswith("outbound"):
+                continue
+            if (
+                self.messaging_service_sid
+                and item.messaging_service_sid != self.messaging_service_sid
+            ):
+                continue
+            if item.date_created is None or item.date_created < since:
+                continue
+            digest = body_digest(item.body or "")
+            records.append(_record(item, matches=digest == attempt.body_digest))
+        return records
+
+    def _call(self, call: Callable[[], T], refusal: str) -> T:
+        """One SDK call, its exceptions translated (the table in the module docstring)."""
         try:
-            created = self._client.messages.create(**options)
+            return call()
         except TwilioRestException as exc:
-            raise self._translate(exc.status, exc.code, exc.msg) from exc
+            raise self._translate(exc.status, exc.code, exc.msg, refusal) from exc
         except TwilioServiceException as exc:
             detail = f"{exc.title}: {exc.detail}" if exc.detail else exc.title
-            raise self._translate(exc.status, exc.code, detail) from exc
+            raise self._translate(exc.status, exc.code, detail, refusal) from exc
         except requests.Timeout as exc:
             raise TransientChannelError(
                 PROVIDER, f"no answer from {self._host()} within {self.timeout:g} s"
@@ -174,15 +253,37 @@ class TwilioSmsChannel:
             raise TransientChannelError(
                 PROVIDER, f"cannot reach {self._host()}: {_root_cause(exc)}"
             ) from exc
+        except TwilioException as exc:
+            # A page of a list that did not load: the SDK raises its base exception with
+            # the response ("Unable to fetch page", response), not a TwilioRestException.
+            raise self._page_error(exc, refusal) from exc
         except (requests.RequestException, json.JSONDecodeError) as exc:
             raise TransientChannelError(PROVIDER, f"request failed: {exc!r}") from exc
-        return Sent(provider_id=str(created.sid), provider=PROVIDER)
+
+    def _page_error(self, exc: TwilioException, refusal: str) -> ChannelError:
+        response = exc.args[1] if len(exc.args) > 1 else None
+        status = getattr(response, "status_code", None)
+        if not isinstance(status, int):
+            return TransientChannelError(PROVIDER, f"request failed: {exc!r}")
+        try:
+            error = json.loads(str(getattr(response, "text", "")))
+            code, detail = error.get("code"), str(error.get("message") or "")
+        except (ValueError, AttributeError):
+            code, detail = None, ""
+        return self._translate(status, code if isinstance(code, int) else None, detail, refusal)
+
+    def status_callback(self, message_id: str) -> str:
+        """The callback URL for one message: ours, with our message id in the query (Twilio
+        calls it back exactly, so the webhook finds the message before its sid is known)."""
+        assert self.status_callback_url is not None
+        separator = "&" if "?" in self.status_callback_url else "?"
+        return f"{self.status_callback_url}{separator}{urlencode({MESSAGE_ID_ARG: message_id})}"
 
     def _host(self) -> str:
         return self.base_url or "https://api.twilio.com"
 
-    def _translate(self, status: int, code: int | None, detail: str) -> ChannelError:
-        detail = detail.removeprefix(_SDK_PREFIX).strip() or f"HTTP {status}"
+    def _translate(self, status: int, code: int | None, detail: str, refusal: str) -> ChannelError:
+        detail = _SDK_PREFIX.sub("", detail).strip() or f"HTTP {status}"
         code_text = str(code) if code and code != status else None
         if status == 429:
             retry = retry_after_seconds(self._http.last_headers().get("Retry-After"), self._clock())
@@ -199,11 +300,23 @@ class TwilioSmsChannel:
             )
         return PermanentChannelError(
             PROVIDER,
-            f"refused the SMS: {detail}",
+            f"{refusal}: {detail}",
             status=status,
             code=code_text,
             suppress=code in SUPPRESS_CODES,
         )
+
+
+def _record(message: Any, matches: bool) -> ProviderRecord:
+    """A Twilio message (the SDK's MessageInstance) as a settlement record."""
+    status = str(message.status or "")
+    error = f", error {message.error_code}" if message.error_code else ""
+    return ProviderRecord(
+        provider_id=str(message.sid),
+        status=TWILIO_STATUS.get(status, "sent"),
+        matches=matches,
+        detail=f"{status}{error}",
+    )
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -19,6 +19,7 @@ the text to a person and act on the parts.
     ├── ScratchCopyError           a database cannot be copied to work on (simulate)
     ├── WouldOverwrite             files that a command will not replace (lifecycle new)
     ├── NotFound                   a customer, case or message id that does not exist
+    ├── AmbiguousPrefix            an id prefix that names more than one thing
     ├── IllegalTransition          an escalation or message cannot move to that state
     ├── InvalidChoice              a value that is not one of the allowed ones
     ├── ChannelError               a channel could not send
@@ -251,6 +252,23 @@ class NotFound(LifecycleError):
         self.kind = kind
         self.key = key
         super().__init__(f"no {kind} with id {key!r}")
+
+
+class AmbiguousPrefix(LifecycleError):
+    """An id given by a prefix that more than one id starts with."""
+
+    SHOWN = 5
+
+    def __init__(self, kind: str, prefix: str, matches: list[str]) -> None:
+        self.kind = kind
+        self.prefix = prefix
+        self.matches = matches
+        shown = ", ".join(matches[: self.SHOWN])
+        more = f" and {len(matches) - self.SHOWN} more" if len(matches) > self.SHOWN else ""
+        super().__init__(
+            f"{kind} id prefix {prefix!r} matches {len(matches)} {kind}s: {shown}{more}; "
+            "give more of the id"
+        )
 
 
 class IllegalTransition(LifecycleError):

@@ -88,6 +88,35 @@ class Settings(BaseSettings):
         default=None, description="Twilio's API, when not Twilio's own (tests: a local fake)"
     )
 
+    # Dispatch (engine.delivery.dispatch). The lease is real elapsed time, renewed while
+    # a batch is sent; an ambiguous message is first looked up at its provider this long
+    # after its lease ran out, then every settle_retry seconds, at most settle_per_tick
+    # lookups per dispatch tick.
+    dispatch_lease_seconds: float = Field(
+        default=300,
+        gt=0,
+        description="how long a dispatcher's claim on a batch lasts (real time, renewed "
+        "while the batch is sent); after it, another dispatcher may recover the messages",
+    )
+    dispatch_send_threads: int = Field(
+        default=8, ge=0, le=64, description="provider calls in flight per dispatcher"
+    )
+    dispatch_settle_grace_seconds: float = Field(
+        default=30,
+        ge=0,
+        description="how long after a lease ran out an ambiguous message is first looked "
+        "up at its provider",
+    )
+    dispatch_settle_retry_seconds: float = Field(
+        default=300,
+        ge=0,
+        description="how often an ambiguous message the provider could not tell about is "
+        "looked up again",
+    )
+    dispatch_settle_per_tick: int = Field(
+        default=50, ge=0, description="provider lookups of ambiguous messages per dispatch tick"
+    )
+
     # Web
     public_base_url: str = Field(
         default="http://127.0.0.1:8000",

@@ -25,7 +25,7 @@ class MessageStatus(StrEnum):
     FAILED = "failed"  # permanent error, or retries used up
     BOUNCED = "bounced"
     CANCELLED = "cancelled"  # journey exited, consent withdrawn before sending
-    AMBIGUOUS = "ambiguous"  # a dispatcher died after the provider may have accepted it
+    AMBIGUOUS = "ambiguous"  # a dispatcher died in its provider call: settlement decides
 
 
 class EscalationStatus(StrEnum):

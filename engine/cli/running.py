@@ -275,7 +275,9 @@ def dispatch(now: NowOption = None) -> None:
     out.print(
         f"claimed {report.claimed}; sent {report.total_sent} ({listing(f'{k} {v}' for k, v in report.sent.items())}); "
         f"{report.retried} to retry; {report.failed} failed; {report.cancelled} cancelled; "
-        f"{report.requeued_after_crash} requeued and {report.marked_ambiguous} marked ambiguous after a crash",
+        f"{report.requeued_after_crash} requeued and {report.marked_ambiguous} marked ambiguous after a crash; "
+        f"{report.settled} settled with the provider, {report.settled_requeued} found never received "
+        f"(queued again), {report.still_ambiguous} still ambiguous",
         markup=False,
     )
 

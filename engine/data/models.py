@@ -184,10 +184,23 @@ class Message(SQLModel, table=True):
     due_at: datetime
     attempts: int = 0
     claimed_by: str | None = Field(default=None, max_length=100)
-    claimed_at: datetime | None = None
-    # Stamped and committed just before the provider is called: a dispatcher that dies with
-    # this unset never reached the provider (safe to retry); with it set, it may have.
+    claimed_at: datetime | None = None  # the engine's ``now`` of the claiming tick
+    # The claim that holds the row (a fresh token per claimed batch): every write after
+    # the provider call is guarded by it, so a dispatcher that lost its claim changes
+    # nothing. Leases use one clock, never a tick's ``now`` (simulations run on a fake
+    # one): the database's on PostgreSQL, the machine's on SQLite. See
+    # engine.delivery.dispatch for the recovery rule.
+    claim_token: str | None = Field(default=None, max_length=32)
+    lease_expires_at: datetime | None = None
+    # Stamped (lease clock) and committed just before this message's own provider call:
+    # a dispatcher that dies with this unset never reached the provider (safe to
+    # retry); with it set, it may have.
     attempted_at: datetime | None = None
+    # An ambiguous row: when settlement may ask the provider about it next (lease clock).
+    settle_after: datetime | None = None
+    # SHA-256 of the SMS body handed to the provider, so settlement can recognise the
+    # message among the provider's records (Twilio returns bodies, not our ids).
+    body_digest: str | None = Field(default=None, max_length=64)
     provider: str | None = Field(default=None, max_length=16)
     provider_id: str | None = Field(default=None, max_length=100, index=True)
     last_error: str | None = Field(default=None, max_length=1000)

@@ -1,23 +1,43 @@
-"""Dispatch: claim due outbox rows, render, send through the channels, record the result.
+"""Dispatch: claim due outbox rows, render, send through the channels, record the result,
+and settle what a crash left in doubt.
 
-A message row moves  queued → sending → sent  (then delivered, bounced... by webhooks),
-or to failed (permanent error, retries used up), cancelled (consent gone before sending)
-or ambiguous (see below).
+A message row moves through explicit states:
 
-Claiming is one statement, ``UPDATE ... WHERE id IN (SELECT ... FOR UPDATE SKIP LOCKED)``
-on PostgreSQL (a single writer makes it atomic on SQLite), so several dispatchers never
-claim the same row.
+    queued ──claim──► sending ──provider call──► sent ──webhooks──► delivered / bounced / failed
+      ▲                  │  └─► queued (transient error, with backoff) · failed (permanent,
+      │                  │      or retries used up) · cancelled (consent gone) · queued (held)
+      │                  └─ lease ran out: requeued if never attempted, else ambiguous
+      └──── settlement: the provider never received it ◄── ambiguous ──► sent (it has it)
 
-Recovery rule for a dispatcher that dies (the lease of a ``sending`` row expires):
-- it died between claim and provider call — ``attempted_at`` is unset, because it is
-  committed just before the provider is called — so the row goes back to ``queued`` and
-  is sent once by the next dispatcher: nothing lost, nothing twice;
-- it died after ``attempted_at`` was committed — the provider may have accepted the
-  message — so the row becomes ``ambiguous`` and is NOT sent again (at most once: a
-  marketing message sent twice is worse than one missing). Ambiguous rows are listed by
-  ``lifecycle messages list --status ambiguous`` and in the console, can be retried by
-  hand with ``lifecycle messages retry ID``, and are settled to ``sent`` automatically
-  when the provider's webhook reports our ``lifecycle_message_id``.
+Each tick runs ``recover`` (the recovery rule below), ``settle`` (engine.delivery.settlement)
+and then claims and sends batches until nothing is due.
+
+Exactly once, message by message:
+
+- **Claims.** One statement takes a batch under a fresh claim token and a lease
+  (``FOR UPDATE SKIP LOCKED`` on PostgreSQL), so two dispatchers never take the same row.
+  The lease is kept on one clock (``engine.delivery.lease``: the database's on
+  PostgreSQL, the machine's on SQLite), never on a tick's ``now``, and a heartbeat
+  renews it while the batch is being sent, so it runs out only when its dispatcher died.
+- **Attempts.** A message is marked attempted (``attempted_at``, committed) just before
+  its own provider call, by the send thread that makes the call. Send threads write their
+  marks and outcomes through one group commit (``engine.data.group_commit``), and a
+  thread records a call's outcome in the same write that marks its next one. So after a
+  crash the
+  rows in doubt are at most the messages of the calls in flight: one message per send
+  thread (``send_threads``) for SMS and personalized email; a SendGrid request that
+  batches identical emails is one call carrying up to 1,000 of them, all accepted or
+  none (one HTTP request), and SendGrid's events settle them.
+- **Recovery.** When a lease has run out: no ``attempted_at`` → the row goes back to
+  ``queued`` and is sent once; ``attempted_at`` set → ``ambiguous``, never resent
+  blindly: settlement asks the provider, or waits for its webhook.
+- **Guarded records.** Every write after the provider call holds ``status = 'sending'
+  AND claim_token = ?`` (engine.delivery.outbox), set-based per group of calls: a
+  webhook that got there first (delivered, bounced) is never moved back to ``sent``,
+  and a dispatcher that lost its claim changes nothing.
+- **One message's failure is its own.** A channel that raises anything (a bug) fails
+  only the messages of that call, as a transient error naming the exception (logged with
+  its traceback); the rest of the batch is recorded.
 
 Transient errors (429, 5xx, timeouts, refused connections) go back to ``queued`` with
 exponential backoff and full jitter (or the provider's rate-limit reset when it gives
@@ -27,18 +47,19 @@ suppress the address when that is what the error means.
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import random
 import socket
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple
 
 from itsdangerous import URLSafeSerializer
-from sqlalchemy import CursorResult, Engine, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, select
 from sqlmodel import Session, col
 
 from engine.data.facts import (
@@ -47,13 +68,29 @@ from engine.data.facts import (
     open_complaint_counts,
     suppressed_addresses,
 )
-from engine.data.models import Decision, Message, MessageStatus, Suppression
-from engine.data.uow import unit_of_work
-from engine.delivery.outbound import Email, Sent, Sms, send_many
+from engine.data.group_commit import GroupCommit
+from engine.data.models import Message, MessageStatus, Suppression
+from engine.data.uow import reading, unit_of_work
+from engine.delivery import outbox
+from engine.delivery.lease import Heartbeat, LeaseClock
+from engine.delivery.outbound import Email, Sent, Sms, body_digest, prepare_unit, units
+from engine.delivery.outbox import (
+    Accepted,
+    AddressSuppression,
+    Claim,
+    Deferred,
+    Finished,
+    Outcome,
+    Recorded,
+    Retry,
+)
+from engine.delivery.settlement import settle
 from engine.delivery.templates import RenderedEmail, RenderedSms, TemplateStore
 from engine.errors import ChannelError, PermanentChannelError, TemplateError
 from engine.journeys.policies import Proposal, complaint_pause, consent
 from engine.playbooks.model import RuleSet
+
+log = logging.getLogger(__name__)
 
 SERIALIZER_SALT = "unsubscribe"
 
@@ -64,8 +101,15 @@ class DispatchConfig:
     max_attempts: int = 6
     backoff_base: timedelta = timedelta(seconds=30)
     backoff_cap: timedelta = timedelta(hours=1)
+    # Real elapsed time (engine.delivery.lease), renewed three times per lease while a
+    # batch is being sent.
     lease: timedelta = timedelta(minutes=5)
     send_threads: int = 8  # provider calls are I/O: overlap them within one dispatcher
+    # An ambiguous row is first looked up this long after its lease ran out (any request
+    # its dead dispatcher had on the wire has landed by then), then every settle_retry.
+    settle_grace: timedelta = timedelta(seconds=30)
+    settle_retry: timedelta = timedelta(minutes=5)
+    settle_per_tick: int = 50  # provider lookups per tick (they are one call per message)
     public_base_url: str = "http://127.0.0.1:8000"
     unsubscribe_mailto: str = "unsubscribe@lifecycle.example"
     secret_key: str = "dev-only-change-me"
@@ -82,20 +126,18 @@ class DispatchReport:
     deferred: int = 0
     requeued_after_crash: int = 0
     marked_ambiguous: int = 0
+    settled: int = 0  # ambiguous rows the provider had
+    settled_requeued: int = 0  # ambiguous rows the provider never received: sent again
+    still_ambiguous: int = 0  # looked up, and the provider could not tell
+    claims_lost: int = 0  # outcomes not recorded: the claim had been taken over
 
     def merge(self, other: DispatchReport) -> None:
-        self.claimed += other.claimed
-        for channel, count in other.sent.items():
-            self.sent[channel] = self.sent.get(channel, 0) + count
-        for name in (
-            "retried",
-            "failed",
-            "cancelled",
-            "deferred",
-            "requeued_after_crash",
-            "marked_ambiguous",
-        ):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for name in (f.name for f in fields(self)):
+            if name == "sent":
+                for channel, count in other.sent.items():
+                    self.sent[channel] = self.sent.get(channel, 0) + count
+            else:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def total_sent(self) -> int:
@@ -142,9 +184,47 @@ def backoff(attempts: int, config: DispatchConfig, rng: random.Random) -> timede
     return timedelta(seconds=seconds)
 
 
+# ── what the send threads hand to the group commit ─────────────────────────────────
+
+
+@dataclass(frozen=True)
+class _Prepare:
+    """Before any call: the outcomes decided without the provider, and each ready
+    message's recipient and body digest. Answers (recorded, ids still held)."""
+
+    outcomes: list[Outcome]
+    rows: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Step:
+    """A send thread between two provider calls: the outcomes of the call it made (to
+    record) and the messages of the call it is about to make (to mark attempted), in one
+    transaction. Answers (recorded, ids of the next call still held: only those are sent)."""
+
+    outcomes: list[Outcome]
+    ids: list[str]
+
+
+@dataclass(frozen=True)
+class _Renew:
+    """The heartbeat. Answers how many rows the claim still holds."""
+
+
+_Op = _Prepare | _Step | _Renew
+
+
+@dataclass(frozen=True)
+class _Ready:
+    message: Message
+    rendered: Email | Sms
+
+
 class Dispatcher:
     """Sends due outbox rows through the channels. ``hooks`` lets a test stop the process
-    at a chosen point (``claimed``, ``sent``) to prove the recovery rule."""
+    at a chosen point to prove the recovery rule: ``claimed`` (a batch is claimed),
+    ``attempted`` (a call's messages are marked, the call not made) and ``sent`` (the
+    call returned, its outcome not recorded); each gets the message ids concerned."""
 
     def __init__(
         self,
@@ -157,6 +237,7 @@ class Dispatcher:
         worker_id: str | None = None,
         hooks: dict[str, Callable[[list[str]], None]] | None = None,
         rng: random.Random | None = None,
+        clock: LeaseClock | None = None,
     ) -> None:
         self.db = db
         self.rules = rules
@@ -166,31 +247,37 @@ class Dispatcher:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.hooks = hooks or {}
         self.rng = rng or random.Random()
-        self._pool = ThreadPoolExecutor(
-            max_workers=self.config.send_threads, thread_name_prefix="send"
+        self.clock = clock or LeaseClock(db)
+        self._pool = (
+            ThreadPoolExecutor(max_workers=self.config.send_threads, thread_name_prefix="send")
+            if self.config.send_threads > 0
+            else None
         )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     # ------------------------------------------------------------ the loop
 
     def run_once(self, now: datetime, *, limit: int | None = None) -> DispatchReport:
-        """Recover expired leases, then claim and send batches until nothing is due."""
+        """Recover expired leases, settle ambiguous rows, then claim and send batches
+        until nothing is due."""
         report = DispatchReport()
         report.merge(self.recover(now))
+        report.merge(self.settle(now))
         while limit is None or report.claimed < limit:
             size = (
                 self.config.batch_size
                 if limit is None
                 else min(self.config.batch_size, limit - report.claimed)
             )
-            ids = self.claim(now, size)
-            if not ids:
+            claim = self.claim(now, size)
+            if not claim.ids:
                 break
-            report.claimed += len(ids)
-            self._hook("claimed", ids)
-            report.merge(self._send_claimed(ids, now))
+            report.claimed += len(claim.ids)
+            self._hook("claimed", claim.ids)
+            report.merge(self._send_claimed(claim, now))
         return report
 
     def _hook(self, point: str, ids: list[str]) -> None:
@@ -198,125 +285,216 @@ class Dispatcher:
         if hook is not None:
             hook(ids)
 
-    def claim(self, now: datetime, size: int) -> list[str]:
-        due = (
-            select(col(Message.id))
-            .where(col(Message.status) == MessageStatus.QUEUED, col(Message.due_at) <= now)
-            .order_by(col(Message.priority), col(Message.due_at))
-            .limit(size)
-        )
-        if self.db.dialect.name == "postgresql":
-            due = due.with_for_update(skip_locked=True)
-        statement = (
-            update(Message)
-            .where(col(Message.id).in_(due.scalar_subquery()))
-            .values(
-                status=MessageStatus.SENDING,
-                claimed_by=self.worker_id,
-                claimed_at=now,
-                attempted_at=None,
-                attempts=Message.attempts + 1,
-                updated_at=now,
-            )
-            .returning(col(Message.id))
-            .execution_options(synchronize_session=False)
-        )
+    def claim(self, now: datetime, size: int) -> Claim:
+        postgres = self.db.dialect.name == "postgresql"
         with unit_of_work(self.db) as session:
-            ids = list(session.scalars(statement))
-        return ids
+            return outbox.claim(
+                session, self.clock, self.worker_id, now, size, self.config.lease, postgres
+            )
 
     def recover(self, now: datetime) -> DispatchReport:
-        """Apply the recovery rule to rows whose dispatcher's lease has expired."""
-        report = DispatchReport()
-        expired = now - self.config.lease
+        """Apply the recovery rule to rows whose lease has run out."""
         with unit_of_work(self.db) as session:
-            requeued = cast(
-                "CursorResult[Any]",
-                session.execute(
-                    update(Message)
-                    .where(
-                        col(Message.status) == MessageStatus.SENDING,
-                        col(Message.claimed_at) < expired,
-                        col(Message.attempted_at).is_(None),
-                    )
-                    .values(
-                        status=MessageStatus.QUEUED,
-                        claimed_by=None,
-                        last_error="requeued: its dispatcher stopped before calling the provider",
-                        updated_at=now,
-                    )
-                ),
-            ).rowcount
-            ambiguous = cast(
-                "CursorResult[Any]",
-                session.execute(
-                    update(Message)
-                    .where(
-                        col(Message.status) == MessageStatus.SENDING,
-                        col(Message.claimed_at) < expired,
-                        col(Message.attempted_at).is_not(None),
-                    )
-                    .values(
-                        status=MessageStatus.AMBIGUOUS,
-                        last_error="ambiguous: its dispatcher stopped after calling the provider; not resent",
-                        updated_at=now,
-                    )
-                ),
-            ).rowcount
-        report.requeued_after_crash = requeued
-        report.marked_ambiguous = ambiguous
-        return report
+            requeued, ambiguous = outbox.recover(session, self.clock, now, self.config.settle_grace)
+        return DispatchReport(requeued_after_crash=requeued, marked_ambiguous=ambiguous)
+
+    def settle(self, now: datetime) -> DispatchReport:
+        """Ask the providers about ambiguous rows (engine.delivery.settlement)."""
+        settled = settle(
+            self.db,
+            self.clock,
+            self.channels,
+            now,
+            limit=self.config.settle_per_tick,
+            retry=self.config.settle_retry,
+            rules_version=self.rules.version,
+            pool=self._pool,
+        )
+        return DispatchReport(
+            settled=settled.found,
+            settled_requeued=settled.requeued,
+            still_ambiguous=settled.unknown,
+        )
 
     # ------------------------------------------------------------ one batch
 
-    def _send_claimed(self, ids: list[str], now: datetime) -> DispatchReport:
-        report = DispatchReport()
-        with Session(self.db, expire_on_commit=False) as session:
-            messages = list(session.scalars(select(Message).where(col(Message.id).in_(ids))))
-            ready = self._prepare(session, messages, now, report)
-            for message, _ in ready:
-                message.attempted_at = now
-            session.commit()
-            by_channel: dict[str, list[tuple[Message, Email | Sms]]] = {}
-            for message, rendered in ready:
-                by_channel.setdefault(message.channel, []).append((message, rendered))
-            outcomes = self._send_all(by_channel)
-            self._hook("sent", [m.id for m, _ in outcomes])
-            for message, outcome in outcomes:
-                self._record(session, message, outcome, now, report)
-            session.commit()
+    def _send_claimed(self, claim: Claim, now: datetime) -> DispatchReport:
+        with reading(self.db) as session:
+            messages = list(session.scalars(select(Message).where(col(Message.id).in_(claim.ids))))
+            decided, ready = self._prepare(session, messages, now)
+
+        def write(session: Session, ops: Sequence[_Op]) -> list[Any]:
+            return self._write(session, ops, claim.token, now)
+
+        writer: GroupCommit[_Op, Any] = GroupCommit(self.db, write)
+        rows = [
+            {
+                "id": r.message.id,
+                "to_address": r.message.to_address,
+                "body_digest": body_digest(r.rendered.body)
+                if isinstance(r.rendered, Sms)
+                else None,
+            }
+            for r in ready
+        ]
+        recorded, held = writer.submit(_Prepare(decided, rows))
+        report = self._tally(decided, recorded)
+        ready = [r for r in ready if r.message.id in held]
+        beat = Heartbeat(self.config.lease / 3, lambda: writer.submit(_Renew()), "lease")
+        with beat:
+            for part in self._send_all(writer, ready, now):
+                report.merge(part)
         return report
 
     def _send_all(
-        self, by_channel: dict[str, list[tuple[Message, Email | Sms]]]
-    ) -> list[tuple[Message, Sent | ChannelError]]:
-        """Send every rendered message; provider calls overlap in the thread pool, each
-        thread taking a contiguous slice of a channel's messages (so identical emails
-        still batch into one SendGrid request within a slice)."""
-        threads = max(1, self.config.send_threads)
-        jobs: list[
-            tuple[list[tuple[Message, Email | Sms]], Callable[..., list[Sent | ChannelError]]]
-        ] = []
+        self, writer: GroupCommit[_Op, Any], ready: list[_Ready], now: datetime
+    ) -> list[DispatchReport]:
+        """Every provider call (``units``), made by the send threads: each takes the next
+        call from a shared queue, so up to ``send_threads`` calls overlap."""
+        calls: queue.SimpleQueue[tuple[str, list[_Ready]]] = queue.SimpleQueue()
+        by_channel: dict[str, list[_Ready]] = {}
+        for item in ready:
+            by_channel.setdefault(item.message.channel, []).append(item)
         for channel, items in by_channel.items():
-            size = -(-len(items) // threads)
-            for start in range(0, len(items), size):
-                chunk = items[start : start + size]
-                rendered = [r for _, r in chunk]
-                if self.config.send_threads > 0:
-                    future = self._pool.submit(send_many, self.channels[channel], rendered)
-                    jobs.append((chunk, future.result))
-                else:
-                    results = send_many(self.channels[channel], rendered)
-                    jobs.append((chunk, lambda results=results: results))
-        outcomes: list[tuple[Message, Sent | ChannelError]] = []
-        for chunk, result in jobs:
-            outcomes.extend(zip((m for m, _ in chunk), result(), strict=True))
-        return outcomes
+            for unit in units(self.channels[channel], [i.rendered for i in items]):
+                calls.put((channel, [items[i] for i in unit]))
+        if self._pool is None:
+            return [self._send_calls(writer, calls, now)]
+        threads = min(self.config.send_threads, calls.qsize())
+        futures: list[Future[DispatchReport]] = [
+            self._pool.submit(self._send_calls, writer, calls, now) for _ in range(threads)
+        ]
+        wait(futures)  # every call finishes (and is recorded) before an error surfaces
+        return [future.result() for future in futures]
+
+    def _send_calls(
+        self,
+        writer: GroupCommit[_Op, Any],
+        calls: queue.SimpleQueue[tuple[str, list[_Ready]]],
+        now: datetime,
+    ) -> DispatchReport:
+        """One send thread: prepare a call, then in one write record the previous call and
+        mark this one's messages attempted, then make it; until no call is left. So at any
+        moment at most one call per thread is marked and not recorded."""
+        report = DispatchReport()
+        made: list[Outcome] = []
+        while True:
+            try:
+                channel, items = calls.get_nowait()
+            except queue.Empty:
+                channel, items = "", []
+            if not items and not made:
+                return report
+            ids = [i.message.id for i in items]
+            call = (
+                prepare_unit(self.channels[channel], [i.rendered for i in items]) if items else None
+            )
+            try:
+                recorded, held = writer.submit(_Step(made, ids))
+            except Exception:
+                # Unrecorded calls become ambiguous once the lease runs out, for settlement;
+                # unmarked messages were not attempted and are requeued.
+                log.exception(
+                    "could not record %d message(s) and mark %d attempted; stopping this "
+                    "send thread",
+                    len(made),
+                    len(ids),
+                )
+                return report
+            report.merge(self._tally(made, recorded))
+            if call is None:
+                return report
+            if len(held) < len(ids):  # some were taken over: build the call for the rest
+                report.claims_lost += len(ids) - len(held)
+                items = [i for i in items if i.message.id in held]
+                call = prepare_unit(self.channels[channel], [i.rendered for i in items])
+            if not items:
+                made = []
+                continue
+            self._hook("attempted", ids)
+            results = call()
+            self._hook("sent", ids)
+            made = [self._outcome(i.message, r, now) for i, r in zip(items, results, strict=True)]
+
+    def _write(self, session: Session, ops: Sequence[_Op], token: str, now: datetime) -> list[Any]:
+        """One group of the group commit: every record, then every mark, as few
+        statements as the group allows."""
+        decided = [o for op in ops if isinstance(op, _Prepare | _Step) for o in op.outcomes]
+        recorded = outbox.record(session, token, decided, now, self.rules.version)
+        rows = [row for op in ops if isinstance(op, _Prepare) for row in op.rows]
+        prepared = outbox.prepare(session, token, rows)
+        marks = [i for op in ops if isinstance(op, _Step) for i in op.ids]
+        marked = outbox.mark_attempted(session, self.clock, token, marks, now)
+        renewed = (
+            outbox.renew(session, self.clock, token, self.config.lease)
+            if any(isinstance(op, _Renew) for op in ops)
+            else 0
+        )
+        results: list[Any] = []
+        for op in ops:
+            if isinstance(op, _Prepare):
+                results.append(
+                    (_part(recorded, op.outcomes), prepared & {r["id"] for r in op.rows})
+                )
+            elif isinstance(op, _Step):
+                results.append((_part(recorded, op.outcomes), marked & set(op.ids)))
+            else:
+                results.append(renewed)
+        return results
+
+    def _tally(self, outcomes: Sequence[Outcome], recorded: Recorded) -> DispatchReport:
+        report = DispatchReport()
+        for o in outcomes:
+            message = o.message
+            if message.id not in recorded.applied and message.id not in recorded.late:
+                report.claims_lost += 1
+                log.warning(
+                    "message %s: its claim was taken over before its outcome (%s) was "
+                    "recorded; left as the database has it",
+                    message.id,
+                    type(o).__name__,
+                )
+            elif isinstance(o, Accepted):
+                report.sent[message.channel] = report.sent.get(message.channel, 0) + 1
+            elif isinstance(o, Retry):
+                report.retried += 1
+            elif isinstance(o, Deferred):
+                report.deferred += 1
+            elif o.status == MessageStatus.FAILED:
+                report.failed += 1
+            else:
+                report.cancelled += 1
+        return report
+
+    def _outcome(self, message: Message, result: Sent | ChannelError, now: datetime) -> Outcome:
+        if isinstance(result, Sent):
+            return Accepted(message, result.provider, result.provider_id)
+        if result.transient and message.attempts < self.config.max_attempts:
+            wait_for = (
+                timedelta(seconds=result.retry_after)
+                if result.retry_after
+                else backoff(message.attempts, self.config, self.rng)
+            )
+            due = now + wait_for
+            reason = f"attempt {message.attempts}: {result}; retry at {due:%H:%M:%S}"
+            return Retry(message, due, reason)
+        reason = (
+            str(result)
+            if not result.transient
+            else f"gave up after {message.attempts} attempts: {result}"
+        )
+        suppression = None
+        if isinstance(result, PermanentChannelError) and result.suppress:
+            suppression = AddressSuppression(
+                message.channel, message.to_address, result.reason, f"provider:{result.channel}"
+            )
+        return Finished(message, MessageStatus.FAILED, reason, suppression)
 
     def _prepare(
-        self, session: Session, messages: Sequence[Message], now: datetime, report: DispatchReport
-    ) -> list[tuple[Message, Email | Sms]]:
-        """Render every claimed message; re-check consent; fail only the ones that break."""
+        self, session: Session, messages: Sequence[Message], now: datetime
+    ) -> tuple[list[Outcome], list[_Ready]]:
+        """Render every claimed message and re-check consent: the messages ready to send,
+        and the outcomes of the others (cancelled, failed to render, held back)."""
         customer_ids = sorted(
             {m.customer_id for m in messages if m.customer_id and m.kind != "staff"}
         )
@@ -333,17 +511,13 @@ class Dispatcher:
                 )
             )
         }
-        ready: list[tuple[Message, Email | Sms]] = []
+        decided: list[Outcome] = []
+        ready: list[_Ready] = []
         for message in messages:
             if message.kind == "staff":
                 if (message.channel, message.to_address) in staff_suppressed:
-                    self._finish(
-                        session,
-                        message,
-                        MessageStatus.CANCELLED,
-                        "the address is suppressed",
-                        now,
-                        report,
+                    decided.append(
+                        Finished(message, MessageStatus.CANCELLED, "the address is suppressed")
                     )
                     continue
                 facts: dict[str, Any] = {}
@@ -351,13 +525,8 @@ class Dispatcher:
             else:
                 row = rows.get(message.customer_id or "")
                 if row is None:
-                    self._finish(
-                        session,
-                        message,
-                        MessageStatus.FAILED,
-                        "the customer no longer exists",
-                        now,
-                        report,
+                    decided.append(
+                        Finished(message, MessageStatus.FAILED, "the customer no longer exists")
                     )
                     continue
                 facts = build_facts(
@@ -376,25 +545,13 @@ class Dispatcher:
                 )
                 refused = consent(proposal, facts)
                 if refused is not None:
-                    self._finish(
-                        session,
-                        message,
-                        MessageStatus.CANCELLED,
-                        f"at send time: {refused.reason}",
-                        now,
-                        report,
-                    )
+                    reason = f"at send time: {refused.reason}"
+                    decided.append(Finished(message, MessageStatus.CANCELLED, reason))
                     continue
                 paused = complaint_pause(proposal, facts, now)
                 if paused is not None:
-                    self._defer(
-                        session,
-                        message,
-                        now + self.config.pause_recheck,
-                        paused.reason,
-                        now,
-                        report,
-                    )
+                    until = now + self.config.pause_recheck
+                    decided.append(Deferred(message, until, paused.reason))
                     continue
                 message.to_address = row.email if message.channel == "email" else row.phone
                 customer = {
@@ -406,12 +563,11 @@ class Dispatcher:
                     "timezone": row.timezone,
                 }
             try:
-                ready.append((message, self._render(message, customer, facts)))
+                ready.append(_Ready(message, self._render(message, customer, facts)))
             except (TemplateError, ValueError) as exc:
-                self._finish(
-                    session, message, MessageStatus.FAILED, f"render failed: {exc}", now, report
-                )
-        return ready
+                reason = f"render failed: {exc}"
+                decided.append(Finished(message, MessageStatus.FAILED, reason))
+        return decided, ready
 
     def _render(
         self, message: Message, customer: dict[str, Any], facts: dict[str, Any]
@@ -461,145 +617,8 @@ class Dispatcher:
             body = f"{body} {playbook.sms_opt_out_hint}"
         return Sms(message_id=message.id, to=message.to_address, body=body)
 
-    # ------------------------------------------------------------ outcomes
 
-    def _record(
-        self,
-        session: Session,
-        message: Message,
-        outcome: Sent | ChannelError,
-        now: datetime,
-        report: DispatchReport,
-    ) -> None:
-        if isinstance(outcome, Sent):
-            message.status = MessageStatus.SENT
-            message.provider = outcome.provider
-            message.provider_id = outcome.provider_id
-            message.sent_at = now
-            message.last_error = None
-            message.updated_at = now
-            report.sent[message.channel] = report.sent.get(message.channel, 0) + 1
-            self._decide(
-                session, message, "sent", f"{outcome.provider} id {outcome.provider_id}", now
-            )
-            return
-        if outcome.transient and message.attempts < self.config.max_attempts:
-            wait = (
-                timedelta(seconds=outcome.retry_after)
-                if outcome.retry_after
-                else backoff(message.attempts, self.config, self.rng)
-            )
-            message.status = MessageStatus.QUEUED
-            message.due_at = now + wait
-            message.claimed_by = None
-            message.attempted_at = None
-            message.last_error = (
-                f"attempt {message.attempts}: {outcome}; retry at {message.due_at:%H:%M:%S}"
-            )
-            message.updated_at = now
-            report.retried += 1
-            return
-        reason = (
-            str(outcome)
-            if not outcome.transient
-            else f"gave up after {message.attempts} attempts: {outcome}"
-        )
-        self._finish(session, message, MessageStatus.FAILED, reason, now, report)
-        if isinstance(outcome, PermanentChannelError) and outcome.suppress:
-            suppress(
-                session,
-                message.channel,
-                message.to_address,
-                f"{outcome.reason}",
-                f"provider:{outcome.channel}",
-                now,
-            )
-
-    def _finish(
-        self,
-        session: Session,
-        message: Message,
-        status: MessageStatus,
-        reason: str,
-        now: datetime,
-        report: DispatchReport,
-    ) -> None:
-        message.status = status
-        message.last_error = reason[:1000]
-        message.updated_at = now
-        if status == MessageStatus.FAILED:
-            report.failed += 1
-        else:
-            report.cancelled += 1
-        self._decide(session, message, str(status), reason, now)
-
-    def _defer(
-        self,
-        session: Session,
-        message: Message,
-        until: datetime,
-        reason: str,
-        now: datetime,
-        report: DispatchReport,
-    ) -> None:
-        first_time = message.last_error != reason
-        message.status = MessageStatus.QUEUED
-        message.due_at = until
-        message.claimed_by = None
-        message.attempts = max(0, message.attempts - 1)  # not an attempt at the provider
-        message.last_error = reason
-        message.updated_at = now
-        report.deferred += 1
-        if first_time:
-            self._decide(session, message, "deferred", reason, now, until=until)
-
-    def _decide(
-        self,
-        session: Session,
-        message: Message,
-        outcome: str,
-        reason: str,
-        now: datetime,
-        until: datetime | None = None,
-    ) -> None:
-        if message.kind == "staff" or not message.customer_id:
-            return
-        session.add(
-            Decision(
-                at=now,
-                customer_id=message.customer_id,
-                playbook=message.playbook or "",
-                step_id=message.step_id,
-                outcome=outcome,
-                reason=reason[:500],
-                until=until,
-                enrollment_id=message.enrollment_id,
-                message_id=message.id,
-                rules_version=self.rules.version,
-            )
-        )
-
-
-def suppress(
-    session: Session, channel: str, address: str, reason: str, source: str, now: datetime
-) -> bool:
-    """Record that an address must get nothing more; True if it was new."""
-    if not address:
-        return False
-    nested = session.begin_nested()
-    try:
-        session.add(
-            Suppression(
-                channel=channel,
-                address=address,
-                reason=reason[:200],
-                source=source[:100],
-                created_at=now,
-            )
-        )
-        session.flush()
-        nested.commit()
-        return True
-    except IntegrityError:
-        nested.rollback()
-        return False
+def _part(recorded: Recorded, outcomes: Sequence[Outcome]) -> Recorded:
+    """The share of a group's record that belongs to these outcomes."""
+    ids = {o.message.id for o in outcomes}
+    return Recorded(applied=recorded.applied & ids, late=recorded.late & ids)

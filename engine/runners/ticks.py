@@ -125,6 +125,11 @@ def _advance_watermark(app: App, now: datetime) -> None:
 def dispatch_config(app: App) -> DispatchConfig:
     settings = app.settings
     return DispatchConfig(
+        lease=timedelta(seconds=settings.dispatch_lease_seconds),
+        send_threads=settings.dispatch_send_threads,
+        settle_grace=timedelta(seconds=settings.dispatch_settle_grace_seconds),
+        settle_retry=timedelta(seconds=settings.dispatch_settle_retry_seconds),
+        settle_per_tick=settings.dispatch_settle_per_tick,
         public_base_url=settings.public_base_url,
         unsubscribe_mailto=settings.unsubscribe_mailto,
         secret_key=settings.secret_key.get_secret_value(),

@@ -33,14 +33,24 @@ from engine.data.models import (
 )
 from engine.data.topics import set_topic
 from engine.data.uow import unit_of_work
-from engine.delivery.dispatch import suppress
+from engine.delivery.outbox import suppress
 
 if TYPE_CHECKING:
     from channels.webhooks import SendGridEvent
 
-# Before the provider confirmed anything: a webhook about the message proves it was accepted.
-UNSETTLED = (MessageStatus.SENDING, MessageStatus.AMBIGUOUS)
-IN_FLIGHT = (MessageStatus.SENDING, MessageStatus.SENT, MessageStatus.AMBIGUOUS)
+# How far along a message is. A webhook moves a message forward only, never back: events
+# arrive out of order (a "processed" after the "delivered"), and the dispatcher may record
+# its own "sent" after a webhook that got there first (engine.delivery.outbox guards it).
+RANK = {
+    MessageStatus.QUEUED: 0,
+    MessageStatus.SENDING: 0,
+    MessageStatus.AMBIGUOUS: 0,
+    MessageStatus.SENT: 1,
+    MessageStatus.DELIVERED: 2,
+    MessageStatus.BOUNCED: 3,
+    MessageStatus.FAILED: 3,
+    MessageStatus.CANCELLED: 3,
+}
 SENDGRID_DROP_SUPPRESS = {"Bounced Address", "Unsubscribed Address", "Spam Reporting Address"}
 TWILIO_SUPPRESS_CODES = {
     "21610": "the recipient replied STOP",
@@ -90,18 +100,44 @@ def _decide(
     )
 
 
-def _settle(message: Message, now: datetime) -> None:
-    """The provider has the message: an ambiguous or in-flight row is sent, not lost."""
-    if message.status in UNSETTLED:
-        message.status = MessageStatus.SENT
+def _advance(
+    session: Session,
+    message: Message,
+    status: MessageStatus,
+    note: str | None,
+    provider: str,
+    provider_id: str | None,
+    now: datetime,
+) -> None:
+    """What a provider's webhook says about a message: the provider has it, and how far
+    it got.
+
+    A row still in doubt is settled as sent, never sent again: sending (the dispatcher's
+    guarded record then only fills in what is missing), ambiguous, or queued again by the
+    dispatcher after a timeout whose request did arrive (``attempts > 0``; a row queued
+    by hand, with its attempts reset, is left to the person who asked). The status moves
+    forward only (``RANK``); the provider's id is filled in when the row lacks one.
+    """
+    status_was = message.status
+    unsettled = status_was in (MessageStatus.SENDING, MessageStatus.AMBIGUOUS) or (
+        status_was == MessageStatus.QUEUED and message.attempts > 0
+    )
+    if RANK[status_was] == 0 and not unsettled:
+        return
+    if unsettled:
         message.sent_at = message.sent_at or now
-        message.updated_at = now
-
-
-def _set_status(message: Message, status: MessageStatus, error: str | None, now: datetime) -> None:
-    message.status = status
-    if error:
-        message.last_error = error[:1000]
+        message.settle_after = None
+        if status_was != MessageStatus.SENDING and message.customer_id and message.kind != "staff":
+            # No dispatcher will record this one: say here that it went out.
+            why = f"settled by {provider}'s webhook: the provider has it"
+            _decide(session, message.customer_id, "sent", why, now, message)
+    if RANK[status] > RANK[status_was]:
+        message.status = status
+        message.last_error = note[:1000] if note else None
+    elif note and status == status_was:
+        message.last_error = note[:1000]
+    if message.provider_id is None and provider_id:
+        message.provider, message.provider_id = provider, provider_id
     message.updated_at = now
 
 
@@ -109,8 +145,10 @@ def _set_status(message: Message, status: MessageStatus, error: str | None, now:
 
 
 def find_sendgrid_message(session: Session, event: SendGridEvent) -> Message | None:
+    """By our custom arg, else by SendGrid's message id and the address. The row is
+    locked (PostgreSQL) so two webhooks about one message apply one after the other."""
     if event.lifecycle_message_id:
-        message = session.get(Message, event.lifecycle_message_id)
+        message = session.get(Message, event.lifecycle_message_id, with_for_update=True)
         if message is not None:
             return message
     if event.x_message_id:
@@ -118,26 +156,32 @@ def find_sendgrid_message(session: Session, event: SendGridEvent) -> Message | N
             col(Message.provider_id) == event.x_message_id,
             func.lower(col(Message.to_address)) == event.email.lower(),
         )
-        return session.scalars(statement).first()
+        return session.scalars(statement.with_for_update()).first()
     return None
 
 
+SENDGRID_STATUS = {
+    "processed": MessageStatus.SENT,
+    "deferred": MessageStatus.SENT,
+    "delivered": MessageStatus.DELIVERED,
+    "bounce": MessageStatus.BOUNCED,
+    "dropped": MessageStatus.FAILED,
+}
+
+
 def apply_sendgrid_event(session: Session, event: SendGridEvent, now: datetime) -> None:
-    """The effect of one (new) SendGrid event on the ledger, suppressions and consent."""
+    """The effect of one (new) SendGrid event on the ledger, suppressions and consent.
+
+    Any event about a message proves SendGrid accepted it; processed, deferred,
+    delivered, bounce and dropped say how far it got (see ``_advance``).
+    """
     message = find_sendgrid_message(session, event)
     kind, reason = event.event, event.reason or ""
     if message is not None:
-        _settle(message, now)
-        if kind == "delivered" and message.status in IN_FLIGHT:
-            _set_status(message, MessageStatus.DELIVERED, None, now)
-        elif kind == "bounce":
-            _set_status(message, MessageStatus.BOUNCED, f"sendgrid bounce: {reason}", now)
-        elif kind == "dropped" and message.status != MessageStatus.BOUNCED:
-            _set_status(message, MessageStatus.FAILED, f"sendgrid dropped: {reason}", now)
-        elif kind == "deferred":
-            message.last_error = f"sendgrid deferred: {reason}"[:1000]
-            message.updated_at = now
-        elif kind in ("open", "click") and message.customer_id and message.kind != "staff":
+        status = SENDGRID_STATUS.get(kind, MessageStatus.SENT)
+        note = f"sendgrid {kind}: {reason}" if kind in ("bounce", "dropped", "deferred") else None
+        _advance(session, message, status, note, "sendgrid", event.x_message_id, now)
+        if kind in ("open", "click") and message.customer_id and message.kind != "staff":
             url = str(event.raw.get("url") or "")
             why = f"sendgrid {kind}" + (f": {url}" if url else "")
             outcome = "opened" if kind == "open" else "clicked"
@@ -184,27 +228,59 @@ def apply_sendgrid_events(db: Engine, events: list[SendGridEvent], now: datetime
     return {"processed": processed, "duplicates": duplicates}
 
 
+TWILIO_STATUS = {
+    "queued": MessageStatus.SENT,
+    "accepted": MessageStatus.SENT,
+    "scheduled": MessageStatus.SENT,
+    "sending": MessageStatus.SENT,
+    "sent": MessageStatus.SENT,
+    "delivered": MessageStatus.DELIVERED,
+    "read": MessageStatus.DELIVERED,
+    "undelivered": MessageStatus.FAILED,
+    "failed": MessageStatus.FAILED,
+    "canceled": MessageStatus.FAILED,
+}
+
+
+def find_twilio_message(session: Session, sid: str, message_id: str | None) -> Message | None:
+    """By the sid we recorded, else by our id in the callback URL (a callback that lands
+    before the dispatcher recorded the sid, or for a message left ambiguous); locked like
+    ``find_sendgrid_message``."""
+    by_sid = select(Message).where(col(Message.provider_id) == sid).with_for_update()
+    message = session.scalars(by_sid).first()
+    if message is None and message_id:
+        candidate = session.get(Message, message_id, with_for_update=True)
+        if (
+            candidate is not None
+            and candidate.channel == "sms"
+            and candidate.provider_id in (None, sid)
+        ):
+            message = candidate
+    return message
+
+
 def apply_twilio_status(
-    db: Engine, sid: str, status: str, code: str, to: str, now: datetime
+    db: Engine,
+    sid: str,
+    status: str,
+    code: str,
+    to: str,
+    now: datetime,
+    message_id: str | None = None,
 ) -> str:
     """The effect of one Twilio status callback (once per sid and status)."""
     with unit_of_work(db) as session:
         if not first_time(session, "twilio", f"{sid}:{status}", now):
             return "duplicate"
-        message = session.scalars(select(Message).where(col(Message.provider_id) == sid)).first()
+        message = find_twilio_message(session, sid, message_id)
         if message is not None:
-            _settle(message, now)
-            if status == "delivered" and message.status in IN_FLIGHT:
-                _set_status(message, MessageStatus.DELIVERED, None, now)
-            elif status in ("undelivered", "failed") and message.status != MessageStatus.DELIVERED:
+            moved = TWILIO_STATUS.get(status, MessageStatus.SENT)
+            note = None
+            if moved == MessageStatus.FAILED:
                 meaning = TWILIO_SUPPRESS_CODES.get(code, "")
-                detail = f"twilio {status}" + (f": error {code}" if code else "")
-                _set_status(
-                    message,
-                    MessageStatus.FAILED,
-                    detail + (f" ({meaning})" if meaning else ""),
-                    now,
-                )
+                note = f"twilio {status}" + (f": error {code}" if code else "")
+                note += f" ({meaning})" if meaning else ""
+            _advance(session, message, moved, note, "twilio", sid, now)
         number = to or (message.to_address if message is not None else "")
         if code in TWILIO_SUPPRESS_CODES and number:
             suppress(

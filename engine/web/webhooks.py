@@ -15,7 +15,10 @@ Twilio (``POST /webhooks/twilio/status`` and ``POST /webhooks/twilio/inbound``)
     Verified with ``LIFECYCLE_TWILIO_AUTH_TOKEN`` (HMAC-SHA1) over the URL Twilio called:
     ``LIFECYCLE_PUBLIC_BASE_URL`` + the request path (+ query). So ``public_base_url``
     must be exactly the public scheme://host[:port] that Twilio is given (behind a proxy,
-    the proxy's public URL); otherwise every Twilio request is refused with 403.
+    the proxy's public URL); otherwise every Twilio request is refused with 403. The
+    status callback URL the channel gives Twilio carries our message id
+    (``?lifecycle_message_id=...``), so a callback that lands before the dispatcher has
+    recorded Twilio's sid still finds its message.
 
 Unsubscribe (``GET /u/{token}``, ``POST /u/{token}``)
     GET shows a confirmation page and changes nothing (mail scanners follow links): for a
@@ -37,6 +40,7 @@ from starlette.concurrency import run_in_threadpool
 from twilio.twiml.messaging_response import MessagingResponse
 
 from channels.webhooks import (
+    MESSAGE_ID_ARG,
     SENDGRID_SIGNATURE_HEADER,
     SENDGRID_TIMESTAMP_HEADER,
     TWILIO_SIGNATURE_HEADER,
@@ -187,6 +191,7 @@ async def twilio_status(request: Request) -> Response:
             params.get("ErrorCode") or "",
             params.get("To") or "",
             web.app.clock(),
+            request.query_params.get(MESSAGE_ID_ARG),
         )
     except Refused as exc:
         return refused_response(exc)

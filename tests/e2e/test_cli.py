@@ -222,3 +222,80 @@ def test_importing_history_starts_no_journey(env: Path, tmp_path: Path) -> None:
     assert {m["playbook"] for m in detail["matches"]} == {"re_engagement"}  # the facts moved
     code, output = cli("tick", "--now", NOW)
     assert "1 enrolled" in output
+
+
+def test_messages_retry_takes_several_ids_unique_prefixes_and_a_status_filter(env: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlmodel import Session
+
+    from engine.bootstrap import bootstrap
+    from engine.data.models import Message, MessageStatus
+    from engine.settings import Settings
+
+    now = datetime.fromisoformat(NOW).replace(tzinfo=UTC)
+    application = bootstrap(Settings())
+    rows = [
+        ("aaaa1111-0000-4000-8000-000000000001", MessageStatus.AMBIGUOUS, timedelta(hours=2)),
+        ("aaaa2222-0000-4000-8000-000000000002", MessageStatus.AMBIGUOUS, timedelta(minutes=10)),
+        ("bbbb3333-0000-4000-8000-000000000003", MessageStatus.FAILED, None),
+        ("cccc4444-0000-4000-8000-000000000004", MessageStatus.SENT, timedelta(hours=3)),
+    ]
+    with Session(application.db) as session:
+        for message_id, status, age in rows:
+            session.add(
+                Message(
+                    id=message_id,
+                    dedupe_key=f"k-{message_id}",
+                    customer_id="c1",
+                    channel="sms",
+                    template="last_chance",
+                    to_address="+447700900123",
+                    status=status,
+                    attempted_at=now - age if age else None,
+                    due_at=now,
+                    created_at=now - timedelta(hours=4),
+                    updated_at=now - timedelta(hours=4),
+                )
+            )
+        session.commit()
+    application.db.dispose()
+
+    code, output = cli("messages", "list", "--status", "ambiguous")
+    assert code == 0 and "aaaa1111" in output and "aaaa2222" in output and "bbbb" not in output
+    code, output = cli(
+        "messages", "list", "--status", "ambiguous", "--older-than", "1h", "--now", NOW
+    )
+    assert "aaaa1111" in output and "aaaa2222" not in output
+
+    code, output = cli("messages", "retry", "aaaa")
+    assert code == 1
+    assert (
+        "message id prefix 'aaaa' matches 2 messages: aaaa1111-0000-4000-8000-000000000001, "
+        "aaaa2222-0000-4000-8000-000000000002; give more of the id" in output
+    )
+    assert "0 message(s) queued again; 1 refused" in output
+
+    code, output = cli(
+        "messages", "retry", "--status", "ambiguous", "--older-than", "1h", "--now", NOW
+    )
+    assert code == 0, output
+    assert "1 message(s) queued again: aaaa1111; 0 refused" in output
+
+    code, output = cli("messages", "retry", "aaaa2222", "bbbb3333", "cccc4444", "zzzz")
+    assert code == 1
+    assert "2 message(s) queued again: aaaa2222, bbbb3333; 2 refused" in output
+    assert "cannot retry message cccc4444-0000-4000-8000-000000000004: it is sent" in output
+    assert "no message with id 'zzzz'" in output
+    code, output = cli("messages", "list", "--status", "queued", "--json")
+    queued = {m["id"][:8]: m for m in json.loads(output)}
+    assert set(queued) == {"aaaa1111", "aaaa2222", "bbbb3333"}
+    assert queued["aaaa2222"]["last_error"] == "retried by hand (was ambiguous)"
+    assert queued["bbbb3333"]["last_error"] == "retried by hand (was failed)"
+
+    code, output = cli("messages", "retry", "--status", "ambiguous", "--older-than", "3x")
+    assert code == 1 and "--older-than: bad duration '3x'" in output
+    code, output = cli("messages", "retry")
+    assert code == 1 and "give message ids, or --status (with --older-than), not both" in output
+    code, output = cli("messages", "retry", "--status", "sent")
+    assert code == 1 and "unknown status to retry 'sent'; use one of: ambiguous, failed" in output

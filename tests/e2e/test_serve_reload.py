@@ -49,8 +49,7 @@ class Server:
         command = [sys.executable, "-c", "from engine.cli import app; app()"]
         subprocess.run([*command, "init"], cwd=tmp_path, env=env, check=True, capture_output=True)
         self.process = subprocess.Popen(
-            [*command, "serve"]
-            + ["--port", str(self.port)],
+            [*command, "serve"] + ["--port", str(self.port)],
             cwd=tmp_path,
             env=env,
             stdout=subprocess.DEVNULL,

@@ -646,3 +646,46 @@ def test_the_playbook_page_counts_and_charts(
     listing = client.get("/console/playbooks")
     assert listing.status_code == 200 and "/console/playbooks/complaint_escalation" in listing.text
     assert client.get("/console/playbooks/nope").status_code == 404
+
+
+def test_the_messages_page_lists_ambiguous_messages_with_what_is_needed_to_decide(
+    client: TestClient, app: App, case_id: int, now: datetime
+) -> None:
+    attempted = now - timedelta(hours=2)
+    with Session(app.db) as session:
+        session.add(
+            Message(
+                id="0a1b2c3d-ambiguous-message",
+                dedupe_key="k-ambiguous",
+                customer_id="c1",
+                playbook="welcome_series",
+                step_id="welcome",
+                channel="email",
+                template="welcome",
+                to_address="ann@example.com",
+                status=MessageStatus.AMBIGUOUS,
+                attempted_at=attempted,
+                last_error="settlement: sendgrid has not reported it",
+                due_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        session.commit()
+    sign_in(client)
+    page = client.get("/console/messages")
+    assert page.status_code == 200
+    row = page.text[page.text.index('id="message-0a1b2c3d-ambiguous-message"') :]
+    row = row[: row.index("</tr>")]
+    for shown in (
+        '<code title="0a1b2c3d-ambiguous-message">0a1b2c3d</code>',
+        "welcome_series · welcome",
+        "ann@example.com",
+        "ambiguous",
+        f"<td>{attempted:%Y-%m-%d %H:%M} UTC</td>",  # when its provider call was made
+        "settlement: sendgrid has not reported it",
+    ):
+        assert shown in row
+    assert "lifecycle messages retry --status ambiguous --older-than 1h" in page.text
+    assert client.get("/console/messages?status=sent").text.count('id="message-') == 0
+    assert client.get("/console/messages?status=nonsense").status_code == 400

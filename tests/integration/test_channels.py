@@ -16,9 +16,10 @@ import re
 import socket
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 
@@ -34,7 +35,7 @@ from channels.webhooks import (
     verify_sendgrid,
     verify_twilio,
 )
-from engine.delivery.outbound import Email, Sent, Sms, send_many
+from engine.delivery.outbound import Attempt, Email, Sent, Sms, body_digest, send_many
 from engine.errors import (
     ChannelError,
     ConfigurationError,
@@ -412,7 +413,7 @@ def test_twilio_sends_the_exact_form(fake: FakeProvider, twilio: TwilioSmsChanne
         "To": "+15558675310",
         "From": FROM_NUMBER,
         "Body": "Your order shipped. Reply STOP to stop.",
-        "StatusCallback": STATUS_CALLBACK,
+        "StatusCallback": f"{STATUS_CALLBACK}?lifecycle_message_id=sms-1",
     }
     credentials = base64.b64decode(request.headers["Authorization"].removeprefix("Basic "))
     assert credentials.decode() == f"{fake.twilio_account_sid}:{fake.twilio_auth_token}"
@@ -424,7 +425,7 @@ def test_twilio_sends_the_exact_form(fake: FakeProvider, twilio: TwilioSmsChanne
         sent.provider_id,
         "+15558675310",
         FROM_NUMBER,
-        STATUS_CALLBACK,
+        f"{STATUS_CALLBACK}?lifecycle_message_id=sms-1",
     )
 
 
@@ -561,6 +562,84 @@ def test_twilio_keeps_working_after_a_dropped_keep_alive_connection(
     error = raised(twilio.send, Sms("sms-13", "+15558675310", "Hi"))
     assert isinstance(error, TransientChannelError)
     assert isinstance(twilio.send(Sms("sms-14", "+15558675310", "Hi")), Sent)
+
+
+# ── Twilio lookups (settlement) ─────────────────────────────────────────────────────
+
+
+def attempt(to: str, body: str | None = None, sid: str | None = None) -> Attempt:
+    digest = body_digest(body) if body is not None else None
+    return Attempt("m-1", to, datetime.now(UTC) - timedelta(minutes=1), digest, sid)
+
+
+def test_twilio_lookup_lists_the_recipients_messages_and_recognises_ours_by_body(
+    fake: FakeProvider, twilio: TwilioSmsChannel
+) -> None:
+    ann, bob = "+15558675310", "+15558675311"
+    first = twilio.send(Sms("s1", ann, "Your order shipped."))
+    ours = twilio.send(Sms("s2", ann, "Last chance: 15% off ends Sunday."))
+    twilio.send(Sms("s3", bob, "Last chance: 15% off ends Sunday."))
+    records = twilio.lookup(attempt(ann, "Last chance: 15% off ends Sunday."))
+    assert sorted((r.provider_id, r.status, r.matches, r.detail) for r in records) == sorted(
+        [
+            (first.provider_id, "sent", False, "queued"),
+            (ours.provider_id, "sent", True, "queued"),
+        ]
+    )
+    (request,) = [r for r in fake.requests if r.method == "GET"]
+    assert request.path == f"/2010-04-01/Accounts/{fake.twilio_account_sid}/Messages.json"
+    assert twilio.lookup(attempt("+15558675312", "anything")) == []  # never received
+
+
+def test_twilio_lookup_ignores_what_was_created_before_the_attempt(
+    fake: FakeProvider, twilio: TwilioSmsChannel
+) -> None:
+    twilio.send(Sms("s1", "+15558675310", "Hi"))
+    later = Attempt("m-1", "+15558675310", datetime.now(UTC) + timedelta(hours=1), None)
+    assert twilio.lookup(later) == []
+
+
+def test_the_fake_pages_twilio_lists_like_twilio(
+    fake: FakeProvider, twilio: TwilioSmsChannel
+) -> None:
+    sent = [twilio.send(Sms(f"s{n}", "+15558675310", f"Message {n}")).provider_id for n in range(5)]
+    listed = twilio._client.messages.list(to="+15558675310", page_size=2)
+    assert [m.sid for m in listed] == list(reversed(sent))  # newest first, over three pages
+    pages = [dict(parse_qsl(r.query)) for r in fake.requests if r.method == "GET"]
+    assert [(p.get("Page"), p["PageSize"], p["To"]) for p in pages] == [
+        (None, "2", "+15558675310"),  # the SDK's first request; then next_page_uri
+        ("1", "2", "+15558675310"),
+        ("2", "2", "+15558675310"),
+    ]
+    assert pages[1]["PageToken"].startswith("PASM")
+
+
+def test_twilio_lookup_by_sid_fetches_that_message(
+    fake: FakeProvider, twilio: TwilioSmsChannel
+) -> None:
+    sent = twilio.send(Sms("s1", "+15558675310", "Hi"))
+    (record,) = twilio.lookup(attempt("+15558675310", sid=sent.provider_id))
+    assert (record.provider_id, record.matches) == (sent.provider_id, True)
+    error = raised(twilio.lookup, attempt("+15558675310", sid="SM" + "0" * 32))
+    assert isinstance(error, PermanentChannelError)
+    assert str(error) == (
+        f"twilio: cannot look up: The requested resource /2010-04-01/Accounts/"
+        f"{fake.twilio_account_sid}/Messages/SM{'0' * 32}.json was not found · HTTP 404 · "
+        "code 20404"
+    )
+
+
+def test_twilio_lookup_while_twilio_fails_is_a_transient_error(
+    fake: FakeProvider, twilio: TwilioSmsChannel, stopped_url: str
+) -> None:
+    fake.fail_next(1, 503, path="twilio", method="GET")
+    error = raised(twilio.lookup, attempt("+15558675310", "Hi"))
+    assert isinstance(error, TransientChannelError)
+    assert str(error) == (
+        "twilio: provider error: Service is unavailable. Please try again · HTTP 503 · code 20503"
+    )
+    down = TwilioSmsChannel("AC" + "0" * 32, "token", FROM_NUMBER, base_url=stopped_url)
+    assert isinstance(raised(down.lookup, attempt("+15558675310", "Hi")), TransientChannelError)
 
 
 def test_twilio_base_url_rewrites_every_twilio_host() -> None:

@@ -78,6 +78,9 @@ def app(db_url: str, tmp_path: Path, now: datetime) -> Iterator[App]:
             ("m-batch", "email", MessageStatus.SENT, "XBATCH", ANN_EMAIL),
             ("m-batch-other", "email", MessageStatus.SENT, "XBATCH", "bob@example.com"),
             ("m-sms", "sms", MessageStatus.SENT, "SM0001", ANN_PHONE),
+            ("m-sms-sending", "sms", MessageStatus.SENDING, None, ANN_PHONE),
+            ("m-retry", "email", MessageStatus.QUEUED, None, ANN_EMAIL),
+            ("m-by-hand", "email", MessageStatus.QUEUED, None, ANN_EMAIL),
         ):
             session.add(
                 Message(
@@ -95,6 +98,8 @@ def app(db_url: str, tmp_path: Path, now: datetime) -> Iterator[App]:
                     created_at=now,
                     updated_at=now,
                     sent_at=now if status == MessageStatus.SENT else None,
+                    # queued again after a timeout (attempted), or by hand (attempts reset)
+                    attempts=0 if message_id == "m-by-hand" else 1,
                 )
             )
         session.commit()
@@ -183,10 +188,79 @@ def test_signed_sendgrid_events_update_the_messages(
     assert status_of(app, "m-batch-other") == MessageStatus.SENT
     decisions = {(d.outcome, d.message_id, d.reason) for d in rows(app, Decision)}
     assert decisions == {
+        ("sent", "m-ambiguous", "settled by sendgrid's webhook: the provider has it"),
         ("opened", "m-sent", "sendgrid open"),
         ("clicked", "m-sent", "sendgrid click: https://shop.example/offer"),
     }
     assert rows(app, Suppression) == [] and ann(app).email_opt_in
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "note"),
+    [
+        ("processed", MessageStatus.SENT, None),
+        ("deferred", MessageStatus.SENT, "sendgrid deferred: 421 try later"),
+        ("delivered", MessageStatus.DELIVERED, None),
+        ("bounce", MessageStatus.BOUNCED, "sendgrid bounce: 421 try later"),
+        ("dropped", MessageStatus.FAILED, "sendgrid dropped: 421 try later"),
+    ],
+)
+def test_sendgrid_events_settle_an_ambiguous_message(
+    client: TestClient,
+    app: App,
+    now: datetime,
+    kind: str,
+    status: MessageStatus,
+    note: str | None,
+) -> None:
+    event = sg_event(
+        kind,
+        1,
+        lifecycle_message_id="m-ambiguous",
+        sg_message_id="XAMB.filter0001.1",
+        reason="421 try later",
+    )
+    assert post_sendgrid(client, now, [event]).status_code == 200
+    with Session(app.db) as session:
+        settled = session.get(Message, "m-ambiguous")
+        assert settled is not None
+        assert (settled.status, settled.last_error) == (status, note)
+        # SendGrid's id is kept, so its later events without our custom arg find it too.
+        assert (settled.provider, settled.provider_id, settled.sent_at) == ("sendgrid", "XAMB", now)
+    assert [(d.outcome, d.message_id) for d in rows(app, Decision)] == [("sent", "m-ambiguous")]
+
+
+def test_sendgrid_events_out_of_order_never_move_a_message_back(
+    client: TestClient, app: App, now: datetime
+) -> None:
+    def send(*events: dict[str, Any]) -> None:
+        assert post_sendgrid(client, now, list(events)).status_code == 200
+
+    send(sg_event("delivered", 1, lifecycle_message_id="m-sent"))
+    send(sg_event("processed", 2, lifecycle_message_id="m-sent"))
+    send(sg_event("deferred", 3, lifecycle_message_id="m-sent", reason="421"))
+    assert status_of(app, "m-sent") == MessageStatus.DELIVERED
+    send(sg_event("bounce", 4, lifecycle_message_id="m-sent", type="blocked", reason="550"))
+    send(sg_event("delivered", 5, lifecycle_message_id="m-sent"))
+    send(sg_event("processed", 6, lifecycle_message_id="m-sent"))
+    assert status_of(app, "m-sent") == MessageStatus.BOUNCED
+    send(sg_event("dropped", 7, lifecycle_message_id="m-batch", reason="Invalid"))
+    send(sg_event("delivered", 8, lifecycle_message_id="m-batch"))
+    assert status_of(app, "m-batch") == MessageStatus.FAILED
+
+
+def test_an_event_for_a_message_queued_again_after_a_timeout_settles_it_as_sent(
+    client: TestClient, app: App, now: datetime
+) -> None:
+    """SendGrid had the request whose answer timed out: the retry would send it twice."""
+    events = [
+        sg_event("processed", 1, lifecycle_message_id="m-retry"),
+        sg_event("processed", 2, lifecycle_message_id="m-by-hand"),
+    ]
+    assert post_sendgrid(client, now, events).status_code == 200
+    assert status_of(app, "m-retry") == MessageStatus.SENT
+    # Queued by hand (its attempts reset): the person who asked decides, not a late event.
+    assert status_of(app, "m-by-hand") == MessageStatus.QUEUED
 
 
 def test_a_hard_bounce_suppresses_the_address_and_a_block_does_not(
@@ -489,6 +563,23 @@ def test_twilio_status_callbacks_update_the_ledger(client: TestClient, app: App)
     assert status_of(app, "m-sms") == MessageStatus.DELIVERED
     assert post_twilio(client, path, delivered).status_code == 200  # redelivered: no change
     assert len(rows(app, WebhookReceipt)) == 1
+
+
+def test_a_twilio_callback_before_the_sid_is_recorded_finds_its_message_by_its_id(
+    client: TestClient, app: App
+) -> None:
+    path = "/webhooks/twilio/status?lifecycle_message_id=m-sms-sending"
+    delivered = {"MessageSid": "SM0002", "MessageStatus": "delivered", "To": ANN_PHONE}
+    assert post_twilio(client, path, delivered).status_code == 200
+    with Session(app.db) as session:
+        message = session.get(Message, "m-sms-sending")
+        assert message is not None
+        assert (message.status, message.provider_id) == (MessageStatus.DELIVERED, "SM0002")
+    # Our id never takes a message that Twilio's sid says is another one.
+    other = {"MessageSid": "SM0003", "MessageStatus": "failed", "To": ANN_PHONE}
+    path = "/webhooks/twilio/status?lifecycle_message_id=m-sms"
+    assert post_twilio(client, path, other).status_code == 200
+    assert status_of(app, "m-sms") == MessageStatus.SENT
 
 
 def test_an_undeliverable_number_fails_the_message_and_is_suppressed(

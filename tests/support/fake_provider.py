@@ -13,10 +13,18 @@ internet. It answers the way the real APIs do:
   400 ``{"code", "message", "more_info", "status"}`` for a 'To' that is not E.164
   (21211), a missing body (21602), sender (21603) or recipient (21604), or a number
   told to ``reject_number``.
+- ``GET /2010-04-01/Accounts/{sid}/Messages.json``: the messages it accepted, newest
+  first, filtered by ``To``, ``From`` and ``DateSent``/``DateSent<``/``DateSent>`` and
+  paged like Twilio (``PageSize``, ``Page``, ``PageToken``; ``messages`` with ``start``,
+  ``end``, ``page``, ``page_size``, ``uri``, ``first_page_uri``, ``next_page_uri``,
+  ``previous_page_uri``), and ``GET .../Messages/{MessageSid}.json`` (404, code 20404,
+  for a sid it does not hold): what the SDK's ``messages.list`` and ``messages(sid).fetch``
+  call.
 
 Failures are injected on request, thread-safely: ``fail_next(n, status=429|5xx|4xx)``
 (``status=0`` drops the connection unanswered), ``delay(seconds)``, each for every path
-or only one (``path="sendgrid"``, ``"twilio"`` or any path prefix). Every request is
+or only one (``path="sendgrid"``, ``"twilio"`` or any path prefix; failures also by
+``method``). Every request is
 recorded: ``.requests``, ``.sent_emails()``, ``.sent_sms()``, ``.clear()``.
 
 In a test::
@@ -28,13 +36,18 @@ As a process, for manual runs and benchmarks::
 
     python -m tests.support.fake_provider --port 8025
 
-The server is a small HTTP/1.1 server on asyncio in one background thread (keep-alive,
-``Content-Length`` bodies): the SendGrid SDK opens a new connection per request, and a
-thread per connection (``ThreadingHTTPServer``) managed only ~600 of those a second
-here, with a 3.5 ms p90; this does well over 1000.
+The server is a small Starlette app served by uvicorn in one background thread (HTTP/1.1
+keep-alive, as the Twilio SDK's connection pool uses it; the SendGrid SDK opens a new
+connection per request). Every request goes through one endpoint, so delays and injected
+failures apply to any path, exactly as they did when this was a hand-written asyncio
+server. A dropped connection is the one thing ASGI cannot say: the fake aborts the
+connection's transport, which uvicorn's ``send`` carries. uvicorn parses HTTP with
+httptools (a test dependency): with its pure-Python parser the fake took about three
+times as long per request and became what slowed ``make bench``'s dispatch case.
 
-Also here: signing helpers for webhook tests (``sign_sendgrid_event``, ``sign_twilio``)
-and a generated SendGrid webhook key pair.
+Also here: signing helpers for webhook tests (``sign_sendgrid_event``, ``sign_twilio``),
+a generated SendGrid webhook key pair, and the Event Webhook SendGrid would send for what
+the fake received (``.sendgrid_events()``, posted signed by ``post_sendgrid_events``).
 """
 
 from __future__ import annotations
@@ -48,32 +61,46 @@ import math
 import re
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import formatdate
+from datetime import datetime
+from email.utils import formatdate, parsedate_to_datetime
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
+import uvicorn
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 from twilio.request_validator import RequestValidator
 
+from channels.webhooks import SENDGRID_SIGNATURE_HEADER, SENDGRID_TIMESTAMP_HEADER
 from engine.delivery.sms_segments import segments
 
 SENDGRID_PATH = "/v3/mail/send"
 TWILIO_PREFIX = "/2010-04-01/Accounts/"
 PATH_ALIASES = {"sendgrid": SENDGRID_PATH, "twilio": TWILIO_PREFIX}
 TWILIO_MESSAGES = re.compile(r"^/2010-04-01/Accounts/([^/]+)/Messages\.json$")
+TWILIO_MESSAGE = re.compile(r"^/2010-04-01/Accounts/([^/]+)/Messages/([^/]+)\.json$")
+TWILIO_PAGE_SIZE = 50  # Twilio's default page size
+TWILIO_MAX_PAGE_SIZE = 1000
 E164 = re.compile(r"^\+[1-9]\d{1,14}$")
 MAX_BODY = 20 * 1024 * 1024  # SendGrid's limit for one request
 MAX_HEAD = 64 * 1024
 MAX_PERSONALIZATIONS = 1000
 IDLE_TIMEOUT_S = 60  # an idle keep-alive connection is closed after this
+METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+ABORT = "fake_provider.abort"  # in the ASGI scope: drops the request's connection
 
 DEFAULT_SENDGRID_KEY = "SG.fake-key.for-tests"
 DEFAULT_TWILIO_SID = "AC" + "0123456789abcdef" * 2
@@ -123,6 +150,7 @@ class RecordedRequest:
     form: Mapping[str, str] | None
     status: int
     provider_id: str | None = None  # X-Message-Id or the SMS sid, when accepted
+    query: str = ""  # the URL's query string, as sent
 
 
 @dataclass(frozen=True)
@@ -168,15 +196,16 @@ class _Failure:
     retry_after_s: float | None
     twilio_code: int | None
     message: str | None
+    method: str | None = None
 
 
 @dataclass(frozen=True)
 class _Request:
     method: str
     path: str
-    headers: Mapping[str, str]  # as sent
-    lower: Mapping[str, str]  # lower-cased names, for lookups
+    headers: Mapping[str, str]  # as sent; names looked up in any case
     body: bytes
+    query: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,28 +214,26 @@ class _Response:
     body: Any = b""  # bytes as they are, anything else as JSON
     headers: Mapping[str, str] = field(default_factory=dict)
 
-    def encode(self, close: bool) -> bytes:
+    def starlette(self) -> Response:
         if isinstance(self.body, bytes):
-            payload, content_type = self.body, "text/plain; charset=utf-8"
+            payload, media_type = self.body, "text/plain; charset=utf-8" if self.body else None
         else:
-            payload, content_type = json.dumps(self.body).encode(), "application/json"
-        lines = [
-            f"HTTP/1.1 {self.status} {_phrase(self.status)}",
-            f"Date: {formatdate(usegmt=True)}",
-            f"Content-Length: {len(payload)}",
-        ]
-        if payload:
-            lines.append(f"Content-Type: {content_type}")
-        lines.extend(f"{k}: {v}" for k, v in self.headers.items())
-        if close:
-            lines.append("Connection: close")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + payload
+            payload, media_type = json.dumps(self.body).encode(), "application/json"
+        return Response(payload, self.status, dict(self.headers), media_type=media_type)
 
 
-class _BadRequest(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
+class _QuietServer(uvicorn.Server):
+    def install_signal_handlers(self) -> None:
+        """The process that starts the fake keeps its own signal handlers."""
+
+
+async def _abort(send: Send) -> None:
+    """Drop the connection of the request ``send`` answers, with no response at all."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if not isinstance(transport, asyncio.Transport):
+        raise RuntimeError("uvicorn no longer exposes the connection: cannot drop it")
+    transport.abort()
+    await asyncio.sleep(0)  # uvicorn sees the connection lost, and sends nothing more
 
 
 def _prefix(path: str | None) -> str | None:
@@ -241,43 +268,52 @@ class FakeProvider:
         self._failures: list[_Failure] = []
         self._delays: dict[str | None, float] = {}
         self._rejected: dict[str, int] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._twilio_messages: list[dict[str, Any]] = []  # every accepted SMS, as Twilio holds it
+        self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._stopped = False
+        self._app = Starlette(routes=[Route("/{path:path}", self._endpoint, methods=METHODS)])
 
     @classmethod
     def start(cls, host: str = "127.0.0.1", port: int = 0, **options: Any) -> FakeProvider:
         """Bind (``port=0``: any free port), serve in a daemon thread, return the fake."""
         fake = cls(host, port, **options)
-        ready = threading.Event()
-        failure: list[BaseException] = []
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            fake._loop = loop
-            try:
-                fake._server = loop.run_until_complete(
-                    asyncio.start_server(fake._connection, host, port, backlog=1024, limit=MAX_HEAD)
-                )
-            except BaseException as exc:  # handed to the thread that called start()
-                failure.append(exc)
-                ready.set()
-                loop.close()
-                return
-            fake._port = int(fake._server.sockets[0].getsockname()[1])
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        fake._thread = threading.Thread(target=run, name="fake-provider", daemon=True)
+        listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Inherited by every accepted connection: uvicorn writes a response's head and body
+        # separately, and Nagle's algorithm would hold the body for the client's delayed
+        # ACK, 40 ms per request on a keep-alive connection.
+        listening.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            listening.bind((host, port))  # a port in use fails here, in the caller's thread
+            listening.listen(1024)
+        except OSError:
+            listening.close()
+            raise
+        fake._port = int(listening.getsockname()[1])
+        config = uvicorn.Config(
+            fake._asgi,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            interface="asgi3",
+            proxy_headers=False,
+            server_header=False,
+            timeout_keep_alive=IDLE_TIMEOUT_S,
+            timeout_graceful_shutdown=1,  # stop() does not wait for a delayed answer
+            h11_max_incomplete_event_size=MAX_HEAD,
+        )
+        server = fake._server = _QuietServer(config)
+        fake._thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [listening]}, name="fake-provider", daemon=True
+        )
         fake._thread.start()
-        ready.wait()
-        if failure:
-            raise failure[0]
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not fake._thread.is_alive() or time.monotonic() > deadline:
+                server.should_exit = True
+                raise RuntimeError(f"the fake provider did not start on {host}:{fake._port}")
+            time.sleep(0.005)
         return fake
 
     @property
@@ -289,21 +325,13 @@ class FakeProvider:
         return f"http://{self.host}:{self.port}"
 
     def stop(self) -> None:
-        """Stop listening and drop every open connection; later requests are refused."""
-        if self._stopped or self._loop is None:
+        """Stop listening and close every open connection; later requests are refused."""
+        if self._stopped or self._server is None:
             return
         self._stopped = True
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
 
     def __enter__(self) -> FakeProvider:
         return self
@@ -326,18 +354,20 @@ class FakeProvider:
         retry_after_s: float | None = None,
         twilio_code: int | None = None,
         message: str | None = None,
+        method: str | None = None,
     ) -> None:
         """Answer the next ``n`` matching requests with ``status`` (0: drop the connection).
 
         A 429 carries SendGrid's ``X-RateLimit-Reset`` (now + ``reset_after_s``; 1 s when
         neither delay is given) and, when ``retry_after_s`` is given, ``Retry-After``;
         Twilio's 429 carries ``Retry-After`` from either. ``twilio_code`` and ``message``
-        replace the default error code and text. Failures queue up in order.
+        replace the default error code and text; ``method`` ("GET", "POST") narrows the
+        match like ``path`` does. Failures queue up in order.
         """
         if status == 429 and reset_after_s is None and retry_after_s is None:
             reset_after_s = 1.0
         failure = _Failure(
-            n, status, _prefix(path), reset_after_s, retry_after_s, twilio_code, message
+            n, status, _prefix(path), reset_after_s, retry_after_s, twilio_code, message, method
         )
         with self._lock:
             self._failures.append(failure)
@@ -370,8 +400,10 @@ class FakeProvider:
             return list(self._requests)
 
     def clear(self) -> None:
+        """Forget every request, and the messages Twilio would list."""
         with self._lock:
             self._requests.clear()
+            self._twilio_messages.clear()
 
     def sent_emails(self) -> list[SentEmail]:
         """Every accepted personalization, in the order received."""
@@ -380,6 +412,31 @@ class FakeProvider:
             if request.path == SENDGRID_PATH and request.status == 202:
                 out.extend(_flatten_mail(request.json, request.provider_id or ""))
         return out
+
+    def sendgrid_events(
+        self, kinds: Sequence[str] = ("processed", "delivered"), *, timestamp: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The Event Webhook events SendGrid would post for every accepted email so far: one
+        per kind and recipient, with the personalization's custom args at the top level and
+        ``sg_message_id`` starting with the request's X-Message-Id. Event ids are stable,
+        so posting the same events again is a redelivery."""
+        at = timestamp if timestamp is not None else int(time.time())
+        events = []
+        for n, email in enumerate(self.sent_emails()):
+            for kind in kinds:
+                for to in email.to:
+                    events.append(
+                        {
+                            **email.custom_args,
+                            "email": to,
+                            "timestamp": at,
+                            "event": kind,
+                            "sg_event_id": f"{email.x_message_id}-{n}-{kind}",
+                            "sg_message_id": f"{email.x_message_id}.fake{n:06d}.0",
+                            "category": email.categories,
+                        }
+                    )
+        return events
 
     def sent_sms(self) -> list[SentSms]:
         """Every accepted SMS, in the order received."""
@@ -401,48 +458,44 @@ class FakeProvider:
                 )
         return out
 
-    # ── HTTP/1.1 on asyncio ──
+    # ── HTTP, through Starlette ──
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
+    async def _asgi(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, ABORT: functools.partial(_abort, send)}
+        await self._app(scope, receive, send)
+
+    async def _endpoint(self, request: Request) -> Response:
+        received = _Request(
+            request.method,
+            request.url.path,
+            request.headers,
+            await request.body(),
+            request.url.query,
+        )
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(IDLE_TIMEOUT_S):
-                        request, close = await _read_request(reader)
-                except _BadRequest as bad:
-                    writer.write(_Response(bad.status, str(bad).encode()).encode(close=True))
-                    await writer.drain()
-                    return
-                if request is None:
-                    return
-                try:
-                    response = await self._handle(request)
-                except Exception:  # a bug in the fake: say so loudly, answer 500
-                    traceback.print_exc()
-                    response = _Response(500, {"errors": [{"message": "fake provider bug"}]})
-                if response is None:  # an injected dropped connection
-                    return
-                writer.write(response.encode(close))
-                await writer.drain()
-                if close:
-                    return
-        except (asyncio.IncompleteReadError, asyncio.CancelledError, TimeoutError, OSError):
-            pass
-        finally:
-            self._connections.discard(task)
-            writer.transport.abort()
+            answer = await self._handle(received)
+        except Exception:  # a bug in the fake: say so loudly, answer 500
+            traceback.print_exc()
+            answer = _Response(500, {"errors": [{"message": "fake provider bug"}]})
+        if answer is None:  # an injected dropped connection
+            abort: Callable[[], Awaitable[None]] = request.scope[ABORT]
+            await abort()
+            return Response(status_code=500)  # never sent: the connection is gone
+        return answer.starlette()
 
     async def _handle(self, request: _Request) -> _Response | None:
         pause = self._delay_for(request.path)
         if pause:
             await asyncio.sleep(pause)
-        failure = self._take_failure(request.path)
+        failure = self._take_failure(request.method, request.path)
         if failure is not None and failure.status == 0:
             self._record(request, None, None, 0)
             return None
+        if request.method == "GET" and (match := TWILIO_MESSAGES.match(request.path)):
+            return self._twilio_list(request, match[1], failure)
+        if request.method == "GET" and (match := TWILIO_MESSAGE.match(request.path)):
+            return self._twilio_fetch(request, match[1], match[2], failure)
         if request.method == "GET":
             return self._get(request)
         if request.method != "POST":
@@ -470,16 +523,26 @@ class FakeProvider:
         self, request: _Request, parsed: Any, form: Any, status: int, pid: str | None = None
     ) -> None:
         record = RecordedRequest(
-            request.method, request.path, request.headers, request.body, parsed, form, status, pid
+            request.method,
+            request.path,
+            request.headers,
+            request.body,
+            parsed,
+            form,
+            status,
+            pid,
+            request.query,
         )
         with self._lock:
             self._requests.append(record)
         if self.verbose:
             print(f"{request.method} {request.path} → {status}", flush=True)
 
-    def _take_failure(self, path: str) -> _Failure | None:
+    def _take_failure(self, method: str, path: str) -> _Failure | None:
         with self._lock:
             for failure in self._failures:
+                if failure.method not in (None, method):
+                    continue
                 if failure.path is None or path.startswith(failure.path):
                     failure.remaining -= 1
                     if failure.remaining <= 0:
@@ -502,7 +565,7 @@ class FakeProvider:
         if failure is not None:
             self._record(request, parsed, None, failure.status)
             return _sendgrid_error(failure.status, failure.message, _rate_headers(failure))
-        if request.lower.get("authorization") != f"Bearer {self.sendgrid_api_key}":
+        if request.headers.get("authorization") != f"Bearer {self.sendgrid_api_key}":
             self._record(request, parsed, None, 401)
             return _sendgrid_error(401)
         if len(request.body) > MAX_BODY:
@@ -521,6 +584,29 @@ class FakeProvider:
     def _twilio(self, request: _Request, sid: str, failure: _Failure | None) -> _Response:
         form = dict(parse_qsl(request.body.decode("utf-8", "replace"), keep_blank_values=True))
         to = form.get("To", "")
+        refused = self._twilio_refused(request, sid, failure, form)
+        if refused is not None:
+            return refused
+        problem = self._twilio_problem(form)
+        if problem is not None:
+            self._record(request, None, form, 400)
+            return _twilio_error(400, problem, to)
+        message_sid = "SM" + secrets.token_hex(16)
+        resource = _twilio_message(sid, message_sid, form)
+        with self._lock:
+            self._twilio_messages.append(resource)
+        self._record(request, None, form, 201, message_sid)
+        return _Response(201, resource)
+
+    def _twilio_refused(
+        self,
+        request: _Request,
+        sid: str,
+        failure: _Failure | None,
+        form: Mapping[str, str] | None = None,
+    ) -> _Response | None:
+        """An injected failure or wrong credentials, answered as Twilio does; else None."""
+        to = (form or {}).get("To", "")
         if failure is not None:
             code = failure.twilio_code or TWILIO_DEFAULT_CODES.get(failure.status, failure.status)
             headers = {}
@@ -532,16 +618,67 @@ class FakeProvider:
         if not self._twilio_authenticated(request, sid):
             self._record(request, None, form, 401)
             return _twilio_error(401, 20003, to)
-        problem = self._twilio_problem(form)
-        if problem is not None:
-            self._record(request, None, form, 400)
-            return _twilio_error(400, problem, to)
-        message_sid = "SM" + secrets.token_hex(16)
-        self._record(request, None, form, 201, message_sid)
-        return _Response(201, _twilio_message(sid, message_sid, form))
+        return None
+
+    def _twilio_list(self, request: _Request, sid: str, failure: _Failure | None) -> _Response:
+        """``GET .../Messages.json``: Twilio's filters (To, From, DateSent, DateSent<,
+        DateSent>) and paging (PageSize, Page, PageToken; newest first)."""
+        refused = self._twilio_refused(request, sid, failure)
+        if refused is not None:
+            return refused
+        query = dict(parse_qsl(request.query, keep_blank_values=True))
+        try:
+            size = min(int(query.get("PageSize") or TWILIO_PAGE_SIZE), TWILIO_MAX_PAGE_SIZE)
+            page = int(query.get("Page") or 0)
+        except ValueError:
+            self._record(request, None, None, 400)
+            return _twilio_error(400, 20001, "", "Invalid paging parameters")
+        with self._lock:
+            everything = list(reversed(self._twilio_messages))  # newest first
+        chosen = [m for m in everything if m["account_sid"] == sid and _listed(m, query)]
+        records = chosen[page * size : (page + 1) * size]
+        base = f"/2010-04-01/Accounts/{sid}/Messages.json"
+        filters = {k: v for k, v in query.items() if k not in ("Page", "PageSize", "PageToken")}
+
+        def uri(number: int, token: str | None = None) -> str:
+            params = {**filters, "PageSize": size, "Page": number}
+            if token:
+                params["PageToken"] = token
+            return f"{base}?{urlencode(params)}"
+
+        more = (page + 1) * size < len(chosen)
+        body = {
+            "messages": records,
+            "end": page * size + max(len(records) - 1, 0),
+            "first_page_uri": uri(0),
+            "next_page_uri": uri(page + 1, "PA" + records[-1]["sid"]) if more else None,
+            "page": page,
+            "page_size": size,
+            "previous_page_uri": uri(page - 1) if page > 0 else None,
+            "start": page * size,
+            "uri": uri(page, query.get("PageToken")),
+        }
+        self._record(request, None, None, 200)
+        return _Response(200, body)
+
+    def _twilio_fetch(
+        self, request: _Request, sid: str, message_sid: str, failure: _Failure | None
+    ) -> _Response:
+        """``GET .../Messages/{sid}.json``: the message, or Twilio's 20404."""
+        refused = self._twilio_refused(request, sid, failure)
+        if refused is not None:
+            return refused
+        with self._lock:
+            found = [m for m in self._twilio_messages if m["sid"] == message_sid]
+        if not found or found[0]["account_sid"] != sid:
+            self._record(request, None, None, 404)
+            message = f"The requested resource {request.path} was not found"
+            return _twilio_error(404, 20404, "", message)
+        self._record(request, None, None, 200)
+        return _Response(200, found[0])
 
     def _twilio_authenticated(self, request: _Request, sid: str) -> bool:
-        header = request.lower.get("authorization", "")
+        header = request.headers.get("authorization", "")
         if not header.startswith("Basic "):
             return False
         try:
@@ -568,35 +705,26 @@ class FakeProvider:
             return self._rejected.get(to)
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[_Request | None, bool]:
-    """One request from a keep-alive connection; ``(None, True)`` at a clean end."""
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if exc.partial.strip():
-            raise _BadRequest(400, "incomplete request head") from None
-        return None, True
-    except asyncio.LimitOverrunError:
-        raise _BadRequest(431, "request head too large") from None
-    lines = head.decode("latin-1").split("\r\n")
-    try:
-        method, target, version = lines[0].split(" ")
-    except ValueError:
-        raise _BadRequest(400, f"bad request line {lines[0]!r}") from None
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip()] = value.strip()
-    lower = {k.lower(): v for k, v in headers.items()}
-    if "chunked" in lower.get("transfer-encoding", "").lower():
-        raise _BadRequest(411, "chunked bodies are not supported; send Content-Length")
-    length = int(lower.get("content-length") or 0)
-    body = await reader.readexactly(length) if length else b""
-    connection = lower.get("connection", "").lower()
-    close = "close" in connection or (version == "HTTP/1.0" and "keep-alive" not in connection)
-    path = target.split("?", 1)[0]
-    return _Request(method, path, headers, lower, body), close
+def _listed(message: Mapping[str, Any], query: Mapping[str, str]) -> bool:
+    """Whether a Twilio message passes the list's filters (dates compare by day, as the
+    real API's do; a message not sent yet has no date_sent and passes no date filter)."""
+    if query.get("To") and message["to"] != query["To"]:
+        return False
+    if query.get("From") and message["from"] != query["From"]:
+        return False
+    dates = {k: v for k, v in query.items() if k.startswith("DateSent") and v}
+    if not dates:
+        return True
+    if not message["date_sent"]:
+        return False
+    sent = parsedate_to_datetime(message["date_sent"]).date()
+    for key, value in dates.items():
+        day = datetime.fromisoformat(value.removeprefix(">=").removeprefix("<=")[:10]).date()
+        if (key == "DateSent" and sent != day) or (key == "DateSent>" and sent < day):
+            return False
+        if key == "DateSent<" and sent > day:
+            return False
+    return True
 
 
 def _sendgrid_error(
@@ -831,6 +959,33 @@ def sign_sendgrid_event(
     raw = body.encode() if isinstance(body, str) else body
     signature = private_key.sign(str(timestamp).encode() + raw, ec.ECDSA(hashes.SHA256()))
     return base64.b64encode(signature).decode()
+
+
+def post_sendgrid_events(
+    webhook_url: str,
+    events: Sequence[Mapping[str, Any]],
+    private_key: ec.EllipticCurvePrivateKey,
+    *,
+    batch_size: int = 1000,
+) -> list[dict[str, Any]]:
+    """POST ``events`` to an app's ``/webhooks/sendgrid`` in signed batches, as SendGrid's
+    Event Webhook does; the app's answer to each batch."""
+    import httpx  # a test dependency, like this module
+
+    answers = []
+    with httpx.Client(timeout=30) as client:
+        for start in range(0, len(events), batch_size):
+            body = json.dumps(list(events[start : start + batch_size])).encode()
+            stamp = str(int(time.time()))
+            headers = {
+                SENDGRID_SIGNATURE_HEADER: sign_sendgrid_event(private_key, body, stamp),
+                SENDGRID_TIMESTAMP_HEADER: stamp,
+                "Content-Type": "application/json",
+            }
+            response = client.post(webhook_url, content=body, headers=headers)
+            response.raise_for_status()
+            answers.append(response.json())
+    return answers
 
 
 def sign_twilio(auth_token: str, url: str, params: Mapping[str, str]) -> str:
