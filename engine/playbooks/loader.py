@@ -1201,12 +1201,54 @@ def load_rules(
 
     The support roster is ``roster_file`` when given, else ``support_roster.yaml`` in
     ``directory``.
+
+    The files are read more than once (the catalog and policies first, then each playbook),
+    so a marketer saving while the scheduler or the web app reloads could otherwise give
+    rules that mix old and new files under the new version. A load counts only when the
+    files hashed before it are the files hashed after it; otherwise it starts again.
     """
     directory = Path(directory)
-    problems: list[SourceProblem] = []
     if not directory.is_dir():
         raise RulesInvalid([SourceProblem(str(directory), 1, 1, "rules directory not found")])
     roster_path = Path(roster_file) if roster_file is not None else directory / ROSTER_FILE
+    for _ in range(CONSISTENT_READ_TRIES):
+        before = _fingerprint(directory, roster_path)
+        try:
+            rules = _load_once(directory, Path(templates_dir), roster_path, before)
+        except RulesInvalid:
+            if _fingerprint(directory, roster_path) == before:
+                raise
+            continue  # a half-saved file: read the finished one
+        if _fingerprint(directory, roster_path) == before:
+            return rules
+    raise RulesInvalid(
+        [
+            SourceProblem(
+                str(directory),
+                1,
+                1,
+                f"the rule files kept changing while being read ({CONSISTENT_READ_TRIES} tries);"
+                " load them again when the edit is saved",
+            )
+        ]
+    )
+
+
+CONSISTENT_READ_TRIES = 5
+
+
+def _fingerprint(directory: Path, roster_path: Path) -> str:
+    """The rules version: a digest of every rule file's name and bytes (and the roster's)."""
+    digest = hashlib.sha256()
+    if roster_path.is_file() and roster_path.parent.resolve() != directory.resolve():
+        digest.update(b"roster\0" + roster_path.read_bytes())
+    for path in sorted(directory.glob("*.yaml")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _load_once(directory: Path, templates_dir: Path, roster_path: Path, version: str) -> RuleSet:
+    problems: list[SourceProblem] = []
     catalog, _ = load_catalog(directory, problems)
     policies = load_policies(directory, problems)
     roster, roster_located = load_roster(roster_path, problems)
@@ -1217,13 +1259,9 @@ def load_rules(
     )
     playbooks: dict[str, Playbook] = {}
     seen: dict[str, str] = {}
-    digest = hashlib.sha256()
     files: dict[str, str] = {}
     escalating: list[tuple[Located, int, str, str]] = []
-    if roster_path.is_file() and roster_path.parent.resolve() != directory.resolve():
-        digest.update(b"roster\0" + roster_path.read_bytes())
     for path in sorted(directory.glob("*.yaml")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
         if path.name in RESERVED_FILES or path.resolve() == roster_path.resolve():
             continue
         located = _read(path, problems, _display(path))
@@ -1255,7 +1293,7 @@ def load_rules(
         playbooks=playbooks,
         catalog=catalog,
         policies=policies,
-        version=digest.hexdigest()[:12],
+        version=version,
         roster=roster,
         directory=str(directory),
         files=files,

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 from engine.errors import RulesInvalid
+from engine.playbooks import loader
 from engine.playbooks.loader import load_rules
 from engine.playbooks.model import enter_rule, exit_rule, goal_rule, step_rule
 from tests.support.edits import edit, line_col
-from tests.support.paths import FIXTURE_TEMPLATES
+from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = FIXTURE_TEMPLATES
@@ -309,3 +310,28 @@ def test_unreachable_steps_and_cycles_that_never_wait_are_refused(rules_copy: Pa
         f"{path}:17:9: step 'pick' is never reached from the first step",
         f"{path}:21:9: step 'await' is never reached from the first step",
     ]
+
+
+def test_a_file_saved_while_the_rules_load_is_read_whole_under_its_own_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catalog is read before the playbooks: a save in between once gave the old catalog
+    under the new version, so a reload said "version X" and still refused the new event."""
+    rules_dir = tmp_path / "rules"
+    shutil.copytree(FIXTURE_RULES, rules_dir)
+    catalog = rules_dir / "catalog.yaml"
+    saved = catalog.read_text().replace(
+        "events:\n", "events:\n  newsletter_clicked:\n    description: A click.\n"
+    )
+    policies = loader.load_policies
+
+    def save_midway(directory: Path, problems: list[object]) -> object:
+        if catalog.read_text() != saved:
+            catalog.write_text(saved)  # the marketer saves after the catalog was parsed
+        return policies(directory, problems)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loader, "load_policies", save_midway)
+    rules = load_rules(rules_dir, TEMPLATES)
+    monkeypatch.undo()
+    assert "newsletter_clicked" in rules.catalog.event_types
+    assert rules.version == load_rules(rules_dir, TEMPLATES).version
