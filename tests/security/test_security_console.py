@@ -272,6 +272,17 @@ def test_signed_in_staff_see_the_docs_with_the_console_headers(client: TestClien
     assert client.get("/openapi.json").status_code == 200
 
 
+def test_the_schema_is_served_with_the_console_headers(client: TestClient) -> None:
+    """Not only the page: the schema it reads (to staff and API-key holders) too."""
+    with_key = client.get("/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
+    sign_in(client)
+    for schema in (with_key, client.get("/openapi.json")):
+        assert schema.status_code == 200
+        assert schema.headers["x-content-type-options"] == "nosniff"
+        assert schema.headers["x-frame-options"] == "DENY"
+        assert schema.headers["content-security-policy"].startswith("default-src 'none'")
+
+
 def test_the_inline_script_of_the_docs_matches_its_csp_hash(client: TestClient) -> None:
     import base64
     import hashlib
