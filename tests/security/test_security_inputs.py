@@ -181,6 +181,41 @@ def test_control_characters_in_an_import_are_row_errors_and_the_rest_is_kept(
     assert report.created == 2
 
 
+# ── point 12: ids whose console page a browser cannot reach ─────────────────────────
+
+
+@pytest.mark.parametrize("customer_id", [".", "..", " .. "])
+def test_a_customer_id_a_browser_reads_as_a_path_step_is_refused(
+    client: TestClient, app: App, tmp_path: Path, now: datetime, customer_id: str
+) -> None:
+    """`/console/customers/..` is `/console/` to a browser (and so is `%2E%2E`): such a
+    customer's page could never be opened, so the id is refused at input."""
+    reason = (
+        "'..' cannot be a customer id: browsers read it as a step up in the console's "
+        "links, so the customer's page could not be opened"
+    ).replace("'..'", repr(customer_id.strip()))
+    response = client.post("/v1/customers", json={"id": customer_id}, headers=AUTH)
+    assert problems(response) == {("body", "id"): f"Value error, {reason}"}
+    path = tmp_path / "customers.jsonl"
+    path.write_text(json.dumps({"id": customer_id}) + "\n" + json.dumps({"id": "ok"}) + "\n")
+    report = import_customers(app.db, path, app.rules.catalog, now)
+    assert [str(e) for e in report.errors] == [f"{path}: row 1: id: {reason}"]
+    assert report.created == 1 and count(app, Customer) == 2  # ann and ok
+    # Nor can an event create one (LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS): refused the same way.
+    creating = web_app(
+        str(app.db.url.render_as_string(hide_password=False)),
+        tmp_path,
+        now,
+        api_key=API_KEY,
+        create_unknown_customers=True,
+    )
+    with TestClient(create_app(creating)) as other:
+        refused = other.post("/v1/events", json=event(customer_id=customer_id), headers=AUTH)
+    creating.db.dispose()
+    assert problems(refused) == {("body", "customer_id"): f"Value error, {reason}"}
+    assert count(app, Customer) == 2 and count(app, Event) == 0
+
+
 # ── point 8: bodies and properties are capped ───────────────────────────────────────
 
 
