@@ -354,6 +354,28 @@ def test_a_stray_quote_closed_rows_later_is_reported_and_the_swallowed_rows_read
     }
 
 
+@pytest.mark.parametrize("newline", ["\n", ""], ids=["newline", "no-newline"])
+def test_a_quote_left_open_in_the_last_row_is_reported_too(
+    app: App, tmp_path: Path, now: datetime, newline: str
+) -> None:
+    """With no line after it to swallow, the open quote still took the line break (and
+    anything up to the end of the file) into its cell: the row is refused all the same."""
+    import_customers(app.db, _customers_file(tmp_path), app.rules.catalog, now)
+    path = tmp_path / "events.csv"
+    path.write_text(
+        "id,customer_id,type,occurred_at,prop.reason\n"
+        "q-1,ann,complaint,2026-03-01T10:00:00Z,late\n"
+        f'q-2,ann,complaint,2026-03-01T10:00:00Z,"broken{newline}'
+    )
+    report = import_events(app.db, path, app.rules.catalog, now)
+    assert [str(e) for e in report.errors] == [
+        f"{path}: row 2: line 3: a quote opened in this row is never closed (it would take in "
+        "every line to the end of the file)"
+    ]
+    with Session(app.db) as session:
+        assert sorted(session.scalars(select(Event.id))) == ["q-1"]
+
+
 # ── point 10: access logs ───────────────────────────────────────────────────────────
 
 
