@@ -6,6 +6,8 @@ by the reference evaluator over the facts each test gives, as in a real tick.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -721,6 +723,29 @@ def test_split_shares_follow_the_weights_within_a_point_over_100000_ids(rules: R
         held += share_of(f"holdout:abtest:{customer}") < 0.10
     assert abs(counts["a"] / 100_000 - 0.5) < 0.01
     assert abs(held / 100_000 - 0.10) < 0.01
+
+
+def test_a_split_is_the_same_in_another_process_with_another_hash_seed() -> None:
+    """Workers are separate processes: the arm must not depend on Python's per-process
+    string hashing (PYTHONHASHSEED), only on the customer, playbook and step."""
+    from engine.journeys.plan import share_of
+
+    keys = [f"split:abtest:pick:customer-{n}" for n in range(200)]
+    here = [share_of(key) for key in keys]
+    code = (
+        "import json, sys; from engine.journeys.plan import share_of; "
+        "print(json.dumps([share_of(k) for k in json.load(sys.stdin)]))"
+    )
+    for seed in ("1", "4242"):
+        there = subprocess.run(
+            [sys.executable, "-c", code],
+            input=json.dumps(keys),
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert json.loads(there.stdout) == here
 
 
 def test_a_held_out_customer_is_enrolled_and_sent_nothing(
