@@ -14,15 +14,20 @@ from typing import Annotated
 import typer
 
 from engine.cli.common import (
+    NowOption,
     err,
     fail,
+    load_app,
+    moment_of,
     out,
+    print_json,
     read_settings,
 )
 from engine.cli.rules import rules_app
 from engine.errors import LifecycleError, PlaybookTestsInvalid, RulesInvalid
 from engine.playbooks.loader import load_rules
 from engine.playbooks.model import RuleSet
+from engine.playbooks.revisions import rules_at
 from engine.usecases.playbook_tests import (
     TESTS_DIR,
     TestOutcome,
@@ -31,6 +36,7 @@ from engine.usecases.playbook_tests import (
     scratch,
     test_files,
 )
+from engine.usecases.rules_diff import Movement, RulesDiff, rules_diff
 from engine.wording import plural
 
 
@@ -105,14 +111,18 @@ def _rules_dir_of(target: Path, default: Path) -> Path:
     return default
 
 
-def _load(directory: Path, templates: Path, roster: Path | None) -> RuleSet:
+def _load(
+    directory: Path, templates: Path, roster: Path | None, *, shown: str | None = None
+) -> RuleSet:
+    """The rules of ``directory``; exits 1 with every problem (``shown``: the name the
+    user gave them, for a revision's temporary copy)."""
     try:
         return load_rules(directory, templates, roster_file=roster)
     except RulesInvalid as exc:
         for problem in exc.problems:
             out.print(str(problem), markup=False, soft_wrap=True)
         err.print(
-            f"{plural(len(exc.problems), 'problem')} in the rules of {directory}: "
+            f"{plural(len(exc.problems), 'problem')} in the rules of {shown or directory}: "
             "run `lifecycle rules check` and fix them first",
             markup=False,
         )
@@ -135,3 +145,128 @@ def _print_outcome(outcome: TestOutcome) -> None:
                 markup=False,
                 soft_wrap=True,
             )
+
+
+@rules_app.command("diff")
+def rules_diff_command(
+    directory: Annotated[
+        Path | None,
+        typer.Argument(help="The proposed rules (default: LIFECYCLE_RULES_DIR)."),
+    ] = None,
+    against: Annotated[
+        str,
+        typer.Option(
+            help="The current rules: a directory, or a git revision of the rules directory "
+            "(HEAD: the last commit)."
+        ),
+    ] = "HEAD",
+    templates: Annotated[
+        Path | None, typer.Option(help="Templates directory (default: LIFECYCLE_TEMPLATES_DIR).")
+    ] = None,
+    samples: Annotated[int, typer.Option(min=0, help="Sample customer ids per line.")] = 5,
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+    now: NowOption = None,
+) -> None:
+    """What the proposed rules would change for the customers in the database: per
+    playbook and step who would newly enter and who no longer, the queued messages that
+    would be cancelled or change, and the active journeys a removed step strands.
+    Read-only."""
+    settings = read_settings()
+    proposed_dir = directory or settings.rules_dir
+    templates_dir = templates or settings.templates_dir
+    application = load_app(settings)
+    try:
+        proposed = _load(proposed_dir, templates_dir, settings.roster_file)
+        with rules_at(against, proposed_dir) as current_dir:
+            current = _load(current_dir, templates_dir, settings.roster_file, shown=against)
+        moment = moment_of(application, now)
+        report = rules_diff(
+            application.db,
+            current,
+            proposed,
+            moment,
+            batch_size=settings.batch_size,
+            engine=settings.engine,
+            samples=samples,
+        )
+    except LifecycleError as exc:
+        raise fail(str(exc)) from exc
+    finally:
+        application.db.dispose()
+    if json_output:
+        print_json({"proposed": str(proposed_dir), "against": against, **report.as_dict()})
+        return
+    _print_diff(report, str(proposed_dir), against)
+
+
+def _print_diff(report: RulesDiff, proposed: str, against: str) -> None:
+    say = _say
+    say(
+        f"rules diff: {proposed} (version {report.proposed_version}) against {against} "
+        f"(version {report.current_version}), at {report.at:%Y-%m-%d %H:%M} UTC"
+    )
+    say(
+        f"evaluated {plural(report.customers, 'customer')} and "
+        f"{plural(report.pending_events, 'pending event')} under both, "
+        f"{plural(report.queued_messages, 'queued message')}, "
+        f"{plural(report.active_enrollments, 'active enrollment')}"
+    )
+    unchanged = []
+    for pid, impact in sorted(report.playbooks.items()):
+        moved = [(f"step {step}", m) for step, m in impact.steps.items() if m.changed]
+        moved += [
+            (label, m)
+            for label, m in (("goal met", impact.goal), ("no longer eligible", impact.exit))
+            if m.changed
+        ]
+        if not impact.entry.changed and not moved and impact.change == "kept":
+            unchanged.append(pid)
+            continue
+        label = "" if impact.change == "kept" else f" ({impact.change})"
+        say(f"{pid}{label}: matched {_movement(impact.entry, impact.counted_in)}")
+        _samples(impact.entry, "  ")
+        for part, movement in moved:
+            counted = impact.counted_in if part.startswith("step") else "customers"
+            say(f"  {part}: {_movement(movement, counted)}")
+            _samples(movement, "    ")
+    if unchanged:
+        say(f"unchanged: {', '.join(unchanged)}")
+    for queued in report.queued:
+        say(
+            f"queued {queued.playbook}/{queued.step_id}: {plural(queued.count, 'message')} "
+            f"{queued.effect}: {queued.reason} (e.g. {', '.join(queued.samples)})"
+        )
+    for stranded in report.stranded:
+        where = (
+            f"playbook {stranded.playbook} is removed"
+            if stranded.removed == "playbook"
+            else f"step {stranded.playbook}/{stranded.step_id} is removed"
+        )
+        say(
+            f"stranded: {where}: {plural(stranded.count, 'active enrollment')} end (cancelled) "
+            f"at the next tick; {plural(stranded.queued, 'message')} they queued still go "
+            f"(e.g. {', '.join(stranded.samples)})"
+        )
+    if not report.queued:
+        say("queued messages: none change")
+    if not report.stranded:
+        say("stranded journeys: none")
+    say(f"{report.seconds:.1f}s; nothing was changed")
+
+
+def _say(line: str) -> None:
+    out.print(line, markup=False, soft_wrap=True)
+
+
+def _movement(movement: Movement, counted_in: str) -> str:
+    return (
+        f"{movement.current:,} → {movement.proposed:,} {counted_in} "
+        f"(+{movement.newly:,} newly, -{movement.no_longer:,} no longer)"
+    )
+
+
+def _samples(movement: Movement, indent: str) -> None:
+    if movement.newly_samples:
+        _say(f"{indent}newly:     {', '.join(movement.newly_samples)}")
+    if movement.no_longer_samples:
+        _say(f"{indent}no longer: {', '.join(movement.no_longer_samples)}")
