@@ -19,6 +19,7 @@ them to, not at the next hour.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import shutil
 import tempfile
@@ -105,7 +106,7 @@ class CaseSpec(_Strict):
 
 
 class TestFileSpec(_Strict):
-    cases: list[CaseSpec]
+    cases: list[Any]  # each validated as a CaseSpec on its own: every case's mistakes
 
 
 # ---------------------------------------------------------------- compiled cases
@@ -182,14 +183,67 @@ def load_tests(files: Sequence[Path], rules: RuleSet) -> list[PlaybookTest]:
         if spec is not None:
             if not spec.cases:
                 located.problems.append(located.at(("cases",), "cases: write at least one case"))
-            for index, case in enumerate(spec.cases):
-                test = _compile(located, index, case, rules)
+            for index, data in enumerate(spec.cases):
+                case = _case_spec(located, index, data)
+                test = _compile(located, index, case, rules) if case is not None else None
                 if test is not None:
                     tests.append(test)
         problems.extend(located.problems)
     if problems:
         raise PlaybookTestsInvalid(problems)
     return tests
+
+
+def _case_spec(located: Located, index: int, data: Any) -> CaseSpec | None:
+    """The case's shape, its errors at their positions. Unknown keys are reported and
+    left out, so the rest of the case is still checked (as the rules loader does)."""
+    where = ("cases", index)
+    try:
+        return CaseSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors()
+    for error in errors:
+        loc = (*where, *error["loc"])
+        label = ".".join(str(part) for part in error["loc"])
+        if error["type"] == "extra_forbidden":
+            model = _model_of(error["loc"][:-1])
+            allowed = ", ".join(model.model_fields) if model else ""
+            hint = _did_you_mean(str(error["loc"][-1]), list(model.model_fields) if model else [])
+            message = f"unknown key {str(error['loc'][-1])!r}{hint}; allowed: {allowed}"
+            located.problems.append(located.at(loc, message, key=True))
+        elif error["type"] == "missing":
+            located.problems.append(located.at(loc[:-1], f"missing required key {label!r}"))
+        else:
+            located.problems.append(located.at(loc, f"{label}: {error['msg']}"))
+    if all(error["type"] == "extra_forbidden" for error in errors) and isinstance(data, dict):
+        cleaned = copy.deepcopy(data)
+        for error in errors:
+            _drop(cleaned, tuple(error["loc"]))
+        try:
+            return CaseSpec.model_validate(cleaned)
+        except ValidationError:
+            return None
+    return None
+
+
+def _model_of(where: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The part of a case at ``where`` (for the keys a did-you-mean offers)."""
+    models: dict[str, type[BaseModel]] = {
+        "history": EventSpec,
+        "events": EventSpec,
+        "expect": ExpectSpec,
+        "never": NeverSpec,
+    }
+    named = [part for part in where if isinstance(part, str)]
+    if not named:
+        return CaseSpec
+    return models.get(named[0]) if len(named) == 1 else None
+
+
+def _drop(data: Any, where: tuple[Any, ...]) -> None:
+    for part in where[:-1]:
+        data = data[part]
+    data.pop(where[-1], None)
 
 
 def _compile(located: Located, index: int, case: CaseSpec, rules: RuleSet) -> PlaybookTest | None:
@@ -303,8 +357,11 @@ def _customer(
             name = ".".join(str(part) for part in error["loc"])
             if error["type"] == "extra_forbidden":
                 allowed = ", ".join(CustomerIn.model_fields)
+                hint = _did_you_mean(name, list(CustomerIn.model_fields))
                 located.problems.append(
-                    located.at(loc, f"customer: unknown key {name!r}; allowed: {allowed}", key=True)
+                    located.at(
+                        loc, f"customer: unknown key {name!r}{hint}; allowed: {allowed}", key=True
+                    )
                 )
             else:
                 located.problems.append(located.at(loc, f"customer.{name}: {error['msg']}"))
@@ -336,27 +393,23 @@ def _event(
     rules: RuleSet,
     case_index: int,
 ) -> TestEvent | None:
-    at: datetime | None
+    at: datetime | None = None
     if isinstance(spec.at, str) and spec.at.strip().startswith("+"):
         try:
             delta = parse_duration(spec.at.strip()[1:])
         except DurationError as exc:
             located.problems.append(located.at((*where, "at"), str(exc)))
-            return None
-        if start is None:
-            return None  # the start's own problem is reported
-        at = start + delta
+        else:
+            at = start + delta if start is not None else None  # the start's problem is told
     else:
         at = _moment(located, (*where, "at"), spec.at)
-        if at is None:
-            return None
     event_id = spec.id or f"test-{case_index}-{'-'.join(str(p) for p in where[2:])}"
     try:
         event = EventIn(
             id=event_id,
             customer_id=DEFAULT_CUSTOMER,
             type=spec.type,
-            occurred_at=at,
+            occurred_at=at or datetime(2000, 1, 1, tzinfo=UTC),  # checked even when at is not
             properties=spec.properties,
         )
     except ValidationError as exc:
@@ -368,7 +421,7 @@ def _event(
     for problem in problems:
         name = problem.split(":", 1)[0]
         located.problems.append(located.at((*where, *name.split(".")), problem))
-    if problems:
+    if problems or at is None:
         return None
     return TestEvent(at=at, type=spec.type, properties=dict(spec.properties), id=event_id)
 
