@@ -41,3 +41,29 @@ def test_the_shipped_playbook_tests_pass(tmp_path: Path) -> None:
     assert "FAIL" not in result.stdout
     assert " in 5 files: " in result.stdout and " passed, 0 failed" in result.stdout
     assert not (tmp_path / "never.db").exists()
+
+
+def test_the_readme_example_case_passes(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = readme.index("```yaml\n# rules/tests/loyalty_reward.yaml\n") + len("```yaml\n")
+    example = tmp_path / "example.yaml"
+    example.write_text(readme[start : readme.index("```", start)])
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from engine.cli import app; app()",
+            "rules",
+            "test",
+            str(example),
+            "--rules",
+            str(SHIPPED_RULES),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin", "COLUMNS": "300"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 case in 1 file: 1 passed, 0 failed" in result.stdout
