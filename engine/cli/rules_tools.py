@@ -168,9 +168,9 @@ def rules_diff_command(
     now: NowOption = None,
 ) -> None:
     """What the proposed rules would change for the customers in the database: per
-    playbook and step who would newly enter and who no longer, the queued messages that
-    would be cancelled or change, and the active journeys a removed step strands.
-    Read-only."""
+    playbook and step who would newly match (as `evaluate` counts) and who no longer, the
+    queued messages that would be cancelled or change, and the active journeys a removed
+    step strands. Read-only."""
     settings = read_settings()
     proposed_dir = directory or settings.rules_dir
     templates_dir = templates or settings.templates_dir

@@ -259,3 +259,16 @@ def test_the_tests_directory_is_not_read_as_playbooks(project: Path) -> None:
     code, output = cli("rules", "check", "--no-database")
     assert code == 0, output
     assert "5 playbooks ok" in output
+
+
+def test_rules_with_problems_are_reported_before_any_case_runs(project: Path) -> None:
+    (project / "rules" / "tests" / "loyalty.yaml").write_text(
+        LOYAL.format(sms="true", sms_at="2026-03-04 08:00")
+    )
+    path = project / "rules" / "loyalty_reward.yaml"
+    path.write_text(path.read_text().replace("orders_count >= 5", "order_count >= 5"))
+    code, output = cli("rules", "test")
+    assert code == 1
+    assert f"{path}:7:" in output and "did you mean 'orders_count'?" in output
+    assert "run `lifecycle rules check` and fix them first" in output
+    assert "FAIL" not in output and "ok " not in output
