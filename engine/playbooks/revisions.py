@@ -47,11 +47,26 @@ def rules_at(against: str, rules_dir: Path) -> Iterator[Path]:
         )
     workdir = Path(tempfile.mkdtemp(prefix="lifecycle-rules-"))
     try:
-        with tarfile.open(fileobj=io.BytesIO(archive.stdout), mode="r:") as tar:
-            tar.extractall(workdir, filter="data")
+        _extract(archive.stdout, workdir)
         yield workdir / inside
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _extract(archive: bytes, workdir: Path) -> None:
+    """The regular files of a tar archive into ``workdir``, none outside it (written one
+    by one: tarfile's extraction filters need Python 3.11.4 or later)."""
+    root = workdir.resolve()
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:") as tar:
+        for member in tar.getmembers():
+            target = (workdir / member.name).resolve()
+            if not member.isfile() or not target.is_relative_to(root):
+                continue  # directories are made below; links and odd paths are not rules
+            source = tar.extractfile(member)
+            if source is None:
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read())
 
 
 def _toplevel(against: str, rules_dir: Path) -> Path:
