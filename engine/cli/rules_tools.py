@@ -244,7 +244,7 @@ def _print_diff(report: RulesDiff, proposed: str, against: str) -> None:
         )
         say(
             f"stranded: {where}: {plural(stranded.count, 'active enrollment')} end (cancelled) "
-            f"at the next tick; {plural(stranded.queued, 'message')} they queued still go "
+            f"at the next tick, and {plural(stranded.queued, 'queued message')} with them "
             f"(e.g. {', '.join(stranded.samples)})"
         )
     if not report.queued:

@@ -14,7 +14,7 @@ the fact catalogs differ), and compares, subject by subject, what each version m
   send time fails with the playbook's new topic), no longer cancelled, or changed (the
   step now sends another template or channel; a queued message goes as it was queued);
 - the active enrollments that a removed playbook or step strands: the next tick ends
-  them (cancelled), and what they already queued still goes.
+  them (cancelled) and cancels what they still have queued.
 
 Read-only: it reads in read transactions, and decides with the same pure functions the
 planner uses (engine.journeys.plan.resolve_step, engine.journeys.policies.consent); no
@@ -142,7 +142,7 @@ class StrandedImpact:
     step_id: str | None
     removed: str  # playbook | step
     count: int = 0
-    queued: int = 0  # messages they already queued, which still go
+    queued: int = 0  # messages they still have queued, cancelled with them
     samples: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -201,11 +201,12 @@ class QueuedRow:
     priority: int
     enrollment_id: int | None
     journey_active: bool
+    journey_step: str | None = None  # the step the journey waits at (None: completing)
 
 
 _QUEUED = text(
     "SELECT m.id, m.customer_id, m.playbook, m.step_id, m.channel, m.template, m.kind, "
-    "m.priority, m.enrollment_id, e.status AS journey "
+    "m.priority, m.enrollment_id, e.status AS journey, e.step_id AS journey_step "
     "FROM messages m LEFT JOIN enrollments e ON e.id = m.enrollment_id "
     "WHERE m.status = 'queued' AND m.kind != 'staff' AND m.customer_id IS NOT NULL"
 )
@@ -231,6 +232,7 @@ def _queued_rows(db: Engine) -> dict[str, list[QueuedRow]]:
                     row.priority,
                     row.enrollment_id,
                     row.journey == "active",
+                    row.journey_step,
                 )
             )
     return found
@@ -263,9 +265,13 @@ def cancelled_by(
 ) -> str | None:
     """Why the next tick or dispatch under ``rules`` would cancel a queued message, or
     None when it goes. The planner cancels what a journey queued when its goal or exit
-    holds; dispatch re-checks consent with the playbook's topic in force. A journey
-    stranded by a removed playbook or step ends without cancelling what it queued."""
+    holds, or when the journey is stranded by a removed playbook or step; dispatch
+    re-checks consent with the playbook's topic in force."""
     playbook = rules.playbooks.get(message.playbook)
+    if message.journey_active and message.enrollment_id is not None:
+        removed = stranding(rules, message.playbook, message.journey_step)
+        if removed is not None:
+            return f"the journey is cancelled (its {removed} was removed)"
     if playbook is not None and message.journey_active:
         if playbook.goal is not None and goal_rule(playbook.id) in fired:
             return f"the journey converts (goal reached: {playbook.goal.source})"

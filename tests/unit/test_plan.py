@@ -560,16 +560,21 @@ def test_a_journey_on_a_removed_playbook_or_step_is_cancelled(
     rules: RuleSet, evaluator: ReferenceEvaluator
 ) -> None:
     gone = snapshot(active={"retired": journey("retired", "x", NOW + timedelta(days=1))})
-    (move,) = only(plan(gone, [sweep(evaluator)], rules, NOW).effects(), Move)
+    removed = list(plan(gone, [sweep(evaluator)], rules, NOW).effects())
+    (move,) = only(removed, Move)
     assert (move.state.status, move.state.end_reason) == (
         EnrollmentStatus.CANCELLED,
         "the playbook was removed",
     )
+    # what the journey still had queued goes with it, not out to the customer
+    (cancel,) = only(removed, CancelQueued)
+    assert cancel.reason == "journey cancelled: the playbook was removed"
     renamed = snapshot(active={"greet": journey("greet", "old_tips", NOW + timedelta(days=1))})
     result = plan(renamed, [sweep(evaluator, orders_count=0)], rules, NOW)
     (move,) = only(result.effects(), Move)
     assert move.state.end_reason == "its next step 'old_tips' is no longer in the playbook"
     assert outcomes(result) == [("greet", None, "cancelled")]
+    assert len(only(result.effects(), CancelQueued)) == 1
 
 
 def test_a_step_kept_by_position_in_the_first_schema_resolves_to_its_id(

@@ -97,9 +97,16 @@ def test_consent_at_send_time_follows_the_topic_of_the_rules(current: RuleSet) -
         version="x",
         roster=current.roster,
     )
-    # The playbook is gone: its journey is stranded, and the message goes without a topic.
-    assert cancelled_by(removed, message, frozenset(), left) is None
+    # The playbook is gone: its journey is cancelled, and the message with it.
+    assert cancelled_by(removed, message, frozenset(), left) == (
+        "the journey is cancelled (its playbook was removed)"
+    )
     assert stranding(removed, "referral_ask", "reminder") == "playbook"
+    # A message of no journey (a case's apology, say) goes without a topic.
+    orphan = QueuedRow(
+        "m2", "c1", "referral_ask", "ask", "email", "t", "marketing", 50, None, False
+    )
+    assert cancelled_by(removed, orphan, frozenset(), left) is None
 
 
 def test_a_removed_step_strands_the_journeys_waiting_for_it(tmp_path: Path) -> None:
