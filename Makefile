@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
 
-.PHONY: demo run test test-fast crash-test bench soak experiment lint clean venv browser readme
+.PHONY: demo run test test-fast crash-test bench bench-rules-diff soak experiment lint clean venv browser readme
 
 $(BIN)/python:
 	@test -n "$(PYVER)" || { echo "Python 3.11 or later is required (PYTHON=$(PYTHON) does not run)"; exit 1; }
@@ -70,6 +70,11 @@ CUSTOMERS ?= 1000000
 DATABASES ?= sqlite,postgres
 bench: venv
 	BENCH_CUSTOMERS=$(CUSTOMERS) BENCH_DATABASES=$(DATABASES) $(BIN)/python -m bench
+
+# `lifecycle rules diff` on 100,000 seeded customers with a changed threshold, timed
+# (make bench-rules-diff CUSTOMERS=1000000 DATABASES=sqlite,postgres for more).
+bench-rules-diff: venv
+	BENCH_CUSTOMERS=$(if $(filter command line,$(origin CUSTOMERS)),$(CUSTOMERS),100000) BENCH_DATABASES=$(if $(filter command line,$(origin DATABASES)),$(DATABASES),sqlite) $(BIN)/python -m bench.rules_diff
 
 # Ten million evaluations through durable_rules in worker processes (a few minutes).
 soak: venv

@@ -6,6 +6,8 @@ the text to a person and act on the parts.
     LifecycleError
     ├── SourceProblem              (not raised: one located mistake, ``path:line:col: message``)
     ├── RulesInvalid               rule files or the fact catalog have mistakes (all of them)
+    ├── PlaybookTestsInvalid       playbook test files (rules/tests/*.yaml) have mistakes (all)
+    ├── RulesRevisionError         `rules diff --against` names no rules directory or revision
     ├── ConditionError             a condition expression cannot be parsed or type-checked
     │   └── ConditionSyntaxError   every syntax mistake of one condition
     ├── DurationError              "2x" is not a duration
@@ -74,6 +76,27 @@ class RulesInvalid(LifecycleError):
         count = len(self.problems)
         lines = "\n".join(str(p) for p in self.problems)
         super().__init__(f"{count} problem{'s' if count != 1 else ''} in the rules:\n{lines}")
+
+
+class PlaybookTestsInvalid(LifecycleError):
+    """Raised by the playbook test loader (engine.usecases.playbook_tests) with every
+    mistake of the test files, each at its ``path:line:col``."""
+
+    def __init__(self, problems: list[SourceProblem]) -> None:
+        self.problems = sorted(problems)
+        count = len(self.problems)
+        lines = "\n".join(str(p) for p in self.problems)
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in the test files:\n{lines}")
+
+
+class RulesRevisionError(LifecycleError):
+    """`lifecycle rules diff --against X`: X is neither a rules directory nor a git
+    revision that has the rules directory (``reason`` says which part failed)."""
+
+    def __init__(self, against: str, reason: str) -> None:
+        self.against = against
+        self.reason = reason
+        super().__init__(f"cannot read the rules of {against!r}: {reason}")
 
 
 class ConditionError(LifecycleError):

@@ -15,6 +15,7 @@ from engine.cli import (  # noqa: F401
     messages,
     report,
     rules,
+    rules_tools,
     running,
     staff,
 )

@@ -159,7 +159,7 @@ class Move:
 
 @dataclass(frozen=True, slots=True)
 class CancelQueued:
-    """Cancel what the enrollment still has queued (it exited or converted)."""
+    """Cancel what the enrollment still has queued (it exited, converted or was cancelled)."""
 
     enrollment: Ref
     customer_id: str

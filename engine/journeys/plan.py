@@ -601,14 +601,13 @@ class _CustomerPlanner:
         playbook = working.playbook
         facts = self.sweep.subject.facts if self.sweep is not None else {}
         if playbook is None:
-            self._end(working, EnrollmentStatus.CANCELLED, "the playbook was removed", facts)
+            self._cancel(working, "the playbook was removed", facts)
             return
         step_id = resolve_step(playbook, working.state.step_id)
         if step_id != working.state.step_id:
             working.state.step_id = step_id
         if step_id is not None and playbook.step(step_id) is None:
-            reason = f"its next step {step_id!r} is no longer in the playbook"
-            self._end(working, EnrollmentStatus.CANCELLED, reason, facts)
+            self._cancel(working, f"its next step {step_id!r} is no longer in the playbook", facts)
             return
         if self.sweep is None:
             return  # no current facts for this customer in this batch: steps wait
@@ -623,6 +622,17 @@ class _CustomerPlanner:
             )
             return
         self._run_due(working, facts, fired)
+
+    def _cancel(self, working: _Working, why: str, facts: Mapping[str, Any]) -> None:
+        """A journey the rules no longer describe ends, and what it still has queued (a
+        message held by the send window, say) is cancelled with it: a marketer who removes
+        a playbook or a step does not expect its mail to keep going out."""
+        self.effects.append(
+            CancelQueued(
+                working.ref, self.customer_id, f"journey {EnrollmentStatus.CANCELLED}: {why}"
+            )
+        )
+        self._end(working, EnrollmentStatus.CANCELLED, why, facts)
 
     def _finish_early(
         self,

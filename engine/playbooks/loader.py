@@ -117,6 +117,13 @@ def _validate(located: Located, model: type[BaseModel]) -> Any:
     return None
 
 
+def validate_shape(located: Located, model: type[BaseModel]) -> Any:
+    """The model of ``located``, its shape errors added to ``located.problems`` at their
+    positions (None when it does not fit): for other YAML files marketers write, like
+    the playbook tests."""
+    return _validate(located, model)
+
+
 def _remove(data: Any, where: tuple[Any, ...]) -> None:
     for part in where[:-1]:
         data = data[part]

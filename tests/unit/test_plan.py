@@ -6,6 +6,8 @@ by the reference evaluator over the facts each test gives, as in a real tick.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -558,16 +560,21 @@ def test_a_journey_on_a_removed_playbook_or_step_is_cancelled(
     rules: RuleSet, evaluator: ReferenceEvaluator
 ) -> None:
     gone = snapshot(active={"retired": journey("retired", "x", NOW + timedelta(days=1))})
-    (move,) = only(plan(gone, [sweep(evaluator)], rules, NOW).effects(), Move)
+    removed = list(plan(gone, [sweep(evaluator)], rules, NOW).effects())
+    (move,) = only(removed, Move)
     assert (move.state.status, move.state.end_reason) == (
         EnrollmentStatus.CANCELLED,
         "the playbook was removed",
     )
+    # what the journey still had queued goes with it, not out to the customer
+    (cancel,) = only(removed, CancelQueued)
+    assert cancel.reason == "journey cancelled: the playbook was removed"
     renamed = snapshot(active={"greet": journey("greet", "old_tips", NOW + timedelta(days=1))})
     result = plan(renamed, [sweep(evaluator, orders_count=0)], rules, NOW)
     (move,) = only(result.effects(), Move)
     assert move.state.end_reason == "its next step 'old_tips' is no longer in the playbook"
     assert outcomes(result) == [("greet", None, "cancelled")]
+    assert len(only(result.effects(), CancelQueued)) == 1
 
 
 def test_a_step_kept_by_position_in_the_first_schema_resolves_to_its_id(
@@ -721,6 +728,29 @@ def test_split_shares_follow_the_weights_within_a_point_over_100000_ids(rules: R
         held += share_of(f"holdout:abtest:{customer}") < 0.10
     assert abs(counts["a"] / 100_000 - 0.5) < 0.01
     assert abs(held / 100_000 - 0.10) < 0.01
+
+
+def test_a_split_is_the_same_in_another_process_with_another_hash_seed() -> None:
+    """Workers are separate processes: the arm must not depend on Python's per-process
+    string hashing (PYTHONHASHSEED), only on the customer, playbook and step."""
+    from engine.journeys.plan import share_of
+
+    keys = [f"split:abtest:pick:customer-{n}" for n in range(200)]
+    here = [share_of(key) for key in keys]
+    code = (
+        "import json, sys; from engine.journeys.plan import share_of; "
+        "print(json.dumps([share_of(k) for k in json.load(sys.stdin)]))"
+    )
+    for seed in ("1", "4242"):
+        there = subprocess.run(
+            [sys.executable, "-c", code],
+            input=json.dumps(keys),
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        )
+        assert json.loads(there.stdout) == here
 
 
 def test_a_held_out_customer_is_enrolled_and_sent_nothing(
