@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import typer
@@ -48,7 +48,21 @@ def parse_moment(text: str) -> datetime:
             markup=False,
             soft_wrap=True,
         )
-    return as_utc(moment)
+    try:
+        utc = as_utc(moment)
+    except OverflowError:
+        utc = None  # 0001-01-01T00:00+05:00: a moment UTC cannot hold
+    if utc is None or not MOMENT_RANGE[0] <= utc < MOMENT_RANGE[1]:
+        raise typer.BadParameter(
+            f"{text.strip()} is out of range: give a moment from {MOMENT_RANGE[0].year} "
+            f"to {MOMENT_RANGE[1].year - 1} (UTC)"
+        )
+    return utc
+
+
+# The moments a command may pretend it is: far from the ends of what datetime holds, so
+# that the engine's look-backs, waits and a simulation's days never step past them.
+MOMENT_RANGE = (datetime(1900, 1, 1, tzinfo=UTC), datetime(9000, 1, 1, tzinfo=UTC))
 
 
 NowOption = Annotated[

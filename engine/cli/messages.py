@@ -67,6 +67,10 @@ def _older_than(application: App, older_than: str | None, now: datetime | None) 
         return moment_of(application, now) - parse_duration(older_than)
     except LifecycleError as exc:
         raise fail(f"--older-than: {exc}") from exc
+    except OverflowError:
+        raise fail(
+            f"--older-than: {older_than} is out of range: it reaches before year 1"
+        ) from None
 
 
 OlderThanOption = Annotated[

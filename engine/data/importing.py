@@ -389,7 +389,10 @@ def _csv_body(
             if not any(cell.strip() for cell in cells):
                 continue  # a blank line is not a row
             number += 1
-            if len(lines.row) > 1 and (problem := _open_quote(lines, len(cells), len(layout))):
+            # hit_end: csv asked for a line after the last one, i.e. a quote was still
+            # open there (so even a last row of one line took in its line break).
+            several = len(lines.row) > 1 or lines.hit_end
+            if several and (problem := _open_quote(lines, len(cells), len(layout))):
                 lines.read_again_after_first()
                 yield _Row(number, line, None, (problem,))
                 continue

@@ -89,6 +89,11 @@ class CustomerIn(BaseModel):
     def _text(cls, value: Any) -> Any:
         return _no_control(value)
 
+    @field_validator("id")
+    @classmethod
+    def _id(cls, value: str) -> str:
+        return _not_a_path_step(value)
+
     @field_validator("attributes", mode="before")
     @classmethod
     def _attributes(cls, value: Any) -> Any:
@@ -142,6 +147,11 @@ class EventIn(BaseModel):
     def _text(cls, value: Any) -> Any:
         return _no_control(value)
 
+    @field_validator("customer_id")
+    @classmethod
+    def _customer_id(cls, value: str) -> str:
+        return _not_a_path_step(value)  # an unknown id may create the customer
+
     @field_validator("properties", mode="before")
     @classmethod
     def _properties(cls, value: Any) -> Any:
@@ -187,6 +197,18 @@ def _no_control(value: Any) -> Any:
                 f"must not contain control characters: {_char_name(char)} at character {position}"
             )
     return value
+
+
+def _not_a_path_step(customer_id: str) -> str:
+    """Ids may hold ``/`` (console links encode it), but ``.`` and ``..`` are dot segments:
+    a browser turns ``/console/customers/..`` (``%2E%2E`` too) into ``/console/``, so the
+    customer's page could never be opened."""
+    if customer_id in {".", ".."}:
+        raise ValueError(
+            f"{customer_id!r} cannot be a customer id: browsers read it as a step up in the "
+            "console's links, so the customer's page could not be opened"
+        )
+    return customer_id
 
 
 def _char_name(char: str) -> str:

@@ -67,6 +67,7 @@ __all__ = [
     "create_ruleset",
     "durable_unavailable",
     "make_evaluator",
+    "network_problem",
 ]
 
 ENGINES = ("durable", "reference")
@@ -296,6 +297,15 @@ class RuleBundle:
             name: {"all": [{"m": to_durable(self.conditions[self.rules[name][0]])}]}
             for name in (self.rules if names is None else names)
         }
+
+
+def network_problem(condition: Condition) -> str | None:
+    """Why durable_rules could not take ``condition`` even as its only rule (the limits of
+    its network, see ``_Network``), or None. The loader reports it where the condition is
+    written; otherwise `rules check` passes it and every tick stops at ``partitions``."""
+    if condition.constant is not None:
+        return None  # constant conditions never reach durable_rules
+    return _alone(condition.tree)
 
 
 def _alone(tree: Node) -> str | None:

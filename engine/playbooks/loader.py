@@ -41,6 +41,7 @@ from engine.errors import (
     SourceProblem,
     TemplateError,
 )
+from engine.evaluation.evaluators import network_problem
 from engine.language import conditions
 from engine.language.catalog import (
     EVENT_PROPERTY_PREFIX,
@@ -479,6 +480,12 @@ class _ConditionChecker:
                         "use it in enter.when",
                     )
                     return None
+        # Checked whichever evaluator runs: the reference one stands in for durable_rules,
+        # so rules that pass here must be rules either can take.
+        too_wide = network_problem(condition)
+        if too_wide is not None:
+            self._report(where, 0, f"durable_rules cannot take this condition: {too_wide}")
+            return None
         return condition
 
     def _report(self, where: tuple[Any, ...], offset: int, message: str) -> None:

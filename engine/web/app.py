@@ -87,8 +87,9 @@ WEBHOOK_BODY = webhooks.MAX_BODY  # SendGrid posts batches of events
 
 
 class SecurityHeaders:
-    """PAGE_HEADERS on console and unsubscribe pages, the docs' own on /docs, and HSTS on
-    every response when the public URL is https (plain ASGI: bodies stream)."""
+    """PAGE_HEADERS on console and unsubscribe pages and on the schema, the docs' own on
+    /docs, and HSTS on every response when the public URL is https (plain ASGI: bodies
+    stream)."""
 
     def __init__(self, app: ASGIApp, *, hsts: bool, docs_headers: dict[str, str]) -> None:
         self.app = app
@@ -97,7 +98,7 @@ class SecurityHeaders:
 
     def _headers_for(self, path: str) -> dict[str, str]:
         headers: dict[str, str] = {}
-        if path.startswith(PAGE_PREFIXES):
+        if path.startswith(PAGE_PREFIXES) or path == "/openapi.json":
             headers.update(PAGE_HEADERS)
         elif path == "/docs" or path.startswith(DOCS_ASSETS_URL + "/"):
             headers.update(self.docs_headers)

@@ -299,3 +299,32 @@ def test_messages_retry_takes_several_ids_unique_prefixes_and_a_status_filter(en
     assert code == 1 and "give message ids, or --status (with --older-than), not both" in output
     code, output = cli("messages", "retry", "--status", "sent")
     assert code == 1 and "unknown status to retry 'sent'; use one of: ambiguous, failed" in output
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["tick", "--now", "0001-01-01T00:00:00+05:00"], "'--now': 0001-01-01T00:00:00+05:00"),
+        (["evaluate", "--now", "9999-12-31T23:59:59-05:00"], "'--now': 9999-12-31T23:59:59-05:00"),
+        (["tick", "--now", "0001-01-01T00:00:00Z"], "'--now': 0001-01-01T00:00:00Z"),
+        (
+            ["simulate", "--days", "2", "--start", "9999-12-30T00:00:00Z"],
+            "'--start': 9999-12-30T00:00:00Z",
+        ),
+        (
+            ["messages", "list", "--status", "ambiguous", "--older-than", "999999999d"],
+            "--older-than: 999999999d",
+        ),
+    ],
+    ids=["year-1-offset", "9999-offset", "year-1", "simulate-9999", "older-than"],
+)
+def test_moments_out_of_range_on_the_command_line_are_errors_not_tracebacks(
+    env: Path, args: list[str], said: str
+) -> None:
+    """The out-of-range moments of issue 10 point 6, typed at a terminal: once an
+    OverflowError traceback from deep in the engine; now the option is named, exit 1 or 2."""
+    cli("init")
+    result = runner.invoke(app, args)
+    assert result.exit_code in (1, 2), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert said in result.output and "out of range" in result.output, result.output

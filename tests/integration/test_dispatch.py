@@ -653,6 +653,32 @@ def test_a_webhook_that_lands_before_the_record_is_never_overwritten_by_sent(
     assert outcomes == ["sent"]
 
 
+def test_an_outcome_is_not_recorded_once_another_dispatcher_holds_the_claim(
+    app: App, fake: FakeProvider
+) -> None:
+    """The other guard of point 8: the claim. While this dispatcher's call was in flight,
+    its lease ran out and another dispatcher claimed the row again (after settlement found
+    nothing at the provider yet and requeued it). The late answer must not overwrite the
+    new claim's row; the new claim records its own outcome."""
+    message_id = sms_to_ann(app)
+
+    def taken_over(ids: list[str]) -> None:
+        with Session(app.db) as session:
+            session.execute(
+                update(Message)
+                .where(col(Message.id) == message_id)
+                .values(claimed_by="another-dispatcher", claim_token="another-claim")
+            )
+            session.commit()
+
+    report = run(dispatcher(app, hooks={"sent": taken_over}), NOW)
+    assert (report.sent, report.claims_lost) == ({}, 1)
+    stored = message(app, message_id)
+    assert stored.status == MessageStatus.SENDING  # still the other dispatcher's to record
+    assert (stored.claim_token, stored.provider_id, stored.sent_at) == ("another-claim", None, None)
+    assert decisions_of(app, message_id) == []
+
+
 # ── point 9: leases on one clock ────────────────────────────────────────────────────
 
 

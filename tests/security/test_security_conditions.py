@@ -78,3 +78,30 @@ def test_init_refuses_deep_nesting_without_a_traceback(
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert f"nested too deeply (at most {conditions.MAX_DEPTH} levels)" in result.output
     assert str(path) in result.output
+
+
+# A condition as wide as this passed `rules check` and `init`, then every `tick` (and
+# `run`, `serve`) stopped with a RuleEngineError traceback: durable_rules' network cannot
+# hang 600 different tests from one node. It is refused where it is written instead.
+WIDE = " or ".join(f"orders_count >= {i}" for i in range(600))
+
+
+def test_rules_check_refuses_a_condition_too_wide_for_durable_rules_at_its_place(
+    tmp_path: Path,
+) -> None:
+    rules = tmp_path / "rules"
+    shutil.copytree(FIXTURE_RULES, rules)
+    path = rules / "welcome_series.yaml"
+    path.write_text(path.read_text().replace("when: email_opt_in", f"when: {WIDE}", 1))
+    (line,) = [
+        number for number, text in enumerate(path.read_text().splitlines(), start=1) if WIDE in text
+    ]
+    column = path.read_text().splitlines()[line - 1].index(WIDE) + 1
+    result = rules_check(rules, FIXTURE_TEMPLATES)
+    assert result.returncode == 1, result.stdout
+    assert (
+        f"{path}:{line}:{column}: durable_rules cannot take this condition: 600 different "
+        "tests hang from one node of its network (at most 480; durable_rules loops forever "
+        "at 512): shorten the longest 'in' lists"
+    ) in result.stdout.splitlines(), result.stdout
+    assert "Traceback" not in result.stderr + result.stdout

@@ -5,7 +5,9 @@ HTTP app and the real CLI, on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -272,6 +274,17 @@ def test_signed_in_staff_see_the_docs_with_the_console_headers(client: TestClien
     assert client.get("/openapi.json").status_code == 200
 
 
+def test_the_schema_is_served_with_the_console_headers(client: TestClient) -> None:
+    """Not only the page: the schema it reads (to staff and API-key holders) too."""
+    with_key = client.get("/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"})
+    sign_in(client)
+    for schema in (with_key, client.get("/openapi.json")):
+        assert schema.status_code == 200
+        assert schema.headers["x-content-type-options"] == "nosniff"
+        assert schema.headers["x-frame-options"] == "DENY"
+        assert schema.headers["content-security-policy"].startswith("default-src 'none'")
+
+
 def test_the_inline_script_of_the_docs_matches_its_csp_hash(client: TestClient) -> None:
     import base64
     import hashlib
@@ -301,6 +314,40 @@ def test_docs_can_be_made_public_and_https_adds_hsts(
 
 def test_plain_http_has_no_hsts(client: TestClient) -> None:
     assert "strict-transport-security" not in client.get("/console/login").headers
+
+
+def test_a_password_check_in_progress_holds_up_no_other_request(app: App) -> None:
+    """The PBKDF2 flood once slowed /healthz from 5 to 219 ms: the check runs in its own
+    pool, so while one is in progress (held here until the other requests have answered)
+    health checks and console pages are answered; in the event loop they would wait."""
+    http_app = create_app(app)
+    staff = http_app.state.web.staff
+    checking, release = threading.Event(), threading.Event()
+    real = staff.authenticate
+
+    def held(name: str, password: str) -> str | None:
+        checking.set()
+        release.wait(timeout=60)
+        return real(name, password)
+
+    staff.authenticate = held
+
+    def attempt(base: str) -> int:
+        with httpx.Client(base_url=base, timeout=60) as http:
+            form = http.get("/console/login")
+            data = {"csrf_token": csrf_of(form.text), "name": STAFF, "password": "wrong"}
+            return http.post("/console/login", data=data).status_code
+
+    with serve(http_app) as base, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(attempt, base)
+        try:
+            assert checking.wait(timeout=30), "the sign-in never reached its password check"
+            with httpx.Client(base_url=base, timeout=10) as other:
+                assert other.get("/healthz").status_code == 200
+                assert other.get("/console/login").status_code == 200
+        finally:
+            release.set()
+        assert pending.result(timeout=60) == 401
 
 
 def test_concurrent_attempts_cannot_slip_past_the_limit(app: App) -> None:

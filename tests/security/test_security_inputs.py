@@ -181,6 +181,41 @@ def test_control_characters_in_an_import_are_row_errors_and_the_rest_is_kept(
     assert report.created == 2
 
 
+# ── point 12: ids whose console page a browser cannot reach ─────────────────────────
+
+
+@pytest.mark.parametrize("customer_id", [".", "..", " .. "])
+def test_a_customer_id_a_browser_reads_as_a_path_step_is_refused(
+    client: TestClient, app: App, tmp_path: Path, now: datetime, customer_id: str
+) -> None:
+    """`/console/customers/..` is `/console/` to a browser (and so is `%2E%2E`): such a
+    customer's page could never be opened, so the id is refused at input."""
+    reason = (
+        "'..' cannot be a customer id: browsers read it as a step up in the console's "
+        "links, so the customer's page could not be opened"
+    ).replace("'..'", repr(customer_id.strip()))
+    response = client.post("/v1/customers", json={"id": customer_id}, headers=AUTH)
+    assert problems(response) == {("body", "id"): f"Value error, {reason}"}
+    path = tmp_path / "customers.jsonl"
+    path.write_text(json.dumps({"id": customer_id}) + "\n" + json.dumps({"id": "ok"}) + "\n")
+    report = import_customers(app.db, path, app.rules.catalog, now)
+    assert [str(e) for e in report.errors] == [f"{path}: row 1: id: {reason}"]
+    assert report.created == 1 and count(app, Customer) == 2  # ann and ok
+    # Nor can an event create one (LIFECYCLE_CREATE_UNKNOWN_CUSTOMERS): refused the same way.
+    creating = web_app(
+        str(app.db.url.render_as_string(hide_password=False)),
+        tmp_path,
+        now,
+        api_key=API_KEY,
+        create_unknown_customers=True,
+    )
+    with TestClient(create_app(creating)) as other:
+        refused = other.post("/v1/events", json=event(customer_id=customer_id), headers=AUTH)
+    creating.db.dispose()
+    assert problems(refused) == {("body", "customer_id"): f"Value error, {reason}"}
+    assert count(app, Customer) == 2 and count(app, Event) == 0
+
+
 # ── point 8: bodies and properties are capped ───────────────────────────────────────
 
 
@@ -317,6 +352,28 @@ def test_a_stray_quote_closed_rows_later_is_reported_and_the_swallowed_rows_read
         "q-3": {"reason": "fine"},
         "q-4": {"reason": "two\nlines"},
     }
+
+
+@pytest.mark.parametrize("newline", ["\n", ""], ids=["newline", "no-newline"])
+def test_a_quote_left_open_in_the_last_row_is_reported_too(
+    app: App, tmp_path: Path, now: datetime, newline: str
+) -> None:
+    """With no line after it to swallow, the open quote still took the line break (and
+    anything up to the end of the file) into its cell: the row is refused all the same."""
+    import_customers(app.db, _customers_file(tmp_path), app.rules.catalog, now)
+    path = tmp_path / "events.csv"
+    path.write_text(
+        "id,customer_id,type,occurred_at,prop.reason\n"
+        "q-1,ann,complaint,2026-03-01T10:00:00Z,late\n"
+        f'q-2,ann,complaint,2026-03-01T10:00:00Z,"broken{newline}'
+    )
+    report = import_events(app.db, path, app.rules.catalog, now)
+    assert [str(e) for e in report.errors] == [
+        f"{path}: row 2: line 3: a quote opened in this row is never closed (it would take in "
+        "every line to the end of the file)"
+    ]
+    with Session(app.db) as session:
+        assert sorted(session.scalars(select(Event.id))) == ["q-1"]
 
 
 # ── point 10: access logs ───────────────────────────────────────────────────────────
