@@ -428,3 +428,16 @@ class DatabaseNotReady(ConfigurationError):
             "`lifecycle init` to create or upgrade it (or point LIFECYCLE_DATABASE_URL at "
             "your database)",
         )
+
+
+class DatabaseUnavailable(ConfigurationError):
+    """The database at LIFECYCLE_DATABASE_URL could not be opened, created or used (a
+    directory that is not there, a server that refuses, a connection lost mid-command)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.setting = "LIFECYCLE_DATABASE_URL"
+        self.reason = reason
+        LifecycleError.__init__(
+            self, f"the database at LIFECYCLE_DATABASE_URL={url} cannot be used: {reason}"
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -13,16 +14,43 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy import make_url
+from sqlalchemy.exc import DBAPIError
 
 from engine.bootstrap import App, bootstrap, check_startup
 from engine.clock import as_utc
 from engine.data.db import make_engine, schema_problem
-from engine.errors import ConfigurationError, DatabaseNotReady, RulesInvalid
+from engine.errors import (
+    ConfigurationError,
+    DatabaseNotReady,
+    DatabaseUnavailable,
+    LifecycleError,
+    RulesInvalid,
+)
 from engine.playbooks.loader import load_rules
 from engine.playbooks.model import RuleSet
 from engine.settings import Settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="The lifecycle command line.")
+
+class LifecycleTyper(typer.Typer):
+    """The root app. A command turns the errors it expects into words itself; this is the
+    net under all of them, so that whatever else reaches the top (a worker process that
+    died, a database server that went away mid-command) still ends as one ``error:``
+    line naming what failed, and exit 1, never a traceback."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except DBAPIError as exc:
+            error = database_unavailable(os.environ.get("LIFECYCLE_DATABASE_URL"), exc)
+            err.print(f"[red]error:[/red] {escape(str(error))}", markup=True, soft_wrap=True)
+            raise SystemExit(1) from None
+        except LifecycleError as exc:
+            err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, soft_wrap=True)
+            raise SystemExit(1) from None
+
+
+app = LifecycleTyper(no_args_is_help=True, add_completion=False, help="The lifecycle command line.")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -97,6 +125,13 @@ def read_settings() -> Settings:
         raise fail(f"bad setting: {problems}") from None
 
 
+def database_unavailable(url: str | None, exc: DBAPIError) -> DatabaseUnavailable:
+    """The driver's own first line, under the URL it concerns (password hidden)."""
+    shown = make_url(url).render_as_string(hide_password=True) if url else Settings().database_url
+    text = str(exc.orig or exc).strip()
+    return DatabaseUnavailable(shown, text.splitlines()[0] if text else type(exc).__name__)
+
+
 def load_app(settings: Settings | None = None, *, create: bool = False) -> App:
     """The app over the configured database; a setting that cannot work exits 1.
 
@@ -109,7 +144,10 @@ def load_app(settings: Settings | None = None, *, create: bool = False) -> App:
     settings = settings or read_settings()
     try:
         if create:
-            return bootstrap(settings)
+            try:
+                return bootstrap(settings)
+            except DBAPIError as exc:  # a directory that is not there, a server that refuses
+                raise database_unavailable(settings.database_url, exc) from exc
         engine = make_engine(settings.database_url)
         problem = schema_problem(engine)
         if problem is not None:

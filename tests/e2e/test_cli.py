@@ -9,9 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import OperationalError
 from typer.testing import CliRunner
 
 from engine.cli import app
+from engine.cli.common import LifecycleTyper
+from engine.errors import EvaluationWorkerCrashed
 from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -328,3 +331,59 @@ def test_moments_out_of_range_on_the_command_line_are_errors_not_tracebacks(
     assert result.exit_code in (1, 2), result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.output
     assert said in result.output and "out of range" in result.output, result.output
+
+
+def test_init_where_the_database_cannot_be_created_names_it_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """Once an OperationalError traceback: a SQLite file in a directory that is not there."""
+    url = f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}"
+    result = subprocess.run(
+        [sys.executable, "-c", "from engine.cli import app; app()", "init"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "LIFECYCLE_DATABASE_URL": url,
+            "LIFECYCLE_RULES_DIR": str(FIXTURE_RULES),
+            "LIFECYCLE_TEMPLATES_DIR": str(FIXTURE_TEMPLATES),
+        },
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr and "╭" not in result.stderr
+    assert (
+        f"error: the database at LIFECYCLE_DATABASE_URL={url} cannot be used: "
+        "unable to open database file"
+    ) in result.stderr
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        EvaluationWorkerCrashed("c-000100", 500, 3, "killed by signal 9"),
+        OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly")),
+    ],
+    ids=["worker-died", "database-went-away"],
+)
+def test_an_error_no_command_expected_still_ends_as_one_error_line(
+    raised: Exception, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The root app's net: what reaches the top is a line naming it and exit 1."""
+    monkeypatch.setenv("LIFECYCLE_DATABASE_URL", "postgresql+psycopg://ops:secret@db.example/x")
+    net = LifecycleTyper()
+
+    @net.command()
+    def work() -> None:
+        raise raised
+
+    with pytest.raises(SystemExit) as exited:
+        net([], prog_name="lifecycle")
+    assert exited.value.code == 1
+    said = capsys.readouterr().err
+    assert said.startswith("error: ") and "Traceback" not in said
+    if isinstance(raised, OperationalError):
+        assert "LIFECYCLE_DATABASE_URL=postgresql+psycopg://ops:***@db.example/x" in said
+        assert "server closed the connection unexpectedly" in said
+    else:
+        assert str(raised) in said.replace("\n", " ")
