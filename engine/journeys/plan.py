@@ -59,6 +59,7 @@ from engine.journeys.effects import (
     OpenCaseEffect,
     Plan,
     Queue,
+    RecordStage,
     Ref,
     TouchCustomer,
 )
@@ -91,7 +92,14 @@ from engine.playbooks.model import (
 )
 from engine.statuses import EnrollmentStatus
 
-__all__ = ["has_work", "may_enter", "message_id_for", "plan", "resolve_step"]
+__all__ = [
+    "changes_stage",
+    "has_work",
+    "may_enter",
+    "message_id_for",
+    "plan",
+    "resolve_step",
+]
 
 # Message ids are derived from the dedupe key: the same step of the same enrollment gets
 # the same id in every process, so even the primary key refuses a second copy.
@@ -164,6 +172,12 @@ def has_work(
         and not _ends_at_once(playbook, sweep.fired)
         for playbook in rules.playbooks.values()
     )
+
+
+def changes_stage(evaluations: Sequence[Evaluation]) -> bool:
+    """Whether the customer's stage changes at this evaluation: planned (for the
+    ``RecordStage`` alone) even when ``has_work`` says no journey can move."""
+    return any(e.subject.stage_change is not None for e in evaluations)
 
 
 def _by_customer(
@@ -422,6 +436,18 @@ class _CustomerPlanner:
         claimed = tuple(e.subject.event_id for e in events if e.subject.event_id is not None)
         if claimed:
             self.effects.append(ClaimEvents(claimed))
+        change = self.sweep.subject.stage_change if self.sweep is not None else None
+        if change is not None:
+            self.effects.append(
+                RecordStage(
+                    self.customer_id,
+                    change.from_stage,
+                    change.to_stage,
+                    self.now,
+                    self.rules.version,
+                )
+            )
+            self.tally.append(("stage", change.from_stage or "", change.to_stage))
         order = _order(self.rules)
         for event in events:
             self._event_came(event)

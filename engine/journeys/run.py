@@ -14,7 +14,7 @@ from sqlalchemy import Engine, bindparam, text
 
 from engine.data.uow import reading, unit_of_work
 from engine.evaluation.model import Evaluation
-from engine.journeys.plan import JourneyReport, has_work, plan
+from engine.journeys.plan import JourneyReport, changes_stage, has_work, plan
 from engine.journeys.store import Span, load_context, load_journeys, write
 from engine.playbooks.model import RuleSet
 
@@ -55,12 +55,18 @@ def _plan_and_write(
     with reading(db) as session:
         snapshots = load_journeys(session, ids, span, now - _goal_window(rules))
         busy = [c for c in ids if has_work(snapshots[c], by_customer[c], rules, now)]
-        if not busy:
+        # A customer whose stage changes and whose journeys cannot move is planned for
+        # the stage alone: the rest of the snapshot (recent sends, the open case) is
+        # loaded only for the busy ones.
+        busy_set = set(busy)
+        planned = [c for c in ids if c in busy_set or changes_stage(by_customer[c])]
+        if not planned:
             return []
-        snapshots.update(load_context(session, snapshots, busy, rules, now))
+        if busy:
+            snapshots.update(load_context(session, snapshots, busy, rules, now))
     decided = plan(
-        {c: snapshots[c] for c in busy},
-        [e for c in busy for e in by_customer[c]],
+        {c: snapshots[c] for c in planned},
+        [e for c in planned for e in by_customer[c]],
         rules,
         now,
     )

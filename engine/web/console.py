@@ -430,7 +430,7 @@ class FactRow:
 
 
 def fact_rows(session: Session, rules: RuleSet, customer_id: str, now: datetime) -> list[FactRow]:
-    subjects = subjects_for(session, [customer_id], rules.catalog, now)
+    subjects = subjects_for(session, [customer_id], rules.catalog, now, stages=rules.stages)
     if not subjects:
         return []
     rows = []
