@@ -225,6 +225,14 @@ def sum_nps(counts: Iterable[NpsCount]) -> NpsCount:
     return total
 
 
+def sum_revenue(cohorts: Iterable[Cohort]) -> tuple[int, int, float | None]:
+    """(customers, revenue to date, revenue per customer) of the cohorts: historic CLV."""
+    listed = list(cohorts)
+    size = sum(c.size for c in listed)
+    revenue = sum(c.revenue_cents for c in listed)
+    return size, revenue, _ratio(revenue, size)
+
+
 def _ratio(part: float, whole: float) -> float | None:
     return part / whole if whole else None
 
