@@ -442,11 +442,18 @@ class _ConditionChecker:
     """Parses and type-checks one condition, reporting at its place in the file."""
 
     def __init__(
-        self, located: Located, catalog: FactCatalog, stages: tuple[str, ...] | None = None
+        self,
+        located: Located,
+        catalog: FactCatalog,
+        stages: tuple[str, ...] | None = None,
+        *,
+        check_stages: bool = True,
     ) -> None:
         self.located = located
         self.catalog = catalog
         self.stages = stages  # the stage model's names; None: there is no stage model
+        # False when stages.yaml is there but broken: its own problems say enough.
+        self.check_stages = check_stages
 
     def compile(
         self, where: tuple[Any, ...], text: str | None, *, allow_event: bool
@@ -484,8 +491,8 @@ class _ConditionChecker:
     def _stages_known(self, where: tuple[Any, ...], text: str, condition: Condition) -> bool:
         """``stage == "at_rsk"`` is a mistake the type checker cannot see: a stage fact is
         compared with text that is no stage of rules/stages.yaml."""
-        used = sorted(condition.facts & set(STAGE_FACTS))
-        if not used:
+        used = sorted(condition.facts & set(STAGE_FACTS), key=lambda name: (text.find(name), name))
+        if not used or not self.check_stages:
             return True
         if self.stages is None:
             self._report(
@@ -526,7 +533,12 @@ def _compile_playbook(
     stages: StageModel | None = None,
 ) -> Playbook | None:
     before = _error_count(located)
-    checker = _ConditionChecker(located, catalog, stages.names if stages else None)
+    checker = _ConditionChecker(
+        located,
+        catalog,
+        stages.names if stages else None,
+        check_stages=stages is not None or not (Path(located.path).parent / STAGES_FILE).exists(),
+    )
     if spec.playbook in seen_ids:
         located.problems.append(
             located.at(
@@ -1246,7 +1258,7 @@ def load_stages(
         problems.extend(located.problems)
         return None
     before = _error_count(located)
-    checker = _ConditionChecker(located, catalog)
+    checker = _ConditionChecker(located, catalog, check_stages=False)  # checked below
     stages: list[Stage] = []
     seen: set[str] = set()
     if not spec.stages:

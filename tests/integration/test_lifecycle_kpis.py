@@ -4,7 +4,7 @@ on SQLite and PostgreSQL (engine.usecases.lifecycle_report)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
