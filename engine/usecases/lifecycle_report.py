@@ -518,22 +518,25 @@ def _onboarding(
 ) -> list[StepConversion]:
     cutoff = session_moment(session, until - timedelta(days=within_days))
     window = within_days * 86400
-    first_gap = _seconds_between(dialect, "c.signed_up_at", "o1.occurred_at")
-    second_gap = _seconds_between(dialect, "o1.occurred_at", "o2.occurred_at")
+    first_gap = _seconds_between(dialect, "c.signed_up_at", "f.first_at")
+    second_gap = _seconds_between(dialect, "f.first_at", "f.second_at")
+    # Each customer's first and second order, numbered by a window function and folded
+    # into one row per customer, materialized once (joined by customer id).
     statement = text(
-        "WITH o AS (SELECT customer_id, occurred_at, ROW_NUMBER() OVER "
+        "WITH f AS MATERIALIZED (SELECT customer_id, "
+        "min(CASE WHEN n = 1 THEN occurred_at END) AS first_at, "
+        "min(CASE WHEN n = 2 THEN occurred_at END) AS second_at FROM ("
+        "SELECT customer_id, occurred_at, ROW_NUMBER() OVER "
         "(PARTITION BY customer_id ORDER BY occurred_at, id) AS n FROM events "
-        "WHERE type = :order AND occurred_at < :until) "
+        "WHERE type = :order AND occurred_at < :until) AS o WHERE n <= 2 GROUP BY customer_id) "
         "SELECT "
         "coalesce(sum(CASE WHEN c.signed_up_at < :cutoff THEN 1 ELSE 0 END), 0), "
-        "coalesce(sum(CASE WHEN c.signed_up_at < :cutoff AND o1.occurred_at IS NOT NULL "
+        "coalesce(sum(CASE WHEN c.signed_up_at < :cutoff AND f.first_at IS NOT NULL "
         f"AND {first_gap} <= :window THEN 1 ELSE 0 END), 0), "
-        "coalesce(sum(CASE WHEN o1.occurred_at < :cutoff THEN 1 ELSE 0 END), 0), "
-        "coalesce(sum(CASE WHEN o1.occurred_at < :cutoff AND o2.occurred_at IS NOT NULL "
+        "coalesce(sum(CASE WHEN f.first_at < :cutoff THEN 1 ELSE 0 END), 0), "
+        "coalesce(sum(CASE WHEN f.first_at < :cutoff AND f.second_at IS NOT NULL "
         f"AND {second_gap} <= :window THEN 1 ELSE 0 END), 0) "
-        "FROM customers c "
-        "LEFT JOIN o o1 ON o1.customer_id = c.id AND o1.n = 1 "
-        "LEFT JOIN o o2 ON o2.customer_id = c.id AND o2.n = 2 "
+        "FROM customers c LEFT JOIN f ON f.customer_id = c.id "
         "WHERE c.signed_up_at >= :since AND c.signed_up_at < :until"
     )
     row = session.execute(
