@@ -531,13 +531,12 @@ def _compile_playbook(
     policies: Policies,
     seen_ids: dict[str, str],
     stages: StageModel | None = None,
+    *,
+    check_stages: bool = True,
 ) -> Playbook | None:
     before = _error_count(located)
     checker = _ConditionChecker(
-        located,
-        catalog,
-        stages.names if stages else None,
-        check_stages=stages is not None or not (Path(located.path).parent / STAGES_FILE).exists(),
+        located, catalog, stages.names if stages else None, check_stages=check_stages
     )
     if spec.playbook in seen_ids:
         located.problems.append(
@@ -1404,7 +1403,18 @@ def _load_once(directory: Path, templates_dir: Path, roster_path: Path, version:
             _validate(located, PlaybookSpec) if not located.problems else None
         )
         if spec is not None:
-            playbook = _compile_playbook(located, spec, catalog, templates, policies, seen, stages)
+            playbook = _compile_playbook(
+                located,
+                spec,
+                catalog,
+                templates,
+                policies,
+                seen,
+                stages,
+                # A broken stages.yaml has said what is wrong with it; the playbooks'
+                # stage names are checked once it loads.
+                check_stages=stages is not None or not (directory / STAGES_FILE).is_file(),
+            )
             if playbook is not None:
                 playbooks[playbook.id] = playbook
                 files[playbook.id] = path.read_text(encoding="utf-8")
