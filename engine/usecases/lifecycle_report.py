@@ -354,12 +354,25 @@ def _transitions(session: Session, params: dict[str, Any]) -> dict[tuple[str, st
     return {(f or NEW, t): int(n) for f, t, n in session.execute(statement, params)}
 
 
+def _month_key(dialect: str, column: str) -> str:
+    """A timestamp's UTC calendar month as text, 'YYYY-MM' (SQLite stores UTC text that
+    starts so: a prefix is cheaper than parsing the date, at a million events)."""
+    if dialect == "postgresql":
+        return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM')"
+    return f"substr({column}, 1, 7)"
+
+
+def _key_index(key: str) -> int:
+    year, month = key.split("-")
+    return int(year) * 12 + int(month) - 1
+
+
 def _cohorts(
     session: Session, dialect: str, params: dict[str, Any], until: datetime
 ) -> list[Cohort]:
-    signup = _month(dialect, "signed_up_at")
+    signup = _month_key(dialect, "signed_up_at")
     sizes = {
-        int(m): int(n)
+        _key_index(m): int(n)
         for m, n in session.execute(
             text(
                 f"SELECT {signup} AS m, count(*) FROM customers "
@@ -369,19 +382,22 @@ def _cohorts(
         )
     }
     active: dict[int, dict[int, int]] = defaultdict(dict)
+    # Each customer's active months once (DISTINCT), then counted per cohort and month.
     statement = text(
-        f"SELECT {_month(dialect, 'c.signed_up_at')} AS cm, {_month(dialect, 'e.occurred_at')} "
-        "AS am, count(DISTINCT e.customer_id) FROM events e JOIN customers c "
-        "ON c.id = e.customer_id WHERE c.signed_up_at >= :since AND c.signed_up_at < :until "
-        "AND e.occurred_at >= c.signed_up_at AND e.occurred_at < :until GROUP BY cm, am"
+        f"SELECT cm, am, count(*) FROM (SELECT DISTINCT c.id, "
+        f"{_month_key(dialect, 'c.signed_up_at')} AS cm, "
+        f"{_month_key(dialect, 'e.occurred_at')} AS am "
+        "FROM customers c JOIN events e ON e.customer_id = c.id "
+        "WHERE c.signed_up_at >= :since AND c.signed_up_at < :until "
+        "AND e.occurred_at >= c.signed_up_at AND e.occurred_at < :until) AS a GROUP BY cm, am"
     )
     for cm, am, n in session.execute(statement, params):
-        active[int(cm)][int(am)] = int(n)
+        active[_key_index(cm)][_key_index(am)] = int(n)
     revenue = {
-        int(m): int(r or 0)
+        _key_index(m): int(r or 0)
         for m, r in session.execute(
             text(
-                f"SELECT {_month(dialect, 'c.signed_up_at')} AS m, "
+                f"SELECT {_month_key(dialect, 'c.signed_up_at')} AS m, "
                 f"sum({_integer_property(dialect, 'amount_cents')}) FROM events e "
                 "JOIN customers c ON c.id = e.customer_id WHERE e.type = :order "
                 "AND c.signed_up_at >= :since AND c.signed_up_at < :until "
