@@ -90,10 +90,12 @@ from engine.playbooks.model import (
     step_rule,
     wait_rule,
 )
+from engine.stages.model import StageChange
 from engine.statuses import EnrollmentStatus
 
 __all__ = [
     "changes_stage",
+    "stage_plans",
     "has_work",
     "may_enter",
     "message_id_for",
@@ -172,6 +174,26 @@ def has_work(
         and not _ends_at_once(playbook, sweep.fired)
         for playbook in rules.playbooks.values()
     )
+
+
+def stage_plans(evaluations: Sequence[Evaluation], rules: RuleSet, now: datetime) -> Plan:
+    """The plans of customers whose journeys cannot move (``has_work`` is false) but whose
+    stage changes: the ``RecordStage`` alone, without running the journey planner (the
+    first sweep under a stage model gives every customer a stage)."""
+    customers = []
+    for evaluation in evaluations:
+        change = evaluation.subject.stage_change
+        if change is not None:
+            effect, tally = _record_stage(evaluation.subject.customer_id, change, rules, now)
+            customers.append(CustomerPlan(effect.customer_id, (effect,), (tally,)))
+    return Plan(tuple(customers))
+
+
+def _record_stage(
+    customer_id: str, change: StageChange, rules: RuleSet, now: datetime
+) -> tuple[RecordStage, tuple[str, str, str]]:
+    effect = RecordStage(customer_id, change.from_stage, change.to_stage, now, rules.version)
+    return effect, ("stage", change.from_stage or "", change.to_stage)
 
 
 def changes_stage(evaluations: Sequence[Evaluation]) -> bool:
@@ -438,16 +460,9 @@ class _CustomerPlanner:
             self.effects.append(ClaimEvents(claimed))
         change = self.sweep.subject.stage_change if self.sweep is not None else None
         if change is not None:
-            self.effects.append(
-                RecordStage(
-                    self.customer_id,
-                    change.from_stage,
-                    change.to_stage,
-                    self.now,
-                    self.rules.version,
-                )
-            )
-            self.tally.append(("stage", change.from_stage or "", change.to_stage))
+            effect, tally = _record_stage(self.customer_id, change, self.rules, self.now)
+            self.effects.append(effect)
+            self.tally.append(tally)
         order = _order(self.rules)
         for event in events:
             self._event_came(event)

@@ -79,7 +79,9 @@ def stages(app: App) -> dict[str, tuple[str | None, datetime | None, str | None]
 def history(app: App) -> list[tuple[str, str | None, str, datetime, str]]:
     with reading(app.db) as session:
         rows = session.scalars(
-            select(StageTransition).order_by(col(StageTransition.at), col(StageTransition.id))
+            select(StageTransition).order_by(
+                col(StageTransition.at), col(StageTransition.customer_id), col(StageTransition.id)
+            )
         )
         return [(t.customer_id, t.from_stage, t.to_stage, t.at, t.rules_version) for t in rows]
 

@@ -170,3 +170,22 @@ def test_a_catch_all_before_the_end_and_a_syntax_error_of_the_file(rules_copy: P
     (problem,) = problems_of(rules_copy)
     assert problem.startswith(f"{path}:")
     assert ":3:" in problem or ":4:" in problem
+
+
+def test_the_planner_records_a_change_and_a_customer_with_nothing_else_needs_no_journey() -> None:
+    from engine.evaluation.model import Evaluation, Subject
+    from engine.journeys.effects import CustomerSnapshot, RecordStage
+    from engine.journeys.plan import has_work, plan, stage_plans
+
+    rules = load_rules(STAGES / "rules", TEMPLATES)
+    change = StageChange("active", "at_risk")
+    moved = Evaluation(Subject("ann", {"stage": "at_risk"}, stage_change=change), frozenset())
+    still = Evaluation(Subject("bob", {"stage": "active"}), frozenset())
+    snapshot = {"ann": CustomerSnapshot("ann"), "bob": CustomerSnapshot("bob")}
+    assert not has_work(snapshot["ann"], [moved], rules, NOW)
+    expected = RecordStage("ann", "active", "at_risk", NOW, rules.version)
+    (ann, bob) = plan(snapshot, [moved, still], rules, NOW).customers
+    assert ann.effects == (expected,) and ("stage", "active", "at_risk") in ann.tally
+    assert bob.effects == ()
+    (only,) = stage_plans([moved, still], rules, NOW).customers
+    assert only.effects == (expected,) and only.tally == (("stage", "active", "at_risk"),)
