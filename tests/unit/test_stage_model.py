@@ -189,3 +189,37 @@ def test_the_planner_records_a_change_and_a_customer_with_nothing_else_needs_no_
     assert bob.effects == ()
     (only,) = stage_plans([moved, still], rules, NOW).customers
     assert only.effects == (expected,) and only.tally == (("stage", "active", "at_risk"),)
+
+
+def test_the_compiled_model_decides_as_the_reference_evaluator_does() -> None:
+    # The stage model is compiled into one function for speed; the condition language's
+    # own evaluator is the oracle, over every combination of a grid of values.
+    import itertools
+
+    from engine.language.conditions import evaluate
+
+    stages = model()
+    shipped = load_rules(ROOT / "rules", ROOT / "templates" / "messages").stages
+    assert shipped is not None
+    grid = {
+        "orders_count": [None, 0, 1, 2, 3, 7],
+        "days_since_last_activity": [None, 0, 59, 60, 179, 180, 400],
+        "days_since_signup": [0, 29, 30, 500],
+        "last_order_days_ago": [None, 10, 180],
+        "nps_score": [None, 0, 8, 9, 10],
+    }
+    for combination in itertools.product(*grid.values()):
+        values = dict(zip(grid, combination, strict=True))
+        for m in (stages, shipped):
+            expected = next(
+                s.name for s in m.stages if s.condition is None or evaluate(s.condition, values)
+            )
+            assert m.classify(values) == expected, values
+    facts_ = facts(orders_count=1)
+    change = stages.apply(facts_, "prospect", NOW - timedelta(days=3), None, NOW)
+    assert change == StageChange("prospect", "active")
+    assert (facts_["stage"], facts_["days_in_stage"], facts_["previous_stage"]) == (
+        "active",
+        0,
+        "prospect",
+    )
