@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
 
-.PHONY: demo run test test-fast crash-test bench bench-rules-diff soak experiment lint clean venv browser readme
+.PHONY: demo run test test-fast crash-test bench bench-rules-diff bench-lifecycle soak experiment lint clean venv browser readme
 
 $(BIN)/python:
 	@test -n "$(PYVER)" || { echo "Python 3.11 or later is required (PYTHON=$(PYTHON) does not run)"; exit 1; }
@@ -75,6 +75,12 @@ bench: venv
 # (make bench-rules-diff CUSTOMERS=1000000 DATABASES=sqlite,postgres for more).
 bench-rules-diff: venv
 	BENCH_CUSTOMERS=$(if $(filter command line,$(origin CUSTOMERS)),$(CUSTOMERS),100000) BENCH_DATABASES=$(if $(filter command line,$(origin DATABASES)),$(DATABASES),sqlite) $(BIN)/python -m bench.rules_diff
+
+# What stages cost the sweep (with and without rules/stages.yaml), and `lifecycle report
+# lifecycle --json` after 30 simulated days, checked against plain SQL (many minutes).
+# make bench-lifecycle CUSTOMERS=100000 ROUNDS=2
+bench-lifecycle: venv
+	BENCH_LIFECYCLE_CUSTOMERS=$(or $(filter-out 1000000,$(CUSTOMERS)),100000) BENCH_LIFECYCLE_ROUNDS=$(or $(ROUNDS),1) $(BIN)/python -m bench.lifecycle_report
 
 # Ten million evaluations through durable_rules in worker processes (a few minutes).
 soak: venv

@@ -230,7 +230,9 @@ def preview(
         row = session.get(Customer, customer)
         if row is None:
             raise fail(f"no customer with id {customer!r}")
-        facts = subjects_for(session, [customer], rules.catalog, moment)[0].facts
+        facts = subjects_for(session, [customer], rules.catalog, moment, stages=rules.stages)[
+            0
+        ].facts
     config = DispatchConfig(
         public_base_url=application.settings.public_base_url,
         secret_key=application.settings.secret_key.get_secret_value(),

@@ -24,7 +24,7 @@ from engine.data.db import existing_database
 from engine.data.uow import reading
 from engine.delivery.templates import TemplateStore
 from engine.errors import LifecycleError, RulesInvalid
-from engine.playbooks.loader import RESERVED_FILES, ROSTER_FILE, load_rules
+from engine.playbooks.loader import RESERVED_FILES, ROSTER_FILE, STAGES_FILE, load_rules
 from engine.playbooks.model import RuleSet
 from engine.usecases.stranded import stranded_enrollments
 from engine.wording import plural
@@ -51,7 +51,7 @@ def new(
     out.print(
         f"wrote {plural(len(written), 'file')} into {directory}: rules/ "
         f"({plural(len(playbooks), 'playbook')}: "
-        f"{', '.join(playbooks)}; the fact catalog, policies and support roster) and "
+        f"{', '.join(playbooks)}; the fact catalog, policies, stages and support roster) and "
         "templates/messages/",
         markup=False,
         soft_wrap=True,
@@ -177,6 +177,7 @@ def rules_check(
         markup=False,
         soft_wrap=True,
     )
+    out.print(_stages_line(rules), markup=False, soft_wrap=True)
     roster = settings.roster_file or (directory or settings.rules_dir) / ROSTER_FILE
     out.print(_roster_line(rules, roster), markup=False, soft_wrap=True)
     variants = _variants_line(rules, TemplateStore(templates or settings.templates_dir))
@@ -185,6 +186,15 @@ def rules_check(
     out.print(engine_line(settings.engine), markup=False, soft_wrap=True)
     if database:
         _warn_of_stranded_journeys(settings.database_url, rules)
+
+
+def _stages_line(rules: RuleSet) -> str:
+    if rules.stages is None:
+        return f"stages: none ({STAGES_FILE} is not there, so no stage is recorded)"
+    return (
+        f"stages: {plural(len(rules.stages.stages), 'stage')} in {rules.stages.source} "
+        f"(checked in this order: {', '.join(rules.stages.names)})"
+    )
 
 
 def _warn_of_stranded_journeys(url: str, rules: RuleSet) -> None:

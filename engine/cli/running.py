@@ -56,7 +56,8 @@ def tick(
         f"evaluated {plural(report.customers, 'customer')}: {j.total('enrolled')} enrolled, "
         f"{j.total('queued')} queued, {j.total('deferred')} deferred, "
         f"{j.total('skipped')} skipped, {j.total('converted')} reached their goal, "
-        f"{j.total('exited')} no longer eligible; "
+        f"{j.total('exited')} no longer eligible, "
+        f"{plural(j.total('stage'), 'stage change')}; "
         f"{plural(notified, 'SLA notification')}; dispatched {sent.total_sent} "
         f"({sent.retried} to retry, {sent.failed} failed); pruned "
         f"{plural(pruned.receipts, 'webhook receipt')} in {time.perf_counter() - started:.2f}s",

@@ -24,6 +24,7 @@ from engine.data.topics import topic_facts
 from engine.evaluation.model import Subject
 from engine.language.catalog import EVENT_PROPERTY_PREFIX, FactCatalog, FactType, Topic
 from engine.language.conditions import MAX_INT
+from engine.stages.model import StageChange, StageModel
 
 CUSTOMER_COLUMNS = (
     col(Customer.id),
@@ -42,6 +43,9 @@ CUSTOMER_COLUMNS = (
     col(Customer.last_activity_at),
     col(Customer.nps_score),
     col(Customer.topics),  # the preference centre (engine.data.topics)
+    col(Customer.stage),  # the stage recorded at the last evaluation (engine.stages)
+    col(Customer.stage_since),
+    col(Customer.previous_stage),
 )
 
 
@@ -69,6 +73,9 @@ CUSTOMER_FIELDS = (
     "last_activity_at",
     "nps_score",
     "topics",
+    "stage",
+    "stage_since",
+    "previous_stage",
 )
 # The row, and what the facts need of other tables, in one query: each subquery is one
 # index lookup (suppressions by address, escalations by customer).
@@ -102,6 +109,9 @@ class CustomerRow(NamedTuple):
     last_activity_at: datetime | None
     nps_score: int | None
     topics: dict[str, Any]
+    stage: str | None = None
+    stage_since: datetime | None = None
+    previous_stage: str | None = None
     email_suppressed: bool = False
     phone_suppressed: bool = False
     open_complaints: int = 0
@@ -145,9 +155,12 @@ def _decoded(v: Sequence[Any]) -> CustomerRow:
         _instant(v[13]),
         v[14],
         _json(v[15]),
-        bool(v[16]),
-        bool(v[17]),
+        v[16],
+        _instant(v[17]),
         v[18],
+        bool(v[19]),
+        bool(v[20]),
+        v[21],
     )
 
 
@@ -257,13 +270,15 @@ def build_facts(
     open_complaints: int = 0,
     suppressed: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
     event: Event | None = None,
+    stages: StageModel | None = None,
 ) -> dict[str, Any]:
-    """Every catalog fact for one customer at ``now`` (and for ``event`` when given).
+    """Every catalog fact for one customer at ``now`` (and for ``event`` when given), with
+    the stage facts of ``stages`` (unknown without a stage model).
 
     ``row`` is anything with the customer's columns as attributes (a ``CustomerRow``, a
     row of ``customer_rows``, a ``Customer``)."""
-    shape = _FactShape.of(catalog)
-    return shape.facts(row, now, open_complaints, suppressed, event)
+    shape = _FactShape.of(catalog, stages)
+    return shape.facts(row, now, open_complaints, suppressed, event)[0]
 
 
 @dataclass(frozen=True)
@@ -273,9 +288,10 @@ class _FactShape:
     attributes: tuple[tuple[str, FactType], ...]
     properties: tuple[tuple[str, str, FactType], ...]  # (fact name, property, type)
     topics: tuple[Topic, ...]
+    stages: StageModel | None = None
 
     @classmethod
-    def of(cls, catalog: FactCatalog) -> _FactShape:
+    def of(cls, catalog: FactCatalog, stages: StageModel | None = None) -> _FactShape:
         return cls(
             tuple((s.name, s.type) for s in catalog.attributes()),
             tuple(
@@ -283,9 +299,12 @@ class _FactShape:
                 for s in catalog.event_properties()
             ),
             tuple(catalog.topics.values()),
+            stages,
         )
 
-    def row_facts(self, row: CustomerRow, now: datetime, event: Event | None) -> dict[str, Any]:
+    def row_facts(
+        self, row: CustomerRow, now: datetime, event: Event | None
+    ) -> tuple[dict[str, Any], StageChange | None]:
         suppressed: set[tuple[str, str]] = set()
         if row.email_suppressed and row.email:
             suppressed.add(("email", row.email))
@@ -300,7 +319,9 @@ class _FactShape:
         open_complaints: int,
         suppressed: set[tuple[str, str]] | frozenset[tuple[str, str]],
         event: Event | None,
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], StageChange | None]:
+        """The facts, and the stage change this evaluation makes (None: no change, or no
+        stage model)."""
         email, phone = row.email, row.phone
         signed_up = row.signed_up_at
         last_order = row.last_order_at
@@ -328,16 +349,31 @@ class _FactShape:
             facts[name] = attribute_value(attributes.get(name), kind)
         if self.topics:
             facts.update(topic_facts(row.topics, self.topics))
+        change = self._stage(row, facts, now)
         if event is None:
             for name, _, _ in self.properties:
                 facts[name] = None
-            return facts
+            return facts, change
         facts["event"] = event.type
         facts["event_days_ago"] = whole_days_between(event.occurred_at, now)
         properties = event.properties
         for name, prop, kind in self.properties:
             facts[name] = attribute_value(properties.get(prop), kind)
-        return facts
+        return facts, change
+
+    def _stage(self, row: Any, facts: dict[str, Any], now: datetime) -> StageChange | None:
+        """The stage facts, decided from the other facts (never the event's: a stage is
+        the customer's, whatever triggered the evaluation)."""
+        if self.stages is None:
+            facts.update(stage=None, days_in_stage=None, previous_stage=None)
+            return None
+        return self.stages.apply(
+            facts,
+            getattr(row, "stage", None),
+            _instant(getattr(row, "stage_since", None)),
+            getattr(row, "previous_stage", None),
+            now,
+        )
 
 
 def subjects_for(
@@ -348,10 +384,11 @@ def subjects_for(
     events: Sequence[Event] = (),
     *,
     include_sweep: bool = True,
+    stages: StageModel | None = None,
 ) -> list[Subject]:
     """Subjects for a batch: one per customer (a sweep) plus one per pending event."""
     rows = read_customers(session, ids=ids)
-    return _subjects(session, rows, catalog, now, events, include_sweep)
+    return _subjects(session, rows, catalog, now, events, include_sweep, stages)
 
 
 def subjects_in_range(
@@ -362,12 +399,13 @@ def subjects_in_range(
     after: str | None,
     upto: str | None,
     with_events: bool = True,
+    stages: StageModel | None = None,
 ) -> list[Subject]:
     """Subjects for every customer with an id in (``after``, ``upto``], and for their
     pending events (``with_events``): a shard of a sweep."""
     rows = read_customers(session, after=after, upto=upto)
     events = pending_events_in_range(session, after, upto) if with_events else []
-    return _subjects(session, rows, catalog, now, events, True)
+    return _subjects(session, rows, catalog, now, events, True, stages)
 
 
 def _subjects(
@@ -377,18 +415,20 @@ def _subjects(
     now: datetime,
     events: Sequence[Event],
     include_sweep: bool,
+    stages: StageModel | None = None,
 ) -> list[Subject]:
-    shape = _FactShape.of(catalog)
+    shape = _FactShape.of(catalog, stages)
     subjects: list[Subject] = []
     if include_sweep:
         for row in rows:
-            subjects.append(Subject(row.id, shape.row_facts(row, now, None)))
+            facts, change = shape.row_facts(row, now, None)
+            subjects.append(Subject(row.id, facts, stage_change=change))
     by_id = {row.id: row for row in rows}
     for event in events:
         found = by_id.get(event.customer_id)
         if found is None:
             continue
-        facts = shape.row_facts(found, now, event)
+        facts, _ = shape.row_facts(found, now, event)  # the sweep's subject records it
         subjects.append(Subject(found.id, facts, event.id, event.type, event.occurred_at))
     return subjects
 

@@ -33,6 +33,7 @@ __all__ = [
     "Event",
     "Message",
     "MessageStatus",
+    "StageTransition",
     "Suppression",
     "WebhookReceipt",
 ]
@@ -78,6 +79,30 @@ class Customer(SQLModel, table=True):
     # Set by a GDPR erasure (engine.usecases.gdpr): the personal data is gone, the row and
     # its counts stay.
     erased_at: datetime | None = None
+    # The lifecycle stage (rules/stages.yaml) the last evaluation recorded, since when, and
+    # the one before it; written by the journey store when it changes (never bumps
+    # changed_at: the evaluation that changed it already saw the new stage).
+    stage: str | None = Field(default=None, max_length=64)
+    stage_since: datetime | None = None
+    previous_stage: str | None = Field(default=None, max_length=64)
+
+
+class StageTransition(SQLModel, table=True):
+    """A customer's move from one stage to another (from None: their first stage), when,
+    and under which rules version: the history behind the transition matrix."""
+
+    __tablename__ = "stage_transitions"
+    __table_args__ = (
+        Index("ix_stage_transitions_at", "at"),
+        Index("ix_stage_transitions_customer_at", "customer_id", "at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    customer_id: str = Field(foreign_key="customers.id", max_length=64)
+    from_stage: str | None = Field(default=None, max_length=64)
+    to_stage: str = Field(max_length=64)
+    at: datetime
+    rules_version: str = Field(max_length=64)
 
 
 class Event(SQLModel, table=True):

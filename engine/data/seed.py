@@ -470,6 +470,9 @@ def generate_customer(number: int, now: datetime, *, seed: int = 7) -> SeededCus
         "created_at": signed_up,
         "updated_at": now,
         "erased_at": None,
+        "stage": None,  # decided by the first evaluation (rules/stages.yaml)
+        "stage_since": None,
+        "previous_stage": None,
     }
     return SeededCustomer(kind, row, events)
 

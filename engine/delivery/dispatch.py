@@ -535,6 +535,7 @@ class Dispatcher:
                     now,
                     open_complaints=complaints.get(row.id, 0),
                     suppressed=suppressed,
+                    stages=self.rules.stages,
                 )
                 playbook = self.rules.playbooks.get(message.playbook or "")
                 proposal = Proposal(

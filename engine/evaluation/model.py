@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from engine.playbooks.model import RuleSet, enter_rule, exit_rule, goal_rule, step_rule
+from engine.stages.model import StageChange
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class Subject:
     event_id: str | None = None
     event_type: str | None = None
     occurred_at: datetime | None = None  # of the event
+    # The customer's stage changes at this evaluation (a sweep's subject only; None: it
+    # stays, or there is no stage model): the planner records it.
+    stage_change: StageChange | None = None
 
     @property
     def key(self) -> str:

@@ -241,6 +241,18 @@ class TouchCustomer:
     customer_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class RecordStage:
+    """The customer's lifecycle stage changed: recorded on the customer (guarded by the
+    stage the evaluation read) and as a row of the stage history."""
+
+    customer_id: str
+    from_stage: str | None
+    to_stage: str
+    at: datetime
+    rules_version: str
+
+
 Effect = (
     ClaimEvents
     | Enroll
@@ -253,6 +265,7 @@ Effect = (
     | JoinCase
     | CaseNote
     | TouchCustomer
+    | RecordStage
 )
 
 

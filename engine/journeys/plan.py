@@ -59,6 +59,7 @@ from engine.journeys.effects import (
     OpenCaseEffect,
     Plan,
     Queue,
+    RecordStage,
     Ref,
     TouchCustomer,
 )
@@ -89,9 +90,18 @@ from engine.playbooks.model import (
     step_rule,
     wait_rule,
 )
+from engine.stages.model import StageChange
 from engine.statuses import EnrollmentStatus
 
-__all__ = ["has_work", "may_enter", "message_id_for", "plan", "resolve_step"]
+__all__ = [
+    "changes_stage",
+    "stage_plans",
+    "has_work",
+    "may_enter",
+    "message_id_for",
+    "plan",
+    "resolve_step",
+]
 
 # Message ids are derived from the dedupe key: the same step of the same enrollment gets
 # the same id in every process, so even the primary key refuses a second copy.
@@ -164,6 +174,32 @@ def has_work(
         and not _ends_at_once(playbook, sweep.fired)
         for playbook in rules.playbooks.values()
     )
+
+
+def stage_plans(evaluations: Sequence[Evaluation], rules: RuleSet, now: datetime) -> Plan:
+    """The plans of customers whose journeys cannot move (``has_work`` is false) but whose
+    stage changes: the ``RecordStage`` alone, without running the journey planner (the
+    first sweep under a stage model gives every customer a stage)."""
+    customers = []
+    for evaluation in evaluations:
+        change = evaluation.subject.stage_change
+        if change is not None:
+            effect, tally = _record_stage(evaluation.subject.customer_id, change, rules, now)
+            customers.append(CustomerPlan(effect.customer_id, (effect,), (tally,)))
+    return Plan(tuple(customers))
+
+
+def _record_stage(
+    customer_id: str, change: StageChange, rules: RuleSet, now: datetime
+) -> tuple[RecordStage, tuple[str, str, str]]:
+    effect = RecordStage(customer_id, change.from_stage, change.to_stage, now, rules.version)
+    return effect, ("stage", change.from_stage or "", change.to_stage)
+
+
+def changes_stage(evaluations: Sequence[Evaluation]) -> bool:
+    """Whether the customer's stage changes at this evaluation: planned (for the
+    ``RecordStage`` alone) even when ``has_work`` says no journey can move."""
+    return any(e.subject.stage_change is not None for e in evaluations)
 
 
 def _by_customer(
@@ -422,6 +458,11 @@ class _CustomerPlanner:
         claimed = tuple(e.subject.event_id for e in events if e.subject.event_id is not None)
         if claimed:
             self.effects.append(ClaimEvents(claimed))
+        change = self.sweep.subject.stage_change if self.sweep is not None else None
+        if change is not None:
+            effect, tally = _record_stage(self.customer_id, change, self.rules, self.now)
+            self.effects.append(effect)
+            self.tally.append(tally)
         order = _order(self.rules)
         for event in events:
             self._event_came(event)

@@ -14,7 +14,8 @@ from sqlalchemy import Engine, bindparam, text
 
 from engine.data.uow import reading, unit_of_work
 from engine.evaluation.model import Evaluation
-from engine.journeys.plan import JourneyReport, has_work, plan
+from engine.journeys.effects import Plan
+from engine.journeys.plan import JourneyReport, changes_stage, has_work, plan, stage_plans
 from engine.journeys.store import Span, load_context, load_journeys, write
 from engine.playbooks.model import RuleSet
 
@@ -55,15 +56,23 @@ def _plan_and_write(
     with reading(db) as session:
         snapshots = load_journeys(session, ids, span, now - _goal_window(rules))
         busy = [c for c in ids if has_work(snapshots[c], by_customer[c], rules, now)]
-        if not busy:
+        # A customer whose stage changes and whose journeys cannot move is planned for
+        # the stage alone (stage_plans): no more snapshot, no journey planner.
+        busy_set = set(busy)
+        staged = [c for c in ids if c not in busy_set and changes_stage(by_customer[c])]
+        if not busy and not staged:
             return []
-        snapshots.update(load_context(session, snapshots, busy, rules, now))
+        if busy:
+            snapshots.update(load_context(session, snapshots, busy, rules, now))
     decided = plan(
         {c: snapshots[c] for c in busy},
         [e for c in busy for e in by_customer[c]],
         rules,
         now,
     )
+    if staged:
+        only = stage_plans([e for c in staged for e in by_customer[c]], rules, now)
+        decided = Plan(decided.customers + only.customers)
     with unit_of_work(db) as session:
         written = write(session, decided, rules, now)
     applied = decided.without(written.lost)

@@ -29,7 +29,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session
 
 from engine.data.bulk import BulkInsert, Encoded, encode_json
-from engine.data.models import Decision, Enrollment, Escalation, EscalationNote, Message
+from engine.data.models import (
+    Decision,
+    Enrollment,
+    Escalation,
+    EscalationNote,
+    Message,
+    StageTransition,
+)
 from engine.data.moments import moment_parameter, read_moment, session_moment
 from engine.journeys.effects import (
     CancelQueued,
@@ -47,6 +54,7 @@ from engine.journeys.effects import (
     OpenCaseEffect,
     Plan,
     Queue,
+    RecordStage,
     Ref,
     TouchCustomer,
     Touched,
@@ -71,6 +79,7 @@ MESSAGES: Table = Message.__table__  # type: ignore[attr-defined]
 CASES: Table = Escalation.__table__  # type: ignore[attr-defined]
 NOTES: Table = EscalationNote.__table__  # type: ignore[attr-defined]
 DECISIONS: Table = Decision.__table__  # type: ignore[attr-defined]
+TRANSITIONS: Table = StageTransition.__table__  # type: ignore[attr-defined]
 _DEADLOCK = "40P01"
 
 
@@ -281,6 +290,7 @@ def _write_all(
     failed (the caller rolls back) and how many queued messages were cancelled."""
     claims: dict[str, str] = {}
     moves: list[tuple[str, Move]] = []
+    stages: list[RecordStage] = []
     kinds: dict[type, list[Any]] = defaultdict(list)
     for customer in plan.customers:
         for effect in customer.effects:
@@ -288,10 +298,13 @@ def _write_all(
                 claims.update((event_id, customer.customer_id) for event_id in effect.event_ids)
             elif isinstance(effect, Move):
                 moves.append((customer.customer_id, effect))
+            elif isinstance(effect, RecordStage):
+                stages.append(effect)
             else:
                 kinds[type(effect)].append(effect)
     lost = set(_claim(session, claims, now))
     lost.update(_move(session, moves, now))
+    lost.update(_record_stages(session, stages))
     if lost:
         return sorted(lost), 0
     dialect = session.get_bind().dialect.name
@@ -315,6 +328,8 @@ def _write_all(
     rows = [_decision_row(d, refs, rules.version, now, documents) for d in kinds[Decide]]
     rows.extend(_cancelled_decisions(cancelled_rows, rules.version, now))
     _insert(dialect, connection, DECISIONS, _DECISION_COLUMNS, rows)
+    transitions = ((r.customer_id, r.from_stage, r.to_stage, r.at, r.rules_version) for r in stages)
+    _insert(dialect, connection, TRANSITIONS, _TRANSITION_COLUMNS, transitions)
     return [], len(cancelled_rows)
 
 
@@ -418,6 +433,49 @@ def _move_statement(dialect: str, rows: int) -> str:
         f"FROM (SELECT {columns} FROM (VALUES {values}) AS w) AS v "
         "WHERE enrollments.id = v.id AND enrollments.version = v.version "
         "AND enrollments.status = 'active' RETURNING enrollments.id"
+    )
+
+
+def _record_stages(session: Session, records: Sequence[RecordStage]) -> list[str]:
+    """One guarded UPDATE ... FROM (VALUES ...) RETURNING per chunk: a customer's stage
+    moves only from the stage the evaluation read; the customers whose stage another
+    evaluator recorded meanwhile lost (their history row is not written twice)."""
+    if not records:
+        return []
+    dialect = session.get_bind().dialect.name
+    moved: set[str] = set()
+    for chunk in _chunks(sorted(records, key=lambda r: r.customer_id)):
+        params: list[Any] = []
+        for record in chunk:
+            params.extend(
+                (
+                    record.customer_id,
+                    record.from_stage,
+                    record.to_stage,
+                    moment_parameter(dialect, record.at),
+                )
+            )
+        statement = _stage_statement(dialect, len(chunk))
+        moved.update(session.connection().exec_driver_sql(statement, tuple(params)).scalars())
+    return sorted({r.customer_id for r in records if r.customer_id not in moved})
+
+
+def _stage_statement(dialect: str, rows: int) -> str:
+    sqlite = dialect == "sqlite"
+    mark = "?" if sqlite else "%s"
+    kinds = (("id", "VARCHAR"), ("from_stage", "VARCHAR"), ("stage", "VARCHAR"))
+    columns = ", ".join(
+        (f"column{i + 1}" if sqlite else f"CAST(column{i + 1} AS {kind})") + f" AS {name}"
+        for i, (name, kind) in enumerate((*kinds, ("since", "TIMESTAMP WITH TIME ZONE")))
+    )
+    values = ", ".join(f"({mark}, {mark}, {mark}, {mark})" for _ in range(rows))
+    same = "IS" if sqlite else "IS NOT DISTINCT FROM"
+    return (
+        "UPDATE customers SET stage = v.stage, stage_since = v.since, "
+        "previous_stage = v.from_stage "
+        f"FROM (SELECT {columns} FROM (VALUES {values}) AS w) AS v "
+        f"WHERE customers.id = v.id AND customers.stage {same} v.from_stage "
+        "RETURNING customers.id"
     )
 
 
@@ -686,6 +744,7 @@ _DECISION_COLUMNS = (
     "rules_version",
     "facts",
 )
+_TRANSITION_COLUMNS = ("customer_id", "from_stage", "to_stage", "at", "rules_version")
 _EMPTY = Encoded("{}")
 
 

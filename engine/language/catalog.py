@@ -104,6 +104,25 @@ BUILTIN_FACTS: tuple[FactSpec, ...] = (
         example="Europe/London",
     ),
     FactSpec(
+        "stage",
+        FactType.STRING,
+        "The customer's lifecycle stage (rules/stages.yaml), decided at this evaluation; "
+        "unknown without a stage model.",
+        example="active",
+    ),
+    FactSpec(
+        "days_in_stage",
+        FactType.INT,
+        "Whole days since the customer entered their current stage (0 on the day it changed).",
+        example=12,
+    ),
+    FactSpec(
+        "previous_stage",
+        FactType.STRING,
+        "The stage before the current one; unknown for a customer who has only had one.",
+        example="onboarding",
+    ),
+    FactSpec(
         "event",
         FactType.STRING,
         "The type of the event that triggered this evaluation, like 'complaint'; unknown in a sweep.",

@@ -66,6 +66,7 @@ __all__ = [
     "Membership",
     "Node",
     "Not",
+    "atoms",
     "Or",
     "canonical_value",
     "check",
@@ -1013,6 +1014,15 @@ def _types_of(expr: Expr, catalog: FactCatalog) -> dict[str, FactType]:
             if spec is not None:
                 types[node.name] = spec.type
     return types
+
+
+def atoms(node: Node) -> Iterable[Atom]:
+    """Every comparison of a normal form."""
+    if isinstance(node, Atom):
+        yield node
+    elif isinstance(node, AllOf | AnyOf):
+        for term in node.terms:
+            yield from atoms(term)
 
 
 def _tree_facts(node: Node) -> Iterable[str]:

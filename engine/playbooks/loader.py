@@ -84,9 +84,11 @@ from engine.playbooks.schema import (
     PriorityBySpec,
     RosterSpec,
     SendSpec,
+    StagesSpec,
     StepSpec,
 )
 from engine.playbooks.yaml_source import Located, load_located
+from engine.stages.model import STAGE_FACTS, Stage, StageModel
 
 EVENT_ONLY_FACTS = ("event", "event_days_ago")
 
@@ -447,9 +449,19 @@ def load_policies(directory: Path, problems: list[SourceProblem]) -> Policies:
 class _ConditionChecker:
     """Parses and type-checks one condition, reporting at its place in the file."""
 
-    def __init__(self, located: Located, catalog: FactCatalog) -> None:
+    def __init__(
+        self,
+        located: Located,
+        catalog: FactCatalog,
+        stages: tuple[str, ...] | None = None,
+        *,
+        check_stages: bool = True,
+    ) -> None:
         self.located = located
         self.catalog = catalog
+        self.stages = stages  # the stage model's names; None: there is no stage model
+        # False when stages.yaml is there but broken: its own problems say enough.
+        self.check_stages = check_stages
 
     def compile(
         self, where: tuple[Any, ...], text: str | None, *, allow_event: bool
@@ -486,7 +498,35 @@ class _ConditionChecker:
         if too_wide is not None:
             self._report(where, 0, f"durable_rules cannot take this condition: {too_wide}")
             return None
+        if not self._stages_known(where, text, condition):
+            return None
         return condition
+
+    def _stages_known(self, where: tuple[Any, ...], text: str, condition: Condition) -> bool:
+        """``stage == "at_rsk"`` is a mistake the type checker cannot see: a stage fact is
+        compared with text that is no stage of rules/stages.yaml."""
+        used = sorted(condition.facts & set(STAGE_FACTS), key=lambda name: (text.find(name), name))
+        if not used or not self.check_stages:
+            return True
+        if self.stages is None:
+            self._report(
+                where,
+                max(text.find(used[0]), 0),
+                f"{used[0]!r} needs a stage model: add {STAGES_FILE} to the rules directory",
+            )
+            return False
+        good = True
+        for atom in conditions.atoms(condition.tree):
+            stage_text = atom.fact in ("stage", "previous_stage") and isinstance(atom.value, str)
+            if stage_text and atom.value not in self.stages:
+                hint = _did_you_mean(str(atom.value), list(self.stages))
+                self._report(
+                    where,
+                    max(text.find(str(atom.value)) - 1, 0),
+                    f"unknown stage {atom.value!r}{hint}; the stages are " + ", ".join(self.stages),
+                )
+                good = False
+        return good
 
     def _report(self, where: tuple[Any, ...], offset: int, message: str) -> None:
         line, column = self.located.condition_column(where, offset)
@@ -504,9 +544,14 @@ def _compile_playbook(
     templates: TemplateStore,
     policies: Policies,
     seen_ids: dict[str, str],
+    stages: StageModel | None = None,
+    *,
+    check_stages: bool = True,
 ) -> Playbook | None:
     before = _error_count(located)
-    checker = _ConditionChecker(located, catalog)
+    checker = _ConditionChecker(
+        located, catalog, stages.names if stages else None, check_stages=check_stages
+    )
     if spec.playbook in seen_ids:
         located.problems.append(
             located.at(
@@ -1205,7 +1250,93 @@ def _priority_key(
     return None
 
 
-RESERVED_FILES = ("catalog.yaml", "policies.yaml", ROSTER_FILE)
+STAGES_FILE = "stages.yaml"
+RESERVED_FILES = ("catalog.yaml", "policies.yaml", ROSTER_FILE, STAGES_FILE)
+_STAGE_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+def load_stages(
+    directory: Path, catalog: FactCatalog, problems: list[SourceProblem]
+) -> StageModel | None:
+    """The stage model of ``stages.yaml``, or None when the directory has none (then no
+    stage is recorded and the stage facts are unknown)."""
+    path = directory / STAGES_FILE
+    if not path.is_file():
+        return None
+    located = _read(path, problems, _display(path))
+    if located is None:
+        return None
+    spec: StagesSpec | None = _validate(located, StagesSpec) if not located.problems else None
+    if spec is None:
+        problems.extend(located.problems)
+        return None
+    before = _error_count(located)
+    checker = _ConditionChecker(located, catalog, check_stages=False)  # checked below
+    stages: list[Stage] = []
+    seen: set[str] = set()
+    if not spec.stages:
+        located.problems.append(located.at(("stages",), "list at least one stage"))
+    for i, stage in enumerate(spec.stages):
+        where = ("stages", i)
+        if not _STAGE_NAME.match(stage.stage):
+            located.problems.append(
+                located.at(
+                    (*where, "stage"),
+                    f"stage {stage.stage!r}: write a name of lower-case letters, digits and _,"
+                    " like at_risk",
+                )
+            )
+        elif stage.stage in seen:
+            located.problems.append(
+                located.at((*where, "stage"), f"stage {stage.stage!r} is listed twice")
+            )
+        seen.add(stage.stage)
+        last = i == len(spec.stages) - 1
+        condition = None
+        if stage.when is None and not last:
+            located.problems.append(
+                located.at(
+                    (*where, "stage"),
+                    f"stage {stage.stage!r} has no when: only the last stage is the catch-all "
+                    "(the stages after it could never match)",
+                )
+            )
+        elif stage.when is not None and last:
+            located.problems.append(
+                located.at(
+                    (*where, "when"),
+                    f"the last stage ({stage.stage!r}) is the catch-all: leave out its when, so "
+                    "that every customer has a stage",
+                )
+            )
+        elif stage.when is not None:
+            condition = checker.compile((*where, "when"), stage.when, allow_event=False)
+            for name in sorted(condition.facts & set(STAGE_FACTS)) if condition else ():
+                checker._report(
+                    (*where, "when"),
+                    max(str(stage.when).find(name), 0),
+                    f"{name!r} is decided by the stages themselves; a stage's when cannot use it",
+                )
+        label = stage.label or stage.stage.replace("_", " ").capitalize()
+        stages.append(Stage(stage.stage, label, stage.description.strip(), condition))
+    funnel = tuple(spec.funnel) if spec.funnel is not None else tuple(s.stage for s in spec.stages)
+    if spec.funnel is not None:
+        names = [s.stage for s in spec.stages]
+        for i, name in enumerate(spec.funnel):
+            if name not in names:
+                hint = _did_you_mean(name, names)
+                located.problems.append(located.at(("funnel", i), f"unknown stage {name!r}{hint}"))
+            elif spec.funnel.index(name) != i:
+                located.problems.append(located.at(("funnel", i), f"{name!r} is listed twice"))
+        missing = [name for name in names if name not in spec.funnel]
+        if missing:
+            located.problems.append(
+                located.at(("funnel",), "the funnel leaves out " + ", ".join(missing))
+            )
+    problems.extend(located.problems)
+    if _error_count(located) > before or not stages:
+        return None
+    return StageModel(tuple(stages), funnel, located.path)
 
 
 def load_rules(
@@ -1265,6 +1396,7 @@ def _load_once(directory: Path, templates_dir: Path, roster_path: Path, version:
     problems: list[SourceProblem] = []
     catalog, _ = load_catalog(directory, problems)
     policies = load_policies(directory, problems)
+    stages = load_stages(directory, catalog, problems)
     roster, roster_located = load_roster(roster_path, problems)
     templates = TemplateStore(Path(templates_dir))
     problems.extend(
@@ -1285,7 +1417,18 @@ def _load_once(directory: Path, templates_dir: Path, roster_path: Path, version:
             _validate(located, PlaybookSpec) if not located.problems else None
         )
         if spec is not None:
-            playbook = _compile_playbook(located, spec, catalog, templates, policies, seen)
+            playbook = _compile_playbook(
+                located,
+                spec,
+                catalog,
+                templates,
+                policies,
+                seen,
+                stages,
+                # A broken stages.yaml has said what is wrong with it; the playbooks'
+                # stage names are checked once it loads.
+                check_stages=stages is not None or not (directory / STAGES_FILE).is_file(),
+            )
             if playbook is not None:
                 playbooks[playbook.id] = playbook
                 files[playbook.id] = path.read_text(encoding="utf-8")
@@ -1312,4 +1455,5 @@ def _load_once(directory: Path, templates_dir: Path, roster_path: Path, version:
         directory=str(directory),
         files=files,
         warnings=tuple(sorted(warnings)),
+        stages=stages,
     )

@@ -16,6 +16,7 @@ from functools import cached_property
 from engine.errors import SourceProblem
 from engine.language.catalog import FactCatalog
 from engine.language.conditions import Condition
+from engine.stages.model import StageModel
 
 CHANNELS = ("email", "sms")
 PRIORITIES = ("urgent", "high", "normal", "low")
@@ -274,6 +275,7 @@ class RuleSet:
     files: dict[str, str] = field(default_factory=dict)  # playbook id -> file text
     # Things that load but should change (a deprecated key): `rules check` prints them
     warnings: tuple[SourceProblem, ...] = ()
+    stages: StageModel | None = None  # rules/stages.yaml; None: no stage is recorded
 
     def conditions(self) -> dict[str, Condition]:
         """Every condition to evaluate, by rule id (enter, exit, goal, each step's when)."""

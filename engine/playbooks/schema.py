@@ -146,6 +146,21 @@ class CatalogSpec(_Strict):
     topics: dict[str, TopicSpec] = {}
 
 
+class StageSpec(_Strict):
+    stage: str
+    label: str | None = None
+    description: str = ""
+    when: str | None = None  # None: the catch-all, which must come last
+
+
+class StagesSpec(_Strict):
+    """``rules/stages.yaml``: the stages in matching order (the first that holds wins)
+    and, optionally, the order the funnel shows them in."""
+
+    stages: list[StageSpec]
+    funnel: list[str] | None = None
+
+
 class CapSpec(_Strict):
     channel: Literal["any", "email", "sms"]
     max: int

@@ -95,10 +95,17 @@ def run_shard(
     with reading(db) as session:
         if shard.ids is not None:
             events = pending_events(session, list(shard.ids))
-            subjects = subjects_for(session, list(shard.ids), rules.catalog, now, events)
+            subjects = subjects_for(
+                session, list(shard.ids), rules.catalog, now, events, stages=rules.stages
+            )
         else:
             subjects = subjects_in_range(
-                session, rules.catalog, now, after=shard.after, upto=shard.upto
+                session,
+                rules.catalog,
+                now,
+                after=shard.after,
+                upto=shard.upto,
+                stages=rules.stages,
             )
     evaluations = _evaluate(evaluator, subjects)
     result = ShardResult(customers=sum(1 for s in subjects if s.event_id is None))

@@ -61,7 +61,7 @@ def explain_customer(
     journeys = _journeys(session, customer_id)
     snapshot = load_journeys(session, [customer_id])[customer_id]
     report: list[PlaybookExplanation] = []
-    base = subjects_for(session, [customer_id], rules.catalog, moment)[0]
+    base = subjects_for(session, [customer_id], rules.catalog, moment, stages=rules.stages)[0]
     for pid, playbook in sorted(rules.playbooks.items()):
         facts = base.facts
         event_note = None
@@ -71,7 +71,13 @@ def explain_customer(
                 event_note = f"waits for a new {playbook.enter_on!r} event; none is pending"
             else:
                 facts = subjects_for(
-                    session, [customer_id], rules.catalog, moment, [event], include_sweep=False
+                    session,
+                    [customer_id],
+                    rules.catalog,
+                    moment,
+                    [event],
+                    include_sweep=False,
+                    stages=rules.stages,
                 )[0].facts
                 event_note = f"pending {playbook.enter_on!r} event {event.id} of {event.occurred_at:%Y-%m-%d %H:%M}"
         parts = {"enter": playbook.enter}

@@ -35,7 +35,7 @@ from anyio import to_thread
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from itsdangerous import BadData, URLSafeSerializer
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, or_, select, text
 from sqlmodel import Session, col
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
@@ -52,17 +52,19 @@ from engine.data.models import (
     MessageStatus,
     Suppression,
 )
+from engine.data.moments import read_moment
 from engine.data.uow import reading, unit_of_work
 from engine.errors import IllegalTransition, InvalidChoice, LifecycleError, NotFound, RulesInvalid
 from engine.escalations import cases as escalations
 from engine.language.catalog import FactType
 from engine.playbooks.model import RuleSet
+from engine.usecases import lifecycle_report as kpis
 from engine.usecases import staff as staff_sessions
 from engine.usecases.messages import find_messages, parse_status
 from engine.usecases.playbook_report import MIN_SAMPLE, playbook_results, playbook_span, wilson
 from engine.web import WebState, web_state
 from engine.web.auth import SESSION_COOKIE, ConsoleSession
-from engine.web.charts import BarChart, RateChart
+from engine.web.charts import BarChart, FunnelChart, HeatMap, RateChart, TrendChart
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
@@ -430,7 +432,7 @@ class FactRow:
 
 
 def fact_rows(session: Session, rules: RuleSet, customer_id: str, now: datetime) -> list[FactRow]:
-    subjects = subjects_for(session, [customer_id], rules.catalog, now)
+    subjects = subjects_for(session, [customer_id], rules.catalog, now, stages=rules.stages)
     if not subjects:
         return []
     rows = []
@@ -826,6 +828,73 @@ def playbook_page(playbook_id: str, request: Request, since: str = "", until: st
         "rates": RateChart.of(arms, comparison) if result.goal else None,
     }
     return page(request, "playbook.html", context, staff)
+
+
+# ── lifecycle: stages and KPIs ──────────────────────────────────────────────────────
+
+
+def lifecycle_period(session: Session, since: str, until: str, today: date) -> Period:
+    """The period asked for (validated as on a playbook page), or by default the last
+    year of data: a simulated March shows up to March, not an empty present."""
+    first, last = _date_parameter("since", since), _date_parameter("until", until)
+    defaulted = first is None and last is None
+    if first is None or last is None:
+        row = session.execute(
+            text(
+                "SELECT (SELECT min(signed_up_at) FROM customers), "
+                "(SELECT max(occurred_at) FROM events)"
+            )
+        ).one()
+        data_first, data_last = read_moment(row[0]), read_moment(row[1])
+        if last is None:
+            last = (
+                data_last.date()
+                if data_last and (first is None or data_last.date() >= first)
+                else today
+            )
+        if first is None:
+            earliest = last - timedelta(days=MAX_PERIOD_DAYS - 1)
+            first = max(data_first.date(), earliest) if data_first else earliest
+            first = min(first, last)
+    if first > last:
+        raise ConsoleRefused(400, f"since ({first}) is after until ({last})")
+    if (last - first).days + 1 > MAX_PERIOD_DAYS:
+        raise ConsoleRefused(
+            400,
+            f"{first} to {last} is {(last - first).days + 1} days; "
+            f"show at most {MAX_PERIOD_DAYS} at a time",
+        )
+    return Period(first, last, defaulted)
+
+
+@router.get("/lifecycle")
+def lifecycle_page(request: Request, since: str = "", until: str = "") -> Response:
+    staff = signed_in(request)
+    web = web_state(request)
+    rules, rules_error = _rules(web)
+    if rules is None:
+        return error_page(request, 503, f"The rules do not load:\n{rules_error}", staff)
+    with reading(web.app.db) as session:
+        try:
+            period = lifecycle_period(session, since, until, web.app.clock().date())
+        except ConsoleRefused as refused:
+            return error_page(request, refused.status, refused.message, staff)
+        report = kpis.lifecycle_report(session, rules.stages, period.since, period.until)
+    froms, tos = report.transition_stages()
+    context = {
+        "section": "lifecycle",
+        "period": period,
+        "report": report,
+        "no_model": rules.stages is None,
+        "stages": rules.stages,
+        "froms": froms,
+        "tos": tos,
+        "historic": kpis.sum_revenue(report.cohorts),
+        "funnel": FunnelChart.of([(s.stage, s.label, s.customers) for s in report.stages]),
+        "heat": HeatMap.of([(c.month, c.size, c.retention) for c in report.cohorts]),
+        "trend": TrendChart.of([(start, n.score, n.answers) for start, n in report.nps_trend]),
+    }
+    return page(request, "lifecycle.html", context, staff)
 
 
 # ── messages by status ──────────────────────────────────────────────────────────────

@@ -689,3 +689,19 @@ def test_the_messages_page_lists_ambiguous_messages_with_what_is_needed_to_decid
     assert "lifecycle messages retry --status ambiguous --older-than 1h" in page.text
     assert client.get("/console/messages?status=sent").text.count('id="message-') == 0
     assert client.get("/console/messages?status=nonsense").status_code == 400
+
+
+def test_the_lifecycle_page_without_a_stage_model_or_data_says_so(client: TestClient) -> None:
+    assert sign_in(client).status_code == 303
+    page = client.get("/console/lifecycle")
+    assert page.status_code == 200
+    assert "There is no stage model (rules/stages.yaml)" in page.text
+    assert "no sign-ups in this period" in page.text
+    assert "no NPS answers in this period" in page.text
+    assert "No stage changed in this period." in page.text
+    for params, message in (
+        ({"since": "March"}, "since must be a date like 2026-03-01, not &#39;March&#39;"),
+        ({"since": "2024-01-01", "until": "2026-01-01"}, "show at most 366 at a time"),
+    ):
+        refused = client.get("/console/lifecycle", params=params)
+        assert refused.status_code == 400 and message in refused.text, params

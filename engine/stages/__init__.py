@@ -1,0 +1,1 @@
+"""Lifecycle stages: the stage model of ``rules/stages.yaml`` and where a customer stands."""
