@@ -17,6 +17,7 @@ from engine.cli import (  # noqa: F401
     rules,
     running,
     staff,
+    workers,
 )
 from engine.cli.common import app
 

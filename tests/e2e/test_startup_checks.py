@@ -148,6 +148,9 @@ def test_every_problem_is_named_at_once() -> None:
         "LIFECYCLE_SENDGRID_API_KEY",
         "LIFECYCLE_SECRET_KEY",
         "LIFECYCLE_SECRET_KEY_PREVIOUS",
+        # A worker is the dramatiq runner's: it needs a broker and PostgreSQL too.
+        "LIFECYCLE_BROKER_URL",
+        "LIFECYCLE_DATABASE_URL",
     ]
     assert str(refused.value).splitlines()[0] == "lifecycle worker refuses to start:"
     assert "lists the published default key" in str(refused.value)
