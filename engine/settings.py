@@ -72,6 +72,12 @@ class Settings(BaseSettings):
         description="the Dramatiq broker: `amqp://guest:guest@127.0.0.1:5672/` (RabbitMQ) or "
         "`redis://127.0.0.1:6379/0`",
     )
+    queue_prefix: str = Field(
+        default="lifecycle",
+        pattern="^[a-z][a-z0-9_]{0,30}$",
+        description="the Dramatiq queues are `<prefix>-evaluate`, `-realtime`, `-dispatch`, "
+        "`-sla` (two projects on one broker: two prefixes)",
+    )
     rate_limit_url: str | None = Field(
         default=None,
         pattern="^(redis|rediss)://",

@@ -108,7 +108,7 @@ def run(
         )
         scheduler = LifecycleScheduler(
             application,
-            runner=DramatiqRunner(application, Actors(broker, None)),
+            runner=DramatiqRunner(application, Actors(broker, None, settings.queue_prefix)),
             leadership=leadership,
         )
         scheduler.run_forever()

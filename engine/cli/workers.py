@@ -38,8 +38,9 @@ def worker(
         str | None,
         typer.Option(
             "--queues",
-            help="Only these queues, comma-separated (lifecycle-realtime, lifecycle-dispatch, "
-            "lifecycle-sla, lifecycle-evaluate; default: all).",
+            help="Only these queues, comma-separated (with the default prefix: "
+            "lifecycle-realtime, lifecycle-dispatch, lifecycle-sla, lifecycle-evaluate; "
+            "default: all).",
         ),
     ] = None,
     migrate: Annotated[
@@ -52,23 +53,26 @@ def worker(
     """Run the dramatiq runner's tasks (evaluation shards, dispatch batches, SLA checks)
     from LIFECYCLE_BROKER_URL until SIGINT or SIGTERM; `lifecycle run --runner dramatiq`
     plans them."""
-    from engine.runners.distributed import QUEUES, WorkerProcess, make_broker
+    from engine.runners.distributed import WorkerProcess, make_broker
     from engine.runners.tasks import TaskContext
 
     application = start_app("worker", log_level=logging.INFO, migrate=migrate)
     rules = rules_of(application)
     settings = application.settings
+    from engine.runners.distributed import queues as queues_of
+
+    known = queues_of(settings.queue_prefix)
     chosen = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
-    unknown = sorted(set(chosen or ()) - set(QUEUES))
+    unknown = sorted(set(chosen or ()) - set(known))
     if unknown:
-        raise fail(f"--queues: no queue {', '.join(unknown)}; the queues are {', '.join(QUEUES)}")
+        raise fail(f"--queues: no queue {', '.join(unknown)}; the queues are {', '.join(known)}")
     try:
         broker = make_broker(settings.broker_url)
     except LifecycleError as exc:
         raise fail(str(exc)) from exc
     context = TaskContext(application)
     process = WorkerProcess(
-        context, broker, threads=threads or settings.worker_threads, queues=chosen
+        context, broker, threads=threads or settings.worker_threads, only=chosen
     )
     stopped = threading.Event()
 
@@ -82,7 +86,7 @@ def worker(
     out.print(
         f"lifecycle worker {context.worker}: rules version {rules.version}, "
         f"{plural(threads or settings.worker_threads, 'thread')}, queues "
-        f"{', '.join(chosen or QUEUES)}; Ctrl-C stops it",
+        f"{', '.join(chosen or known)}; Ctrl-C stops it",
         markup=False,
     )
     stopped.wait()
@@ -107,7 +111,7 @@ def status(
 
         try:
             broker = make_broker(settings.broker_url)
-            queues = queue_depths(broker)
+            queues = queue_depths(broker, settings.queue_prefix)
             broker.close()
         except Exception as exc:  # the broker down is itself a status to show
             queues = None

@@ -60,14 +60,21 @@ class Route:
     priority: int  # lower runs first when a worker holds several
 
 
-ROUTES: dict[str, Route] = {
-    "realtime": Route("lifecycle_realtime", "lifecycle-realtime", 0),
-    "dispatch": Route("lifecycle_dispatch", "lifecycle-dispatch", 10),
-    "sla": Route("lifecycle_sla", "lifecycle-sla", 20),
-    "evaluate": Route("lifecycle_evaluate", "lifecycle-evaluate", 50),
-    "full_sweep": Route("lifecycle_evaluate", "lifecycle-evaluate", 50),
-}
-QUEUES = tuple(dict.fromkeys(route.queue for route in ROUTES.values()))
+def routes(prefix: str = "lifecycle") -> dict[str, Route]:
+    """Where each kind of task goes: its actor, its queue (``<prefix>-...``), its priority."""
+    return {
+        "realtime": Route("lifecycle_realtime", f"{prefix}-realtime", 0),
+        "dispatch": Route("lifecycle_dispatch", f"{prefix}-dispatch", 10),
+        "sla": Route("lifecycle_sla", f"{prefix}-sla", 20),
+        "evaluate": Route("lifecycle_evaluate", f"{prefix}-evaluate", 50),
+        "full_sweep": Route("lifecycle_evaluate", f"{prefix}-evaluate", 50),
+    }
+
+
+def queues(prefix: str = "lifecycle") -> tuple[str, ...]:
+    return tuple(dict.fromkeys(route.queue for route in routes(prefix).values()))
+
+
 MAX_RETRIES = 20  # Dramatiq's exponential backoff: the last retry comes hours later
 REALTIME_STALE = timedelta(seconds=30)  # a real-time tick not done by then: plan the next
 
@@ -92,11 +99,18 @@ class Actors:
     """The actors, declared on ``broker``. A scheduler declares them to send; a worker
     declares them with its ``context`` to run them."""
 
-    def __init__(self, broker: dramatiq.Broker, context: Callable[[], TaskContext] | None) -> None:
+    def __init__(
+        self,
+        broker: dramatiq.Broker,
+        context: Callable[[], TaskContext] | None,
+        prefix: str = "lifecycle",
+    ) -> None:
         self.broker = broker
         self._context = context
+        self.routes = routes(prefix)
+        self.queues = queues(prefix)
         self.by_name: dict[str, dramatiq.Actor[Any, Any]] = {}
-        for kind, route in ROUTES.items():
+        for kind, route in self.routes.items():
             if route.actor in self.by_name:
                 continue
             declare = dramatiq.actor(
@@ -130,7 +144,7 @@ class Actors:
 
     def send(self, tasks: Sequence[PlannedTask]) -> None:
         for task in tasks:
-            self.by_name[ROUTES[task.kind].actor].send(task_message(task))
+            self.by_name[self.routes[task.kind].actor].send(task_message(task))
 
 
 class DramatiqRunner:
@@ -197,10 +211,10 @@ class DramatiqRunner:
         return stale_after(timedelta(seconds=self.app.settings.dispatch_lease_seconds))
 
 
-def queue_depths(broker: dramatiq.Broker) -> dict[str, int | None]:
+def queue_depths(broker: dramatiq.Broker, prefix: str = "lifecycle") -> dict[str, int | None]:
     """Messages waiting in each queue (None where the broker cannot tell)."""
     depths: dict[str, int | None] = {}
-    for queue in QUEUES:
+    for queue in queues(prefix):
         try:
             if isinstance(broker, StubBroker):
                 depths[queue] = broker.queues[queue].qsize() if queue in broker.queues else 0
@@ -227,14 +241,14 @@ class WorkerProcess:
         broker: dramatiq.Broker,
         *,
         threads: int,
-        queues: Sequence[str] | None = None,
+        only: Sequence[str] | None = None,
         beat: float = 5.0,
     ) -> None:
         self.context = context
         self.broker = broker
-        self.actors = Actors(broker, lambda: context)
+        self.actors = Actors(broker, lambda: context, context.app.settings.queue_prefix)
         self.worker = dramatiq.Worker(
-            broker, worker_threads=threads, queues=set(queues) if queues else None
+            broker, worker_threads=threads, queues=set(only) if only else None
         )
         self.beat = beat
         self._stopped = threading.Event()

@@ -135,8 +135,9 @@ def _dispatch(ctx: TaskContext, task: PlannedTask, rules: RuleSet) -> dict[str, 
         throttle=ctx.throttle,
     )
     try:
-        # The worker's clock, not the tick's: a batch sends what is due when it runs.
-        report = dispatcher.run_once(app.clock(), limit=int(task.payload.get("limit", 200)))
+        # The tick's moment, like every tick function: due rows, quiet hours and backoff
+        # are judged at it (leases keep to their own clock, engine.delivery.lease).
+        report = dispatcher.run_once(task.now, limit=int(task.payload.get("limit", 200)))
     finally:
         dispatcher.close()
     return {

@@ -22,7 +22,7 @@ from engine.data.db import make_engine, upgrade
 from engine.data.seed import seed
 from engine.data.uow import reading
 from engine.errors import RulesVersionMismatch
-from engine.runners.distributed import QUEUES, DramatiqRunner, WorkerProcess
+from engine.runners.distributed import DramatiqRunner, WorkerProcess
 from engine.runners.runner import InlineRunner
 from engine.runners.tasks import HANDLERS, TaskContext, run_task
 from engine.runners.tickbook import last_ticks, start_task
@@ -72,7 +72,7 @@ def worker(app: App, broker: StubBroker) -> Iterator[WorkerProcess]:
 
 
 def drain(broker: StubBroker, process: WorkerProcess) -> None:
-    for queue in QUEUES:
+    for queue in process.actors.queues:
         broker.join(queue, fail_fast=True)
     process.worker.join()
 
