@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
 
-.PHONY: demo run test test-fast crash-test bench soak experiment lint clean venv browser readme
+.PHONY: demo run test test-fast crash-test chaos bench soak experiment lint clean venv browser readme
 
 $(BIN)/python:
 	@test -n "$(PYVER)" || { echo "Python 3.11 or later is required (PYTHON=$(PYTHON) does not run)"; exit 1; }
@@ -63,6 +63,11 @@ crash-test: venv
 	LIFECYCLE_CRASH_KILL_POINTS=10 LIFECYCLE_CRASH_REPORT=bench-results/crash.jsonl \
 		$(BIN)/python -m pytest -q tests/integration/test_dispatch_crash.py
 	$(BIN)/python -m tests.support.crash_report bench-results/crash.jsonl
+
+# The distributed runner's chaos run (PostgreSQL + RabbitMQ, two workers, SIGKILLs, a
+# scheduler taken over): 100,000 customers by default, many minutes; prints its counts.
+chaos: venv
+	$(BIN)/python -m bench.chaos --customers $(or $(SIZE),100000)
 
 # make bench                        the full run (1,000,000 customers: many minutes)
 # make bench CUSTOMERS=100000        a quick one; DATABASES=sqlite to leave PostgreSQL out

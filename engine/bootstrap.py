@@ -153,7 +153,7 @@ def build_throttle(settings: Settings) -> Any:
         ) from None
     url = rate_limit_url(settings)
     backend = RedisBackend(url=url) if url else StubBackend()
-    return Throttle(backend, rates)
+    return Throttle(backend, rates, prefix=settings.queue_prefix)
 
 
 def distributed_problems(settings: Settings, command: str) -> list[ConfigurationError]:

@@ -41,7 +41,7 @@ def tick(
 ) -> None:
     """Run one evaluation tick, one SLA check, one dispatch and housekeeping, then stop."""
     from engine.runners.housekeeping import housekeeping_tick
-    from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
+    from engine.runners.ticks import dispatch_tick, evaluation_tick, record_tick, sla_tick
 
     application = start_app("tick")
     rules = rules_of(application)
@@ -51,6 +51,8 @@ def tick(
     notified = sla_tick(application, moment, rules=rules)
     sent = dispatch_tick(application, moment, rules=rules)
     pruned = housekeeping_tick(application, moment)
+    for kind in ("full_sweep" if report.full else "evaluate", "sla", "dispatch"):
+        record_tick(application, kind, moment)
     j = report.journeys
     out.print(
         f"evaluated {plural(report.customers, 'customer')}: {j.total('enrolled')} enrolled, "

@@ -39,13 +39,11 @@ class Throttle:
         rates: Mapping[str, int],
         *,
         prefix: str = "lifecycle",
-        clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.backend = backend
         self.rates = {channel: limit for channel, limit in rates.items() if limit > 0}
         self.prefix = prefix
-        self.clock = clock
         self.sleep = sleep
         self._limiters = {
             channel: BucketRateLimiter(backend, self._key(channel), limit=limit, bucket=BUCKET_MS)
@@ -53,6 +51,9 @@ class Throttle:
         }
         self._lock = threading.Lock()
         self.waited = 0.0  # seconds spent waiting for a slot (for reports and tests)
+
+    def limiter(self, channel: str) -> BucketRateLimiter | None:
+        return self._limiters.get(channel)
 
     def _key(self, channel: str) -> str:
         return f"{self.prefix}:rate:{channel}"
@@ -83,7 +84,7 @@ class Throttle:
         if limit is None:
             return
         pause = min(MAX_PAUSE_S, max(seconds or DEFAULT_PAUSE_S, 0.001))
-        now_ms = int(self.clock() * 1000)
+        now_ms = int(time.time() * 1000)  # the limiter's clock: its buckets are wall-clock seconds
         first = now_ms - now_ms % BUCKET_MS
         last = now_ms + int(pause * 1000)
         for bucket in range(first, last + 1, BUCKET_MS):
@@ -95,5 +96,5 @@ class Throttle:
         log.warning("%s: provider rate limit (429): every sender pauses %.1fs", channel, pause)
 
     def _to_next_bucket(self) -> float:
-        now_ms = self.clock() * 1000
+        now_ms = time.time() * 1000
         return max(0.001, (BUCKET_MS - now_ms % BUCKET_MS) / 1000)

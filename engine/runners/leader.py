@@ -89,6 +89,9 @@ class Leadership:
     def release(self) -> None:
         if self._connection is not None:
             try:
-                self._connection.close()  # the session ends: the lock is released
+                # The session itself ends (not back to the pool, where it would keep the
+                # lock): as when the process dies.
+                self._connection.invalidate()
+                self._connection.close()
             finally:
                 self._connection = None

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from engine.bootstrap import App
 from engine.data.uow import unit_of_work
@@ -34,9 +34,6 @@ from engine.evaluation.evaluators import Evaluator, make_evaluator
 from engine.playbooks.model import RuleSet
 from engine.runners.shards import Shard, run_shard
 from engine.runners.tickbook import PlannedTask, finish_task, start_task
-
-if TYPE_CHECKING:
-    from engine.delivery.throttle import Throttle
 
 log = logging.getLogger("lifecycle.tasks")
 
@@ -51,7 +48,6 @@ class TaskContext:
 
     app: App
     worker: str = field(default_factory=worker_name)
-    throttle: Throttle | None = None
     dispatch_config: Any = None  # a DispatchConfig; None: the app's (engine.runners.ticks)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _local: threading.local = field(default_factory=threading.local)
@@ -132,7 +128,7 @@ def _dispatch(ctx: TaskContext, task: PlannedTask, rules: RuleSet) -> dict[str, 
         app.channels,
         config,
         worker_id=ctx.worker,
-        throttle=ctx.throttle,
+        throttle=app.throttle,
     )
     try:
         # The tick's moment, like every tick function: due rows, quiet hours and backoff

@@ -141,7 +141,12 @@ def dispatch_config(app: App) -> DispatchConfig:
 
 def dispatch_tick(app: App, now: datetime, *, rules: RuleSet | None = None) -> DispatchReport:
     dispatcher = Dispatcher(
-        app.db, rules or app.rules, app.templates, app.channels, dispatch_config(app)
+        app.db,
+        rules or app.rules,
+        app.templates,
+        app.channels,
+        dispatch_config(app),
+        throttle=app.throttle,
     )
     try:
         return dispatcher.run_once(now)

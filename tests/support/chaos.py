@@ -153,6 +153,7 @@ def chaos_services(config: ChaosConfig) -> Iterator[tuple[FakeProvider, str, str
 def run_chaos(config: ChaosConfig) -> dict[str, Any]:
     control, inline_seconds = inline_control(config)
     db = make_engine(config.database_url)
+    upgrade(db)  # a fresh schema (bench); the tests' is migrated already (a no-op)
     seed(db, config.customers, config.now)
     result: dict[str, Any] = {
         "customers": config.customers,
