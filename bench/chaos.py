@@ -58,6 +58,13 @@ def main() -> int:
         )
         result = run_chaos(config)
     finally:
+        logs = work / "logs"
+        if logs.exists():  # the workers' and schedulers' logs outlive the run
+            import shutil
+
+            kept = ROOT / "bench-results" / "chaos-logs"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(logs, kept)
         drop_database("postgres", url, work)
     result["load_average"] = os.getloadavg()
     checks = {

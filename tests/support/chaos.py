@@ -230,6 +230,15 @@ def _dispatch(
     webhook_url: str,
 ) -> dict[str, Any]:
     keys = sendgrid_webhook_keypair()
+    posted = 0
+
+    def post_new_events() -> None:
+        # As SendGrid posts as it goes: the events of what it accepted since the last post.
+        nonlocal posted
+        events = fake.sendgrid_events()
+        post_sendgrid_events(webhook_url, events[posted:], keys.private_key, batch_size=250)
+        posted = len(events)
+
     killed = False
     ticks = 0
     started = time.perf_counter()
@@ -244,12 +253,12 @@ def _dispatch(
                 cluster.kill("worker-b")
                 killed = True
                 cluster.worker("worker-b2", config.threads)
-                post_sendgrid_events(webhook_url, fake.sendgrid_events(), keys.private_key)
+                post_new_events()
             assert time.monotonic() < deadline, "dispatch did not finish"
             time.sleep(0.05)
         states = message_statuses(db)
         if not (states["queued"] or states["sending"]) and killed:
-            post_sendgrid_events(webhook_url, fake.sendgrid_events(), keys.private_key)
+            post_new_events()
             counted = receipts(fake, db)
             # Ambiguous SMS are settled by asking Twilio; emails by SendGrid's events.
             if counted["ambiguous_received"] == 0 and not _ambiguous_sms(db):
