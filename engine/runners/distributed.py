@@ -165,7 +165,9 @@ class DramatiqRunner:
 
     def evaluate(self, now: datetime, rules: RuleSet, *, full: bool) -> str:
         kind = "full_sweep" if full else "evaluate"
-        if self._busy((kind,), self._stale()):
+        # An incremental tick waits for any evaluation in progress (a full sweep covers
+        # it); a full sweep only for the previous full sweep.
+        if self._busy((kind,) if full else ("evaluate", "full_sweep"), self._stale()):
             return f"{kind}: the previous tick is still being worked on; not planned"
         tasks = plan_evaluation(self.app, now, full=full, rules=rules, planned_at=self.app.clock())
         self._enqueue(kind, now, tasks)
