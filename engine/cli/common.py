@@ -123,6 +123,8 @@ def start_app(
     except ConfigurationError as exc:
         raise fail(str(exc)) from exc
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The Twilio SDK logs every request's headers at INFO: one line a message, no news.
+    logging.getLogger("twilio.http_client").setLevel(max(log_level, logging.WARNING))
     for warning in warnings:
         log.warning(warning)
     return load_app(settings, create=migrate)
