@@ -197,14 +197,14 @@ class DramatiqRunner:
 
     def maintain(self, now: datetime) -> str | None:
         """Complete ticks whose tasks are all done, enqueue again the tasks that never came
-        back, and prune old ticks."""
+        back, and prune completed ticks older than a day."""
         clock = self.app.clock()
         completed = complete_finished(self.app.db, clock, write_watermark=watermark_writer(clock))
         lost = stale_tasks(self.app.db, clock - self._stale())
         if lost:
             self.actors.send(lost)
             mark_enqueued(self.app.db, lost, clock)
-        prune_ticks(self.app.db, clock - timedelta(days=7))
+        prune_ticks(self.app.db, clock - timedelta(days=1))  # status shows only the latest
         if not (completed or lost):
             return None
         return f"tick book: {completed} tick(s) completed, {len(lost)} lost task(s) enqueued again"
