@@ -213,7 +213,8 @@ def _row(r: dict[str, Any], sqlite: dict[str, dict[str, Any]]) -> str:
         return (
             f"| event (API) to queued message, {where}, {r['rate']} events/s for "
             f"{r['seconds']} s | p50 {r['p50_s']} s, p95 {r['p95_s']} s, p99 {r['p99_s']} s, "
-            f"max {r['max_s']} s; {r['missing_after_30s']} without a message after 30 s | | "
+            f"max {r['max_s']} s; {r['missing_after_30s']} without a message after 30 s; "
+            f"from the event stored: p50 {r['stored_p50_s']} s, p99 {r['stored_p99_s']} s | | "
             "p99 ≤ 2 s |"
         )
     if case == "soak":

@@ -151,6 +151,7 @@ def latency(runner: str, rate: int, seconds: int) -> dict[str, Any]:
     from sqlalchemy import text
 
     from engine.data.db import make_engine, upgrade
+    from engine.data.moments import read_moment
     from tests.support.cluster import delete_queues
 
     work = Path(tempfile.mkdtemp(prefix="lifecycle-bench-"))
@@ -208,6 +209,16 @@ def latency(runner: str, rate: int, seconds: int) -> dict[str, Any]:
         stop.set()
         poller.join(timeout=5)
         delays = sorted(seen[c] - at for c, at in sent.items() if c in seen)
+        # From the moment the API stored the event (its received_at): the engine's part,
+        # without the time a request waited for a busy API.
+        with db.connect() as connection:
+            stored = {
+                customer: read_moment(at).timestamp()  # type: ignore[union-attr]
+                for customer, at in connection.execute(
+                    text("SELECT customer_id, received_at FROM events WHERE type = 'signed_up'")
+                )
+            }
+        after_store = sorted(seen[c] - stored[c] for c in sent if c in seen and c in stored)
         result.update(
             {
                 "events": len(sent),
@@ -220,11 +231,18 @@ def latency(runner: str, rate: int, seconds: int) -> dict[str, Any]:
                 "p99_s": _pct(delays, 99),
                 "max_s": round(delays[-1], 3) if delays else None,
                 "mean_s": round(statistics.fmean(delays), 3) if delays else None,
+                "stored_p50_s": _pct(after_store, 50),
+                "stored_p95_s": _pct(after_store, 95),
+                "stored_p99_s": _pct(after_store, 99),
+                "api_p50_s": _pct(
+                    sorted(stored[c] - at for c, at in sent.items() if c in stored), 50
+                ),
             }
         )
     finally:
         cluster.stop()
         db.dispose()
+        _keep_logs(work, f"latency-{runner}")
         if runner == "dramatiq":
             delete_queues(
                 RABBITMQ, [f"{prefix}-{k}" for k in ("realtime", "dispatch", "sla", "evaluate")]
@@ -233,6 +251,17 @@ def latency(runner: str, rate: int, seconds: int) -> dict[str, Any]:
         else:
             drop_database("sqlite", url, work)
     return result
+
+
+def _keep_logs(work: Path, name: str) -> None:
+    """The processes' logs outlive the run, in bench-results/logs-NAME/."""
+    import shutil
+
+    logs = work / "logs"
+    if logs.exists():
+        kept = ROOT / "bench-results" / f"logs-{name}"
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.copytree(logs, kept)
 
 
 def _customers(db: Any, ids: list[str]) -> None:
