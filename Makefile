@@ -71,6 +71,8 @@ chaos: venv
 
 # make bench                        the full run (1,000,000 customers: many minutes)
 # make bench CUSTOMERS=100000        a quick one; DATABASES=sqlite to leave PostgreSQL out
+# (also: BENCH_DISTRIBUTED=100000 a full sweep inline vs two Dramatiq workers, BENCH_LATENCY_S=60
+#  event-to-queued-message at 100 events/s through the API; 0 skips either)
 CUSTOMERS ?= 1000000
 DATABASES ?= sqlite,postgres
 bench: venv

@@ -48,7 +48,6 @@ class TaskContext:
 
     app: App
     worker: str = field(default_factory=worker_name)
-    dispatch_config: Any = None  # a DispatchConfig; None: the app's (engine.runners.ticks)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _local: threading.local = field(default_factory=threading.local)
 
@@ -120,13 +119,12 @@ def _dispatch(ctx: TaskContext, task: PlannedTask, rules: RuleSet) -> dict[str, 
     from engine.runners.ticks import dispatch_config
 
     app = ctx.app
-    config = ctx.dispatch_config or dispatch_config(app)
     dispatcher = Dispatcher(
         app.db,
         rules,
         app.templates,
         app.channels,
-        config,
+        dispatch_config(app),
         worker_id=ctx.worker,
         throttle=app.throttle,
     )
