@@ -35,6 +35,7 @@ from engine.runners.tickbook import (
     PlannedTask,
     complete_finished,
     heartbeat,
+    ids_in_flight,
     mark_enqueued,
     open_tick,
     prune_ticks,
@@ -76,7 +77,7 @@ def queues(prefix: str = "lifecycle") -> tuple[str, ...]:
 
 
 MAX_RETRIES = 20  # Dramatiq's exponential backoff: the last retry comes hours later
-REALTIME_STALE = timedelta(seconds=30)  # a real-time tick not done by then: plan the next
+REALTIME_STALE = timedelta(seconds=30)  # a real-time task not done by then: plan its ids again
 
 
 def make_broker(url: str | None) -> dramatiq.Broker:
@@ -174,9 +175,9 @@ class DramatiqRunner:
         return f"{kind}: {len(tasks)} shard(s) enqueued"
 
     def realtime(self, now: datetime, rules: RuleSet) -> str | None:
-        if self._busy(("realtime",), REALTIME_STALE):
-            return None
-        tasks = plan_realtime(self.app, now, rules=rules, planned_at=self.app.clock())
+        clock = self.app.clock()
+        waiting = ids_in_flight(self.app.db, "realtime", clock - REALTIME_STALE)
+        tasks = plan_realtime(self.app, now, rules=rules, planned_at=clock, in_flight=waiting)
         if not tasks:
             return None
         self._enqueue("realtime", now, tasks)

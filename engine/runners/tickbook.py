@@ -288,3 +288,21 @@ def workers_seen(db: Engine, since: datetime) -> list[WorkerSeen]:
     with reading(db) as session:
         statement = select(WorkerSeen).where(WorkerSeen.seen_at >= since)  # type: ignore[arg-type]
         return list(session.scalars(statement.order_by(WorkerSeen.id)))  # type: ignore[arg-type]
+
+
+def ids_in_flight(db: Engine, kind: str, younger_than: datetime) -> set[str]:
+    """The customer ids of the undone tasks of unfinished ticks of ``kind`` planned after
+    ``younger_than``: the real-time path plans them no second time while they wait."""
+    statement = (
+        select(TASKS.c.payload)
+        .join(TICKS, TICKS.c.id == TASKS.c.tick_id)
+        .where(
+            TICKS.c.kind == kind,
+            TICKS.c.completed_at.is_(None),
+            TICKS.c.planned_at > younger_than,
+            TASKS.c.done_at.is_(None),
+        )
+    )
+    with reading(db) as session:
+        payloads = session.execute(statement).scalars().all()
+    return {str(i) for payload in payloads for i in payload.get("ids", ())}

@@ -239,10 +239,18 @@ def plan_evaluation(
 
 
 def plan_realtime(
-    app: App, now: datetime, *, rules: RuleSet, planned_at: datetime
+    app: App,
+    now: datetime,
+    *,
+    rules: RuleSet,
+    planned_at: datetime,
+    in_flight: set[str] | frozenset[str] = frozenset(),
 ) -> list[PlannedTask]:
+    """A real-time tick for the customers with pending events, but those ``in_flight``
+    (in a real-time task not done yet): a busy worker delays only its own task's
+    customers, never the next second's."""
     with reading(app.db) as session:
-        ids = pending_customer_ids(session)
+        ids = [i for i in pending_customer_ids(session) if i not in in_flight]
     if not ids:
         return []
     payloads = [shard_payload(s) for s in shards_of(ids, REALTIME_SHARD)]

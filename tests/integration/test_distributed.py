@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dramatiq import Message
 from dramatiq.brokers.stub import StubBroker
 from sqlalchemy import Engine, text
 
@@ -22,7 +23,7 @@ from engine.data.db import make_engine, upgrade
 from engine.data.seed import seed
 from engine.data.uow import reading
 from engine.errors import RulesVersionMismatch
-from engine.runners.distributed import DramatiqRunner, WorkerProcess
+from engine.runners.distributed import Actors, DramatiqRunner, WorkerProcess
 from engine.runners.runner import InlineRunner
 from engine.runners.tasks import HANDLERS, TaskContext, run_task
 from engine.runners.tickbook import last_ticks, start_task
@@ -235,3 +236,21 @@ def test_dispatch_and_sla_batches_run_on_workers(
     assert [m.to for m in channel.emails()] == ["ada@example.com"]
     ticks = last_ticks(app.db)
     assert ticks["dispatch"].completed_at is not None and ticks["sla"].completed_at is not None
+
+
+def test_a_realtime_task_waiting_holds_up_only_its_own_customers(app: App, now: datetime) -> None:
+    app.clock = lambda: now
+    broker = StubBroker()  # no worker: what is enqueued waits
+    runner = DramatiqRunner(app, Actors(broker, None))
+    signed_up(app, "ada", now)
+    assert runner.realtime(now, app.rules) == "real-time: 1 task(s) enqueued"
+    assert runner.realtime(now, app.rules) is None  # ada's task waits: not planned twice
+    signed_up(app, "bob", now)
+    waiting = runner.realtime(now, app.rules)
+    assert waiting == "real-time: 1 task(s) enqueued"  # bob's, without ada
+    queued = [
+        Message.decode(data).args[0]["payload"]
+        for data in broker.queues["lifecycle-realtime"].queue
+    ]
+    assert queued == [{"ids": ["ada"]}, {"ids": ["bob"]}]
+    broker.close()
