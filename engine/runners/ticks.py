@@ -213,7 +213,7 @@ def realtime_tick(app: App, now: datetime, *, rules: RuleSet | None = None) -> T
 
 # ── planning for the distributed runner: the tasks of a tick ─────────────────────
 
-REALTIME_SHARD = 100  # customers per real-time task: small, so several workers share a burst
+REALTIME_SHARD = 25  # customers per real-time task: small, so every worker thread shares a burst
 DISPATCH_TASKS_MAX = 16  # dispatch batches enqueued per dispatch tick
 
 
