@@ -14,7 +14,7 @@ BIN := $(VENV)/bin
 LIFECYCLE := $(BIN)/lifecycle
 DEMO_DB := sqlite:///demo.db
 
-.PHONY: demo run test test-fast crash-test bench bench-rules-diff bench-lifecycle soak experiment lint clean venv browser readme
+.PHONY: demo run test test-fast crash-test chaos bench bench-rules-diff bench-lifecycle soak experiment lint clean venv browser readme
 
 $(BIN)/python:
 	@test -n "$(PYVER)" || { echo "Python 3.11 or later is required (PYTHON=$(PYTHON) does not run)"; exit 1; }
@@ -64,8 +64,15 @@ crash-test: venv
 		$(BIN)/python -m pytest -q tests/integration/test_dispatch_crash.py
 	$(BIN)/python -m tests.support.crash_report bench-results/crash.jsonl
 
+# The distributed runner's chaos run (PostgreSQL + RabbitMQ, two workers, SIGKILLs, a
+# scheduler taken over): 100,000 customers by default, many minutes; prints its counts.
+chaos: venv
+	$(BIN)/python -m bench.chaos --customers $(or $(SIZE),100000)
+
 # make bench                        the full run (1,000,000 customers: many minutes)
 # make bench CUSTOMERS=100000        a quick one; DATABASES=sqlite to leave PostgreSQL out
+# (also: BENCH_DISTRIBUTED=100000 a full sweep inline vs two Dramatiq workers, BENCH_LATENCY_S=60
+#  event-to-queued-message at 100 events/s through the API; 0 skips either)
 CUSTOMERS ?= 1000000
 DATABASES ?= sqlite,postgres
 bench: venv

@@ -7,6 +7,16 @@ run catches up everything (the tick functions work from the database's state, no
 how many ticks were missed). ``max_instances=1``: a slow tick is never overlapped by the
 next one of the same kind.
 
+The jobs call a runner (engine.runners.runner): the inline runner does the work in this
+process; the dramatiq runner plans each tick into the tick book and enqueues its tasks
+for `lifecycle worker` processes. With the dramatiq runner the scheduler first takes a
+PostgreSQL advisory lock (engine.runners.leader): a second scheduler waits, and takes
+over within seconds of the first one's death; one that loses its lock's session stops.
+
+A real-time job every ``LIFECYCLE_REALTIME_S`` seconds (1) evaluates the customers whose
+events arrived since: a welcome email is queued seconds after the sign-up, not at the
+next minute's tick (which, with the full sweep, stays the safety net).
+
 Rule files are reloaded every ``LIFECYCLE_RULES_RELOAD_S`` seconds (30) through
 engine.runners.reloading: a good change is logged with its version, a broken one with its
 problems, and the last good rules stay in force. Housekeeping (engine.runners.housekeeping: old webhook
@@ -28,8 +38,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from engine.bootstrap import App
 from engine.runners.housekeeping import housekeeping_tick
+from engine.runners.leader import Leadership
 from engine.runners.reloading import RulesReloader
-from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
+from engine.runners.runner import InlineRunner, Runner
 
 log = logging.getLogger("lifecycle.scheduler")
 
@@ -42,19 +53,35 @@ class Intervals:
     sla: timedelta = timedelta(minutes=1)
     rules_reload: timedelta = timedelta(seconds=30)
     housekeeping: timedelta = timedelta(hours=1)
+    realtime: timedelta = timedelta(seconds=1)
+    maintain: timedelta = timedelta(seconds=30)  # the distributed runner's tick book
+    leadership: timedelta = timedelta(seconds=2)  # the scheduler lock's session checked
 
     @classmethod
     def of(cls, app: App) -> Intervals:
-        """The defaults, with the rules reload interval the settings ask for."""
-        return cls(rules_reload=timedelta(seconds=app.settings.rules_reload_s))
+        """The defaults, with the intervals the settings ask for."""
+        return cls(
+            rules_reload=timedelta(seconds=app.settings.rules_reload_s),
+            realtime=timedelta(seconds=app.settings.realtime_s),
+        )
 
 
 class LifecycleScheduler:
     """Owns the APScheduler instance and the jobs; ``run_forever`` blocks until a signal."""
 
-    def __init__(self, app: App, intervals: Intervals | None = None) -> None:
+    def __init__(
+        self,
+        app: App,
+        intervals: Intervals | None = None,
+        *,
+        runner: Runner | None = None,
+        leadership: Leadership | None = None,
+    ) -> None:
         self.app = app
         self.intervals = intervals or Intervals.of(app)
+        self.runner: Runner = runner or InlineRunner(app)
+        self.leadership = leadership
+        self.lost_leadership = False
         self.reloader = RulesReloader(app, log)
         self.stopped = threading.Event()
         self.scheduler = BackgroundScheduler(
@@ -100,36 +127,49 @@ class LifecycleScheduler:
             id="housekeeping",
             next_run_time=_soon(),
         )
+        add(self.realtime, "interval", seconds=i.realtime.total_seconds(), id="realtime")
+        add(self.maintain, "interval", seconds=i.maintain.total_seconds(), id="maintain")
+        if self.leadership is not None:
+            add(
+                self.check_leadership,
+                "interval",
+                seconds=i.leadership.total_seconds(),
+                id="leadership",
+            )
 
     # Each job reads the clock once and hands ``now`` down.
     def evaluate(self) -> None:
-        report = evaluation_tick(self.app, self.app.clock())
-        log.info(
-            "evaluate: %d customers, %d enrolled, %d queued",
-            report.customers,
-            report.journeys.total("enrolled"),
-            report.journeys.total("queued"),
-        )
+        log.info("%s", self.runner.evaluate(self.app.clock(), self.app.rules, full=False))
 
     def full_sweep(self) -> None:
-        report = evaluation_tick(self.app, self.app.clock(), full=True)
-        log.info("full sweep: %d customers", report.customers)
+        log.info("%s", self.runner.evaluate(self.app.clock(), self.app.rules, full=True))
+
+    def realtime(self) -> None:
+        line = self.runner.realtime(self.app.clock(), self.app.rules)
+        if line:
+            log.info("%s", line)
 
     def dispatch(self) -> None:
-        report = dispatch_tick(self.app, self.app.clock())
-        if report.claimed:
-            log.info(
-                "dispatch: %d claimed, %d sent, %d retried, %d failed",
-                report.claimed,
-                report.total_sent,
-                report.retried,
-                report.failed,
-            )
+        line = self.runner.dispatch(self.app.clock(), self.app.rules)
+        if line:
+            log.info("%s", line)
 
     def sla(self) -> None:
-        count = sla_tick(self.app, self.app.clock())
-        if count:
-            log.warning("SLA: %d breach notification(s) queued", count)
+        line = self.runner.sla(self.app.clock(), self.app.rules)
+        if line:
+            log.warning("%s", line)
+
+    def maintain(self) -> None:
+        line = self.runner.maintain(self.app.clock())
+        if line:
+            log.info("%s", line)
+
+    def check_leadership(self) -> None:
+        """A lock whose session is gone may be another scheduler's by now: stop planning."""
+        if self.leadership is not None and not self.leadership.alive():
+            log.error("the scheduler lock was lost: stopping (a standby takes over)")
+            self.lost_leadership = True
+            self.stopped.set()
 
     def housekeeping(self) -> None:
         report = housekeeping_tick(self.app, self.app.clock())
@@ -167,10 +207,14 @@ class LifecycleScheduler:
 
         previous = {s: signal.signal(s, _signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
+            if self.leadership is not None and not self.leadership.acquire(self.stopped):
+                return  # stopped while waiting for the lock
             self.start()
             self.stopped.wait()
         finally:
             self.stop()
+            if self.leadership is not None:
+                self.leadership.release()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 

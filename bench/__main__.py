@@ -11,6 +11,9 @@ run and the full one are the same code:
     BENCH_RENDER=5000                 template renders
     BENCH_INGEST=2000                 ingest API requests under load, per database (0: skip)
     BENCH_SOAK=0                      evaluations in the soak (make soak sets 10,000,000)
+    BENCH_DISTRIBUTED=100000          a full sweep inline vs two Dramatiq workers (0: skip)
+    BENCH_LATENCY_S=60                event-to-queued-message at BENCH_LATENCY_RATE=100
+                                      events/s: inline on SQLite, dramatiq on PostgreSQL
 
 ``--readme`` also rewrites the performance block of README.md with the table. The
 machine's load average is recorded before and after: figures from a busy machine say
@@ -85,6 +88,23 @@ def main() -> None:
             results.append(_ingest_load(database, count))
     for count in _sizes("BENCH_SOAK", "0"):
         results.append(run_case("bench.cases", "soak", str(count), workers))
+    for count in _sizes("BENCH_DISTRIBUTED", "100000"):
+        results.append(run_case("bench.distributed", "sweep", "--customers", str(count)))
+    rate = os.environ.get("BENCH_LATENCY_RATE", "100")
+    for seconds in _sizes("BENCH_LATENCY_S", "60"):
+        for runner in ("inline", "dramatiq"):
+            results.append(
+                run_case(
+                    "bench.distributed",
+                    "latency",
+                    "--runner",
+                    runner,
+                    "--rate",
+                    rate,
+                    "--seconds",
+                    str(seconds),
+                )
+            )
     report = {
         "machine": f"{platform.node()} · {os.cpu_count()} cores · Python {platform.python_version()}",
         "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -180,6 +200,22 @@ def _row(r: dict[str, Any], sqlite: dict[str, dict[str, Any]]) -> str:
             f"while 3 ticks run | {r['requests_per_s']} requests/s; p50 {r['p50_ms']} ms, "
             f"p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms; {r['server_errors']} 5xx, "
             f"{r['lost_events']} lost events | | 0 5xx, 0 lost |"
+        )
+    if case == "distributed sweep":
+        return (
+            f"| full sweep, {r['customers']:,} customers on PostgreSQL: inline "
+            f"({r['inline_workers']} processes) vs 2 `lifecycle worker` processes (RabbitMQ) | "
+            f"inline {r['inline_s']} s ({r['inline_per_s']:,}/s); workers {r['workers_s']} s "
+            f"({r['workers_per_s']:,}/s, {r['shards']} shards); ratio {r['ratio']}× | | |"
+        )
+    if case == "event to queued message":
+        where = "inline, SQLite" if r["runner"] == "inline" else "dramatiq + 2 workers, PostgreSQL"
+        return (
+            f"| event (API) to queued message, {where}, {r['rate']} events/s for "
+            f"{r['seconds']} s | p50 {r['p50_s']} s, p95 {r['p95_s']} s, p99 {r['p99_s']} s, "
+            f"max {r['max_s']} s; {r['missing_after_30s']} without a message after 30 s; "
+            f"from the event stored: p50 {r['stored_p50_s']} s, p99 {r['stored_p99_s']} s | | "
+            "p99 ≤ 2 s |"
         )
     if case == "soak":
         samples = ", ".join(

@@ -49,6 +49,7 @@ class App:
     templates: TemplateStore
     clock: Callable[[], datetime] = utcnow
     channels: dict[str, Any] = field(default_factory=dict)
+    throttle: Any = None  # engine.delivery.throttle.Throttle, when rate limits are set
     _rules: RuleSet | None = None
 
     @property
@@ -122,7 +123,78 @@ def bootstrap(
         clock=clock or utcnow,
     )
     app.channels = channels if channels is not None else build_channels(settings)
+    app.throttle = build_throttle(settings)
     return app
+
+
+def rate_limit_url(settings: Settings) -> str | None:
+    """The Redis of the rate limits: LIFECYCLE_RATE_LIMIT_URL, else a Redis broker's."""
+    if settings.rate_limit_url:
+        return settings.rate_limit_url
+    broker = settings.broker_url or ""
+    return broker if broker.startswith(("redis://", "rediss://")) else None
+
+
+def build_throttle(settings: Settings) -> Any:
+    """The provider rate limits (engine.delivery.throttle), or None when none is set: on
+    Redis when there is one (every worker shares it), else in this process (the inline
+    runner is one process; the start-up check refuses the dramatiq runner without Redis)."""
+    rates = {"email": settings.email_per_second, "sms": settings.sms_per_second}
+    if not any(rates.values()):
+        return None
+    try:
+        from dramatiq.rate_limits.backends import RedisBackend, StubBackend
+
+        from engine.delivery.throttle import Throttle
+    except ImportError as exc:
+        raise ConfigurationError(
+            "LIFECYCLE_EMAIL_PER_SECOND, LIFECYCLE_SMS_PER_SECOND",
+            f"rate limits need Dramatiq ({exc}): pip install 'lifecycle[distributed]'",
+        ) from None
+    url = rate_limit_url(settings)
+    backend = RedisBackend(url=url) if url else StubBackend()
+    return Throttle(backend, rates, prefix=settings.queue_prefix)
+
+
+def distributed_problems(settings: Settings, command: str) -> list[ConfigurationError]:
+    """What the dramatiq runner lacks (a broker, PostgreSQL, a shared rate limit store)."""
+    if settings.runner != "dramatiq" and command != "worker":
+        return []
+    problems = []
+    if not settings.broker_url:
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_BROKER_URL",
+                f"required by `lifecycle {command}` with the dramatiq runner: "
+                "amqp://guest:guest@127.0.0.1:5672/ (RabbitMQ) or redis://127.0.0.1:6379/0",
+            )
+        )
+    if not settings.database_url.startswith(("postgresql", "postgres:")):
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_DATABASE_URL",
+                "the dramatiq runner needs PostgreSQL: workers on several machines share "
+                "one database, and one scheduler is chosen by its advisory lock",
+            )
+        )
+    if (settings.email_per_second or settings.sms_per_second) and not rate_limit_url(settings):
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_RATE_LIMIT_URL",
+                "required with rate limits on the dramatiq runner: the limits are held in "
+                "Redis across workers (without it each worker would allow the whole rate)",
+            )
+        )
+    try:
+        import dramatiq  # noqa: F401
+    except ImportError:
+        problems.append(
+            ConfigurationError(
+                "LIFECYCLE_RUNNER",
+                "the dramatiq runner needs Dramatiq: pip install 'lifecycle[distributed]'",
+            )
+        )
+    return problems
 
 
 @contextmanager
@@ -165,7 +237,9 @@ def check_startup(settings: Settings, command: str) -> list[str]:
       recorded as sent; set it to its provider, or to ``console`` on purpose;
     - the published default secret key (current or previous), or a short one: anyone
       could sign unsubscribe links and opt customers out;
-    - a real channel without its credentials.
+    - a real channel without its credentials;
+    - the dramatiq runner (and every ``worker``) without a broker, PostgreSQL, or, with
+      rate limits, the Redis that holds them across workers.
     With console channels only, the default key is a warning; so is the reference
     evaluator standing in for durable_rules where it is not installed (Python 3.13+).
     """
@@ -174,6 +248,7 @@ def check_startup(settings: Settings, command: str) -> list[str]:
     key = settings.secret_key.get_secret_value()
     if real:
         problems.extend(_secret_key_problems(settings, real))
+    problems.extend(distributed_problems(settings, command))
     if problems:
         raise StartupRefused(command, problems)
     warnings = []

@@ -14,6 +14,7 @@ the text to a person and act on the parts.
     ├── RuleEngineError            durable_rules refused a ruleset or a fact (code translated)
     ├── FactValueError             a fact value that could compare wrongly in durable_rules
     ├── EvaluationWorkerCrashed    a worker process died while evaluating a batch
+    ├── RulesVersionMismatch       a queued task names rules this worker does not have
     ├── TemplateError              a message template is missing or does not render
     ├── ImportRowError             one row of an import file is bad (row number and reason)
     ├── EventConflict              an event id seen before, now with a different payload
@@ -191,6 +192,23 @@ class EvaluationWorkerCrashed(LifecycleError):
         super().__init__(
             f"evaluation worker died {attempts} time(s) on the batch of {batch_size} customers "
             f"starting at {batch_start!r}: {cause}"
+        )
+
+
+class RulesVersionMismatch(LifecycleError):
+    """A queued task (engine.runners.tasks) was planned with other rules than the worker
+    that received it has, even after reading its rule files again; the worker refuses it
+    (the broker retries it later, on this worker once its rules change, or another)."""
+
+    def __init__(self, task: str, wanted: str, loaded: str, worker: str) -> None:
+        self.task = task
+        self.wanted = wanted
+        self.loaded = loaded
+        self.worker = worker
+        super().__init__(
+            f"worker {worker} refuses {task}: it was planned with rules version {wanted}, "
+            f"this worker has {loaded}; deploy the same rule files to every worker and the "
+            "scheduler"
         )
 
 

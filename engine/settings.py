@@ -56,6 +56,56 @@ class Settings(BaseSettings):
         "(the last good rules stay when a reload fails)",
     )
 
+    # Running past one machine (engine.runners): the inline runner does the work in the
+    # scheduler's process; the dramatiq runner has `lifecycle run` plan and enqueue only,
+    # and `lifecycle worker` processes do the work.
+    runner: str = Field(
+        default="inline",
+        pattern="^(inline|dramatiq)$",
+        description="`inline` (the work runs in `lifecycle run`) or `dramatiq` (`run` "
+        "plans and enqueues, `lifecycle worker` processes do the work; needs PostgreSQL and "
+        "LIFECYCLE_BROKER_URL)",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        pattern="^(amqp|amqps|redis|rediss)://",
+        description="the Dramatiq broker: `amqp://guest:guest@127.0.0.1:5672/` (RabbitMQ) or "
+        "`redis://127.0.0.1:6379/0`",
+    )
+    queue_prefix: str = Field(
+        default="lifecycle",
+        pattern="^[a-z][a-z0-9_]{0,30}$",
+        description="the Dramatiq queues are `<prefix>-evaluate`, `-realtime`, `-dispatch`, "
+        "`-sla` (two projects on one broker: two prefixes)",
+    )
+    rate_limit_url: str | None = Field(
+        default=None,
+        pattern="^(redis|rediss)://",
+        description="the Redis that holds the provider rate limits across workers (unset: "
+        "the broker's when it is Redis)",
+    )
+    email_per_second: int = Field(
+        default=0,
+        ge=0,
+        description="emails handed to the provider per second, across every worker (0: no limit)",
+    )
+    sms_per_second: int = Field(
+        default=0,
+        ge=0,
+        description="SMS handed to the provider per second, across every "
+        "worker (Twilio's per-number MPS; 0: no limit)",
+    )
+    realtime_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="seconds between evaluations of newly arrived events by `run` (the "
+        "real-time path; the minute's tick and the full sweep stay the safety net)",
+    )
+    worker_threads: int = Field(
+        default=2, ge=1, le=64, description="tasks a `lifecycle worker` process runs at once"
+    )
+
     # Channels: console (the default, no credentials), sendgrid, twilio. None means "not
     # set", which acts as console; the start-up check tells it from an explicit console.
     email_channel: str | None = Field(

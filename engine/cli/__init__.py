@@ -18,6 +18,7 @@ from engine.cli import (  # noqa: F401
     rules_tools,
     running,
     staff,
+    workers,
 )
 from engine.cli.common import app
 

@@ -159,18 +159,27 @@ def load_app(settings: Settings | None = None, *, create: bool = False) -> App:
         raise fail(str(exc)) from exc
 
 
-def start_app(command: str, *, log_level: int = logging.WARNING) -> App:
+def start_app(
+    command: str,
+    *,
+    log_level: int = logging.WARNING,
+    settings: Settings | None = None,
+    migrate: bool = False,
+) -> App:
     """The app for a command that sends or serves: the start-up check first (a refusal
-    exits 1 naming each variable), then its warnings, once, in the log."""
-    settings = read_settings()
+    exits 1 naming each variable), then its warnings, once, in the log. ``migrate`` (a
+    worker asked to) brings the schema up to date instead of requiring it."""
+    settings = settings or read_settings()
     try:
         warnings = check_startup(settings, command)
     except ConfigurationError as exc:
         raise fail(str(exc)) from exc
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The Twilio SDK logs every request's headers at INFO: one line a message, no news.
+    logging.getLogger("twilio.http_client").setLevel(max(log_level, logging.WARNING))
     for warning in warnings:
         log.warning(warning)
-    return load_app(settings)
+    return load_app(settings, create=migrate)
 
 
 def moment_of(application: App, now: datetime | None) -> datetime:

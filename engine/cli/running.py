@@ -41,7 +41,7 @@ def tick(
 ) -> None:
     """Run one evaluation tick, one SLA check, one dispatch and housekeeping, then stop."""
     from engine.runners.housekeeping import housekeeping_tick
-    from engine.runners.ticks import dispatch_tick, evaluation_tick, sla_tick
+    from engine.runners.ticks import dispatch_tick, evaluation_tick, record_tick, sla_tick
 
     application = start_app("tick")
     rules = rules_of(application)
@@ -51,6 +51,8 @@ def tick(
     notified = sla_tick(application, moment, rules=rules)
     sent = dispatch_tick(application, moment, rules=rules)
     pruned = housekeeping_tick(application, moment)
+    for kind in ("full_sweep" if report.full else "evaluate", "sla", "dispatch"):
+        record_tick(application, kind, moment)
     j = report.journeys
     out.print(
         f"evaluated {plural(report.customers, 'customer')}: {j.total('enrolled')} enrolled, "
@@ -65,19 +67,60 @@ def tick(
     )
 
 
+class RunnerChoice(StrEnum):
+    inline = "inline"
+    dramatiq = "dramatiq"
+
+
 @app.command()
-def run() -> None:
+def run(
+    runner: Annotated[
+        RunnerChoice | None,
+        typer.Option(
+            "--runner",
+            help="inline: the work runs in this process; dramatiq: this process holds the "
+            "scheduler lock, plans and enqueues, and `lifecycle worker` processes do the "
+            "work (default: LIFECYCLE_RUNNER).",
+        ),
+    ] = None,
+) -> None:
     """Start the scheduler: evaluation, dispatch and SLA ticks until SIGINT or SIGTERM."""
     import logging
 
     from scheduler import LifecycleScheduler
 
-    application = start_app("run", log_level=logging.INFO)
+    settings = read_settings()
+    if runner is not None:
+        settings = settings.model_copy(update={"runner": runner.value})
+    application = start_app("run", log_level=logging.INFO, settings=settings)
     rules_of(application)
-    out.print(
-        f"lifecycle scheduler running on {application.settings.database_url}; Ctrl-C stops it"
-    )
-    LifecycleScheduler(application).run_forever()
+    shown = _shown(settings.database_url)
+    if settings.runner == "dramatiq":
+        from engine.runners.distributed import Actors, DramatiqRunner, make_broker
+        from engine.runners.leader import Leadership
+
+        try:
+            broker = make_broker(settings.broker_url)
+            leadership = Leadership(application.db)
+        except LifecycleError as exc:
+            raise fail(str(exc)) from exc
+        out.print(
+            f"lifecycle scheduler (dramatiq runner, broker {_shown(settings.broker_url or '')}) "
+            f"on {shown}; it plans and enqueues once it holds the scheduler lock; Ctrl-C stops it",
+            markup=False,
+        )
+        scheduler = LifecycleScheduler(
+            application,
+            runner=DramatiqRunner(application, Actors(broker, None, settings.queue_prefix)),
+            leadership=leadership,
+        )
+        scheduler.run_forever()
+        broker.close()
+        if scheduler.lost_leadership:
+            raise fail("the scheduler lock was lost; stopped so that a standby plans alone")
+    else:
+        out.print(f"lifecycle scheduler running on {shown}; Ctrl-C stops it", markup=False)
+        LifecycleScheduler(application).run_forever()
     out.print("stopped cleanly")
 
 

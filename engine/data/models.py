@@ -35,7 +35,10 @@ __all__ = [
     "MessageStatus",
     "StageTransition",
     "Suppression",
+    "Tick",
+    "TickTask",
     "WebhookReceipt",
+    "WorkerSeen",
 ]
 
 # Statuses (engine.statuses) are stored as their plain text values (VARCHAR, not a
@@ -372,3 +375,49 @@ class SignInAttempt(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     key: str = Field(max_length=200)  # "account:<name>" or "address:<ip>"
     at: datetime
+
+
+class Tick(SQLModel, table=True):
+    """One planned tick of the distributed runner (engine.runners.distributed): its kind,
+    its ``now``, the rules version its tasks must be run with, and how many tasks it has.
+    ``completed_at`` is set, once, by the task that finishes last; only then does an
+    incremental tick's ``watermark`` become the evaluation watermark."""
+
+    __tablename__ = "ticks"
+    __table_args__ = (Index("ix_ticks_kind_completed", "kind", "completed_at"),)
+
+    id: str = Field(primary_key=True, max_length=40)
+    kind: str = Field(max_length=16)  # evaluate, full_sweep, realtime, dispatch, sla
+    now: datetime
+    rules_version: str = Field(max_length=64)
+    tasks: int
+    watermark: str | None = Field(default=None, max_length=40)
+    planned_at: datetime
+    completed_at: datetime | None = None
+
+
+class TickTask(SQLModel, table=True):
+    """One task of a tick (an evaluation shard, a dispatch batch, an SLA check): the
+    task-run key (tick, number) that makes a redelivered task a no-op once it is done."""
+
+    __tablename__ = "tick_tasks"
+
+    tick_id: str = Field(foreign_key="ticks.id", primary_key=True, max_length=40)
+    number: int = Field(primary_key=True)
+    payload: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    enqueued_at: datetime
+    runs: int = 0  # how many times a worker started it (more than 1: redelivered)
+    done_at: datetime | None = None
+    worker: str | None = Field(default=None, max_length=100)
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+
+
+class WorkerSeen(SQLModel, table=True):
+    """A `lifecycle worker` process, as last seen (a heartbeat every few seconds)."""
+
+    __tablename__ = "workers_seen"
+
+    id: str = Field(primary_key=True, max_length=100)  # host:pid
+    rules_version: str | None = Field(default=None, max_length=64)
+    started_at: datetime
+    seen_at: datetime

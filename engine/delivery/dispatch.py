@@ -56,7 +56,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from itsdangerous import URLSafeSerializer
 from sqlalchemy import Engine, select
@@ -89,6 +89,9 @@ from engine.delivery.templates import RenderedEmail, RenderedSms, TemplateStore
 from engine.errors import ChannelError, PermanentChannelError, TemplateError
 from engine.journeys.policies import Proposal, complaint_pause, consent
 from engine.playbooks.model import RuleSet
+
+if TYPE_CHECKING:
+    from engine.delivery.throttle import Throttle
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +241,10 @@ class Dispatcher:
         hooks: dict[str, Callable[[list[str]], None]] | None = None,
         rng: random.Random | None = None,
         clock: LeaseClock | None = None,
+        throttle: Throttle | None = None,
     ) -> None:
         self.db = db
+        self.throttle = throttle
         self.rules = rules
         self.templates = templates
         self.channels = channels
@@ -412,9 +417,20 @@ class Dispatcher:
                 made = []
                 continue
             self._hook("attempted", ids)
+            if self.throttle is not None:
+                # After the mark, so the slot is spent on a call that is really made; a
+                # crash while waiting leaves these few ambiguous, which settlement resolves.
+                self.throttle.acquire(channel, len(items))
             results = call()
             self._hook("sent", ids)
+            if self.throttle is not None:
+                self._cool_down_on_429(channel, results)
             made = [self._outcome(i.message, r, now) for i, r in zip(items, results, strict=True)]
+
+    def _cool_down_on_429(self, channel: str, results: Sequence[Sent | ChannelError]) -> None:
+        limited = [r for r in results if isinstance(r, ChannelError) and r.status == 429]
+        if limited and self.throttle is not None:
+            self.throttle.cool_down(channel, max(r.retry_after or 0 for r in limited) or None)
 
     def _write(self, session: Session, ops: Sequence[_Op], token: str, now: datetime) -> list[Any]:
         """One group of the group commit: every record, then every mark, as few

@@ -148,6 +148,9 @@ def test_every_problem_is_named_at_once() -> None:
         "LIFECYCLE_SENDGRID_API_KEY",
         "LIFECYCLE_SECRET_KEY",
         "LIFECYCLE_SECRET_KEY_PREVIOUS",
+        # A worker is the dramatiq runner's: it needs a broker and PostgreSQL too.
+        "LIFECYCLE_BROKER_URL",
+        "LIFECYCLE_DATABASE_URL",
     ]
     assert str(refused.value).splitlines()[0] == "lifecycle worker refuses to start:"
     assert "lists the published default key" in str(refused.value)
@@ -207,3 +210,32 @@ def test_serve_as_a_process_with_console_channels_warns_once_and_serves(
         server.terminate()
         _, stderr = server.communicate(timeout=60)
     assert stderr.count("LIFECYCLE_SECRET_KEY is the published default") == 1, stderr
+
+
+def test_the_dramatiq_runner_names_what_it_lacks() -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        secret_key=GOOD_KEY,
+        runner="dramatiq",
+        database_url="sqlite:///lifecycle.db",
+        sms_per_second=10,
+        broker_url="amqp://guest:guest@127.0.0.1:5672/",
+    )
+    with pytest.raises(StartupRefused) as refused:
+        check_startup(settings, "run")
+    assert [p.setting for p in refused.value.problems] == [
+        "LIFECYCLE_DATABASE_URL",
+        "LIFECYCLE_RATE_LIMIT_URL",
+    ]
+    assert "the dramatiq runner needs PostgreSQL" in str(refused.value)
+    assert "without it each worker would allow the whole rate" in str(refused.value)
+    ready = settings.model_copy(
+        update={
+            "database_url": "postgresql://lifecycle@db.internal/lifecycle",
+            "rate_limit_url": "redis://127.0.0.1:6379/0",
+        }
+    )
+    assert check_startup(ready, "run") == ENGINE_WARNING
+    # The inline runner needs none of it.
+    inline = Settings(_env_file=None, secret_key=GOOD_KEY)  # type: ignore[call-arg]
+    assert check_startup(inline, "run") == ENGINE_WARNING
