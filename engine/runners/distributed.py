@@ -242,7 +242,8 @@ class DramatiqRunner:
         return f"tick book: {completed} tick(s) completed, {len(lost)} lost task(s) enqueued again"
 
     def _stale(self) -> timedelta:
-        return stale_after(timedelta(seconds=self.app.settings.dispatch_lease_seconds))
+        lease = timedelta(seconds=self.app.settings.dispatch_lease_seconds)
+        return stale_after(lease, max(TIME_LIMITS.values()))
 
 
 def queue_depths(broker: dramatiq.Broker, prefix: str = "lifecycle") -> dict[str, int | None]:
