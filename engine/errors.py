@@ -32,7 +32,8 @@ the text to a person and act on the parts.
     ├── WebhookPayloadError        a signed webhook whose body is not what the provider sends
     └── ConfigurationError         a setting is missing or contradictory
         ├── StartupRefused         a command will not start: every setting in the way
-        └── DatabaseNotReady       no database (or an old one) where a command needs one
+        ├── DatabaseNotReady       no database (or an old one) where a command needs one
+        └── BrokerUnreachable      LIFECYCLE_BROKER_URL does not answer (RabbitMQ or Redis down)
 """
 
 from __future__ import annotations
@@ -458,4 +459,19 @@ class DatabaseUnavailable(ConfigurationError):
         self.reason = reason
         LifecycleError.__init__(
             self, f"the database at LIFECYCLE_DATABASE_URL={url} cannot be used: {reason}"
+        )
+
+
+class BrokerUnreachable(ConfigurationError):
+    """The broker at LIFECYCLE_BROKER_URL does not answer: a worker will not start (it
+    would only log connection errors and look alive), and ``lifecycle status`` says so."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.setting = "LIFECYCLE_BROKER_URL"
+        self.reason = reason or "no answer"
+        LifecycleError.__init__(
+            self,
+            f"the broker at LIFECYCLE_BROKER_URL={url} does not answer ({self.reason}); "
+            "start RabbitMQ or Redis there, or point LIFECYCLE_BROKER_URL at one that runs",
         )

@@ -53,7 +53,7 @@ def worker(
     """Run the dramatiq runner's tasks (evaluation shards, dispatch batches, SLA checks)
     from LIFECYCLE_BROKER_URL until SIGINT or SIGTERM; `lifecycle run --runner dramatiq`
     plans them."""
-    from engine.runners.distributed import WorkerProcess, make_broker
+    from engine.runners.distributed import WorkerProcess, make_broker, probe_broker
     from engine.runners.tasks import TaskContext
 
     application = start_app("worker", log_level=logging.INFO, migrate=migrate)
@@ -68,6 +68,9 @@ def worker(
         raise fail(f"--queues: no queue {', '.join(unknown)}; the queues are {', '.join(known)}")
     try:
         broker = make_broker(settings.broker_url)
+        # A worker whose broker is down would log connection errors forever while its
+        # heartbeat shows it alive in `lifecycle status`: it refuses to start instead.
+        probe_broker(broker, settings.broker_url or "")
     except LifecycleError as exc:
         raise fail(str(exc)) from exc
     context = TaskContext(application)
@@ -106,19 +109,22 @@ def status(
     settings = read_settings()
     application = load_app(settings)
     queues = None
+    broker_down: str | None = None
     if settings.runner == "dramatiq" and settings.broker_url:
-        from engine.runners.distributed import make_broker, queue_depths
+        from engine.errors import BrokerUnreachable
+        from engine.runners.distributed import make_broker, probe_broker, queue_depths
 
+        broker = make_broker(settings.broker_url)
         try:
-            broker = make_broker(settings.broker_url)
+            probe_broker(broker, settings.broker_url)
             queues = queue_depths(broker, settings.queue_prefix)
+        except BrokerUnreachable as exc:  # the broker down is itself a status to show
+            broker_down = str(exc)
+        finally:
             broker.close()
-        except Exception as exc:  # the broker down is itself a status to show
-            queues = None
-            out.print(f"broker unreachable: {exc}", markup=False)
     report = engine_status(application.db, application.clock(), settings.runner, queues=queues)
     if json_output:
-        print_json(report.as_dict())
+        print_json({**report.as_dict(), "broker_unreachable": broker_down})
         return
     data = report.as_dict()
     out.print(f"runner: {report.runner}", markup=False)
@@ -128,6 +134,8 @@ def status(
         f"(oldest due {_seconds(report.oldest_due_message_s)})",
         markup=False,
     )
+    if broker_down is not None:
+        out.print(f"queues: unknown: {broker_down}", markup=False)
     if queues is not None:
         shown = ", ".join(f"{q} {'?' if n is None else n}" for q, n in queues.items())
         out.print(f"queues: {shown}", markup=False)

@@ -23,12 +23,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import dramatiq
 from dramatiq.brokers.stub import StubBroker
 
 from engine.bootstrap import App
-from engine.errors import ConfigurationError
+from engine.errors import BrokerUnreachable, ConfigurationError
 from engine.playbooks.model import RuleSet
 from engine.runners.tasks import TIME_LIMITS, TaskContext, run_task, task_from_message, task_message
 from engine.runners.tickbook import (
@@ -94,6 +95,36 @@ def make_broker(url: str | None) -> dramatiq.Broker:
 
         return RedisBroker(url=url)
     raise ConfigurationError("LIFECYCLE_BROKER_URL", f"{url!r} is neither amqp:// nor redis://")
+
+
+def probe_broker(broker: dramatiq.Broker, url: str) -> None:
+    """Raise BrokerUnreachable unless the broker answers: RabbitMQ opens a connection,
+    Redis answers PING (the StubBroker always answers). ``url`` is shown without its
+    password."""
+    if isinstance(broker, StubBroker):
+        return
+    # pika logs each failed attempt with a traceback; the failure is told once, below.
+    pika = logging.getLogger("pika")
+    level = pika.level
+    pika.setLevel(logging.CRITICAL)
+    try:
+        if hasattr(broker, "get_queue_message_counts"):  # RabbitMQ
+            connection = broker.connection  # type: ignore[attr-defined]  # opens it, or raises
+            connection.process_data_events(0)  # it answers, not only accepted the socket
+        else:  # Redis
+            broker.client.ping()  # type: ignore[attr-defined]
+    except Exception as exc:  # pika and redis raise their own trees
+        raise BrokerUnreachable(_without_password(url), str(exc) or type(exc).__name__) from exc
+    finally:
+        pika.setLevel(level)
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Actors:
@@ -211,7 +242,8 @@ class DramatiqRunner:
         return f"tick book: {completed} tick(s) completed, {len(lost)} lost task(s) enqueued again"
 
     def _stale(self) -> timedelta:
-        return stale_after(timedelta(seconds=self.app.settings.dispatch_lease_seconds))
+        lease = timedelta(seconds=self.app.settings.dispatch_lease_seconds)
+        return stale_after(lease, max(TIME_LIMITS.values()))
 
 
 def queue_depths(broker: dramatiq.Broker, prefix: str = "lifecycle") -> dict[str, int | None]:

@@ -258,11 +258,12 @@ def prune_ticks(db: Engine, before: datetime) -> int:
     return int(getattr(result, "rowcount", 0) or 0)
 
 
-def stale_after(lease: timedelta) -> timedelta:
-    """How long an enqueued task may stay undone before it is enqueued again: well past
-    the longest a task runs (its time limit), so a slow task is not doubled for nothing
-    (a doubled one is harmless, only wasted)."""
-    return max(lease * 2, timedelta(minutes=10))
+def stale_after(lease: timedelta, longest_task: timedelta) -> timedelta:
+    """How long an enqueued task may stay undone before it is enqueued again (and its
+    tick stops holding up the next one of its kind): well past the longest a task may
+    run (``longest_task``, the largest Dramatiq time limit), so a slow task still within
+    its limit is not doubled for nothing (a doubled one is harmless, only wasted)."""
+    return max(lease * 2, longest_task + timedelta(minutes=5), timedelta(minutes=10))
 
 
 def heartbeat(

@@ -745,9 +745,12 @@ def _date_parameter(name: str, text: str) -> date | None:
     if not text.strip():
         return None
     try:
-        return date.fromisoformat(text.strip())
+        value = date.fromisoformat(text.strip())
     except ValueError:
         raise ConsoleRefused(400, f"{name} must be a date like 2026-03-01, not {text!r}") from None
+    if value >= date.max:  # a period ends the day after its last: there is none after it
+        raise ConsoleRefused(400, f"{name} must be before {date.max}, not {text!r}")
+    return value
 
 
 def playbook_period(session: Session, playbook: str, since: str, until: str, today: date) -> Period:

@@ -702,6 +702,8 @@ def test_the_lifecycle_page_without_a_stage_model_or_data_says_so(client: TestCl
     for params, message in (
         ({"since": "March"}, "since must be a date like 2026-03-01, not &#39;March&#39;"),
         ({"since": "2024-01-01", "until": "2026-01-01"}, "show at most 366 at a time"),
+        # the day after until is the period's end: 9999-12-31 has none (was a 500)
+        ({"since": "9999-12-01", "until": "9999-12-31"}, "until must be before 9999-12-31"),
     ):
         refused = client.get("/console/lifecycle", params=params)
         assert refused.status_code == 400 and message in refused.text, params

@@ -25,7 +25,7 @@ from engine.data.uow import reading
 from engine.errors import RulesVersionMismatch
 from engine.runners.distributed import Actors, DramatiqRunner, WorkerProcess
 from engine.runners.runner import InlineRunner
-from engine.runners.tasks import HANDLERS, TaskContext, run_task
+from engine.runners.tasks import HANDLERS, TIME_LIMITS, TaskContext, run_task
 from engine.runners.tickbook import last_ticks, start_task
 from engine.runners.ticks import WATERMARK, plan_evaluation, read_state
 from engine.settings import Settings
@@ -217,10 +217,27 @@ def test_tasks_whose_messages_were_lost_are_enqueued_again(
     plan_evaluation(app, now, full=True, rules=app.rules, planned_at=now)  # never sent
     runner = DramatiqRunner(app, worker.actors)
     assert runner.maintain(now) is None  # too recent to call lost
-    app.clock = lambda: now + timedelta(minutes=11)
+    app.clock = lambda: now + timedelta(minutes=26)  # past the 20-min time limit + 5
     assert runner.maintain(now) == ("tick book: 0 tick(s) completed, 1 lost task(s) enqueued again")
     drain(broker, worker)
     assert last_ticks(app.db)["full_sweep"].completed_at is not None
+
+
+def test_a_task_still_within_its_time_limit_is_not_called_lost(
+    app: App, worker: WorkerProcess, now: datetime
+) -> None:
+    # A full-sweep shard may run 20 minutes (TIME_LIMITS); before, its tick was called
+    # lost after 10, enqueued again, and a second full sweep was planned beside it.
+    app.clock = lambda: now
+    signed_up(app, "ada", now)
+    plan_evaluation(app, now, full=True, rules=app.rules, planned_at=now)  # running
+    runner = DramatiqRunner(app, worker.actors)
+    later = now + TIME_LIMITS["full_sweep"] - timedelta(minutes=1)
+    app.clock = lambda: later
+    assert runner.maintain(later) is None
+    assert runner.evaluate(later, app.rules, full=True) == (
+        "full_sweep: the previous tick is still being worked on; not planned"
+    )
 
 
 def test_dispatch_and_sla_batches_run_on_workers(
