@@ -753,6 +753,20 @@ def _date_parameter(name: str, text: str) -> date | None:
     return value
 
 
+def _checked(period: Period) -> Period:
+    """A period the charts can draw: in order, and at most MAX_PERIOD_DAYS long."""
+    first, last = period.first, period.last
+    if first > last:
+        raise ConsoleRefused(400, f"since ({first}) is after until ({last})")
+    if (last - first).days + 1 > MAX_PERIOD_DAYS:
+        raise ConsoleRefused(
+            400,
+            f"{first} to {last} is {(last - first).days + 1} days; "
+            f"show at most {MAX_PERIOD_DAYS} at a time",
+        )
+    return period
+
+
 def playbook_period(session: Session, playbook: str, since: str, until: str, today: date) -> Period:
     """The period asked for, or by default the span with data: a simulated March shows
     March, not an empty last 30 days."""
@@ -770,15 +784,7 @@ def playbook_period(session: Session, playbook: str, since: str, until: str, tod
                 if data_first and data_first <= last
                 else last - timedelta(days=CHART_DAYS - 1)
             )
-    if first > last:
-        raise ConsoleRefused(400, f"since ({first}) is after until ({last})")
-    if (last - first).days + 1 > MAX_PERIOD_DAYS:
-        raise ConsoleRefused(
-            400,
-            f"{first} to {last} is {(last - first).days + 1} days; "
-            f"show at most {MAX_PERIOD_DAYS} at a time",
-        )
-    return Period(first, last, defaulted)
+    return _checked(Period(first, last, defaulted))
 
 
 @router.get("/playbooks/{playbook_id}")
@@ -859,15 +865,7 @@ def lifecycle_period(session: Session, since: str, until: str, today: date) -> P
             earliest = last - timedelta(days=MAX_PERIOD_DAYS - 1)
             first = max(data_first.date(), earliest) if data_first else earliest
             first = min(first, last)
-    if first > last:
-        raise ConsoleRefused(400, f"since ({first}) is after until ({last})")
-    if (last - first).days + 1 > MAX_PERIOD_DAYS:
-        raise ConsoleRefused(
-            400,
-            f"{first} to {last} is {(last - first).days + 1} days; "
-            f"show at most {MAX_PERIOD_DAYS} at a time",
-        )
-    return Period(first, last, defaulted)
+    return _checked(Period(first, last, defaulted))
 
 
 @router.get("/lifecycle")

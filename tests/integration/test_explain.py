@@ -10,13 +10,12 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from channels.memory import MemoryChannel
-from engine.bootstrap import App, bootstrap
+from engine.bootstrap import App
 from engine.data.ingest import CustomerIn, EventIn, record_event, upsert_customer
 from engine.data.uow import reading, unit_of_work
 from engine.runners.ticks import evaluation_tick
-from engine.settings import Settings
 from engine.usecases.explain import PlaybookExplanation, explain_customer
+from tests.support.apps import fixture_app
 from tests.support.paths import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "journeys"
@@ -24,14 +23,7 @@ FIXTURES = ROOT / "tests" / "fixtures" / "journeys"
 
 @pytest.fixture
 def app(db: Engine, db_url: str, tmp_path: Path) -> Iterator[App]:
-    settings = Settings(
-        database_url=db_url,
-        rules_dir=FIXTURES / "rules",
-        templates_dir=FIXTURES / "templates",
-        outbox_dir=tmp_path / "outbox",
-    )
-    channel = MemoryChannel()
-    yield bootstrap(settings, db=db, channels={"email": channel, "sms": channel}, migrate=False)
+    yield fixture_app(db, db_url, tmp_path / "outbox", FIXTURES / "rules", FIXTURES / "templates")
 
 
 def customer(app: App, customer_id: str, at: datetime, **fields: Any) -> None:

@@ -17,12 +17,12 @@ from sqlalchemy import Engine, func, select
 from sqlmodel import Session
 
 from channels.memory import MemoryChannel
-from engine.bootstrap import App, bootstrap
+from engine.bootstrap import App
 from engine.data.ingest import CustomerIn, EventIn, record_event, set_email_consent, upsert_customer
 from engine.data.models import Customer, Decision, Enrollment, Escalation, Message, MessageStatus
 from engine.escalations import cases as escalations
 from engine.runners.ticks import dispatch_tick, evaluation_tick
-from engine.settings import Settings
+from tests.support.apps import fixture_app
 from tests.support.paths import FIXTURE_RULES, FIXTURE_TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,13 +36,9 @@ def channel() -> MemoryChannel:
 
 @pytest.fixture
 def app(db: Engine, db_url: str, tmp_path: Path, channel: MemoryChannel) -> Iterator[App]:
-    settings = Settings(
-        database_url=db_url,
-        rules_dir=FIXTURE_RULES,
-        templates_dir=FIXTURE_TEMPLATES,
-        outbox_dir=tmp_path / "outbox",
+    yield fixture_app(
+        db, db_url, tmp_path / "outbox", FIXTURE_RULES, FIXTURE_TEMPLATES, channel=channel
     )
-    yield bootstrap(settings, db=db, channels={"email": channel, "sms": channel}, migrate=False)
 
 
 def add_customer(app: App, customer_id: str, at: datetime, **fields: Any) -> None:

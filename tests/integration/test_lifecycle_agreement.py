@@ -11,13 +11,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from channels.memory import MemoryChannel
-from engine.bootstrap import App, bootstrap
+from engine.bootstrap import App
 from engine.data.seed import seed
 from engine.data.uow import reading
 from engine.runners.ticks import evaluation_tick
-from engine.settings import Settings
 from engine.usecases.lifecycle_report import as_json, default_since, lifecycle_report
+from tests.support.apps import fixture_app
 from tests.support.kpi_oracle import oracle, reported
 from tests.support.paths import ROOT
 
@@ -27,14 +26,7 @@ NOW = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 @pytest.fixture
 def app(db: Engine, db_url: str, tmp_path: Path) -> Iterator[App]:
-    settings = Settings(
-        database_url=db_url,
-        rules_dir=FIXTURES / "rules",
-        templates_dir=FIXTURES / "templates",
-        outbox_dir=tmp_path / "outbox",
-    )
-    channel = MemoryChannel()
-    yield bootstrap(settings, db=db, channels={"email": channel, "sms": channel}, migrate=False)
+    yield fixture_app(db, db_url, tmp_path / "outbox", FIXTURES / "rules", FIXTURES / "templates")
 
 
 def test_the_report_agrees_with_the_kpis_computed_by_plain_sql(app: App) -> None:

@@ -12,17 +12,16 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlmodel import col
 
-from channels.memory import MemoryChannel
-from engine.bootstrap import App, bootstrap
+from engine.bootstrap import App
 from engine.data.ingest import CustomerIn, EventIn, record_event, upsert_customer
 from engine.data.models import Decision, Enrollment, Message
 from engine.data.uow import reading, unit_of_work
 from engine.errors import InvalidChoice
 from engine.journeys.plan import arm_of, share_of
 from engine.runners.ticks import dispatch_tick, evaluation_tick
-from engine.settings import Settings
 from engine.usecases.playbook_report import MIN_SAMPLE, PlaybookResult, playbook_results
 from engine.usecases.simulate import Experiment, simulate
+from tests.support.apps import fixture_app
 from tests.support.paths import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "journeys"
@@ -32,14 +31,7 @@ CUSTOMERS = 200
 
 @pytest.fixture
 def app(db: Engine, db_url: str, tmp_path: Path) -> Iterator[App]:
-    settings = Settings(
-        database_url=db_url,
-        rules_dir=FIXTURES / "rules",
-        templates_dir=FIXTURES / "templates",
-        outbox_dir=tmp_path / "outbox",
-    )
-    channel = MemoryChannel()
-    yield bootstrap(settings, db=db, channels={"email": channel, "sms": channel}, migrate=False)
+    yield fixture_app(db, db_url, tmp_path / "outbox", FIXTURES / "rules", FIXTURES / "templates")
 
 
 def ab_customers(app: App, count: int = CUSTOMERS) -> list[str]:

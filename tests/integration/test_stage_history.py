@@ -12,8 +12,7 @@ import pytest
 from sqlalchemy import Engine, select, text
 from sqlmodel import col
 
-from channels.memory import MemoryChannel
-from engine.bootstrap import App, bootstrap
+from engine.bootstrap import App
 from engine.data.facts import subjects_for
 from engine.data.ingest import CustomerIn, EventIn, record_event, upsert_customer
 from engine.data.models import Customer, Enrollment, StageTransition
@@ -21,7 +20,7 @@ from engine.data.uow import reading, unit_of_work
 from engine.journeys.effects import CustomerPlan, Plan, RecordStage
 from engine.journeys.store import write
 from engine.runners.ticks import evaluation_tick
-from engine.settings import Settings
+from tests.support.apps import fixture_app
 from tests.support.paths import ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures" / "stages"
@@ -30,14 +29,7 @@ START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
 @pytest.fixture
 def app(db: Engine, db_url: str, tmp_path: Path) -> Iterator[App]:
-    settings = Settings(
-        database_url=db_url,
-        rules_dir=FIXTURES / "rules",
-        templates_dir=FIXTURES / "templates",
-        outbox_dir=tmp_path / "outbox",
-    )
-    channel = MemoryChannel()
-    yield bootstrap(settings, db=db, channels={"email": channel, "sms": channel}, migrate=False)
+    yield fixture_app(db, db_url, tmp_path / "outbox", FIXTURES / "rules", FIXTURES / "templates")
 
 
 def add_customer(app: App, customer_id: str, signed_up: datetime) -> None:
