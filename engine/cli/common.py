@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from sqlalchemy import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from engine.bootstrap import App, bootstrap, check_startup
 from engine.clock import as_utc
@@ -43,11 +43,9 @@ class LifecycleTyper(typer.Typer):
             return super().__call__(*args, **kwargs)
         except DBAPIError as exc:
             error = database_unavailable(os.environ.get("LIFECYCLE_DATABASE_URL"), exc)
-            err.print(f"[red]error:[/red] {escape(str(error))}", markup=True, soft_wrap=True)
-            raise SystemExit(1) from None
+            raise SystemExit(fail(str(error)).exit_code) from None
         except LifecycleError as exc:
-            err.print(f"[red]error:[/red] {escape(str(exc))}", markup=True, soft_wrap=True)
-            raise SystemExit(1) from None
+            raise SystemExit(fail(str(exc)).exit_code) from None
 
 
 app = LifecycleTyper(no_args_is_help=True, add_completion=False, help="The lifecycle command line.")
@@ -127,7 +125,11 @@ def read_settings() -> Settings:
 
 def database_unavailable(url: str | None, exc: DBAPIError) -> DatabaseUnavailable:
     """The driver's own first line, under the URL it concerns (password hidden)."""
-    shown = make_url(url).render_as_string(hide_password=True) if url else Settings().database_url
+    url = url or str(Settings.model_fields["database_url"].default)
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL at all: shown as typed
+        shown = url
     text = str(exc.orig or exc).strip()
     return DatabaseUnavailable(shown, text.splitlines()[0] if text else type(exc).__name__)
 
