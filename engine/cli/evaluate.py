@@ -88,7 +88,7 @@ def evaluate(
     elapsed = time.perf_counter() - started
     _print_summary(rules, summary, details, elapsed, json_output)
     if not json_output:
-        out.print(engine_line(engine), markup=False, soft_wrap=True)
+        out.print(engine_line(engine), markup=False)  # prose: wrapped to the terminal
 
 
 def _detail(rules: RuleSet, evaluation: Any) -> dict[str, Any]:

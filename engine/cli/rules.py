@@ -81,7 +81,7 @@ def init() -> None:
         markup=False,
         soft_wrap=True,
     )
-    out.print(engine_line(settings.engine), markup=False, soft_wrap=True)
+    out.print(engine_line(settings.engine), markup=False)  # prose: wrapped
 
 
 def _variants_line(rules: RuleSet, templates: TemplateStore) -> str | None:
@@ -183,7 +183,7 @@ def rules_check(
     variants = _variants_line(rules, TemplateStore(templates or settings.templates_dir))
     if variants:
         out.print(variants, markup=False, soft_wrap=True)
-    out.print(engine_line(settings.engine), markup=False, soft_wrap=True)
+    out.print(engine_line(settings.engine), markup=False)  # prose: wrapped
     if database:
         _warn_of_stranded_journeys(settings.database_url, rules)
 
